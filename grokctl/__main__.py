@@ -1,0 +1,3 @@
+from grokctl.cli.app import run
+
+run()

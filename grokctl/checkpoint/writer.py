@@ -1,0 +1,162 @@
+"""Write checkpoints in the exact released on-disk format, and random-weight ones for demos.
+
+`dump_tensor` produces the same bytes the release does (protocol 4, `numpy.core.multiarray.
+_reconstruct` as numpy 1 spells it, `__main__.QuantizedWeight8bit` for int8 weights): a
+re-dump of a released file is byte-identical, which the tests check against the fixtures.
+Every file is written under a temporary name and renamed when complete; a checkpoint directory
+gets its `config.json` last, so a half-written one never looks complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from grokctl.checkpoint.index import CKPT_SUBDIR
+from grokctl.checkpoint.layout import ParamSpec, param_specs, tensor_filename
+from grokctl.config import CONFIG_FILENAME, ModelConfig
+from grokctl.errors import UsageError
+
+
+class QuantizedWeight8bit:
+    """Pickles as `__main__.QuantizedWeight8bit` with state {'weight', 'scales'}, as released."""
+
+    def __init__(self, weight: np.ndarray, scales: np.ndarray):
+        self.weight = weight
+        self.scales = scales
+
+
+_ALIASES: dict[int, tuple[str, str]] = {
+    id(np.ndarray.__reduce__(np.zeros(0))[0]): ("numpy.core.multiarray", "_reconstruct"),
+    id(QuantizedWeight8bit): ("__main__", "QuantizedWeight8bit"),
+}
+
+
+class _ReleasePickler(pickle._Pickler):  # type: ignore[name-defined,misc]
+    """The pure-Python pickler (byte-identical framing to the C one) with release names."""
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        alias = _ALIASES.get(id(obj))
+        if alias is None:
+            super().save_global(obj, name)
+            return
+        self.save(alias[0])
+        self.save(alias[1])
+        self.write(pickle.STACK_GLOBAL)
+        self.memoize(obj)
+
+
+def dumps_tensor(obj: np.ndarray | QuantizedWeight8bit) -> bytes:
+    buf = io.BytesIO()
+    _ReleasePickler(buf, protocol=4).dump(obj)
+    return buf.getvalue()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dump_tensor(path: str | os.PathLike[str], obj: np.ndarray | QuantizedWeight8bit) -> None:
+    atomic_write_bytes(path, dumps_tensor(obj))
+
+
+def quantize_int8(w: np.ndarray, blocks: int = 1) -> QuantizedWeight8bit:
+    """Symmetric int8 with one bf16 scale per column per row block (G = `blocks`)."""
+    *lead, k, n = w.shape
+    if k % blocks:
+        raise UsageError(f"{k} rows do not split into {blocks} scale blocks")
+    wb = w.astype(np.float32).reshape(*lead, blocks, k // blocks, n)
+    amax = np.abs(wb).max(axis=-2)  # [..., G, N]
+    scales = (np.maximum(amax, 1e-12) / 127.0).astype(ml_dtypes.bfloat16)
+    q = np.rint(wb / scales.astype(np.float32)[..., :, None, :])
+    q = np.clip(q, -127, 127).astype(np.int8).reshape(w.shape)
+    return QuantizedWeight8bit(q, scales)
+
+
+def random_param(spec: ParamSpec, cfg: ModelConfig, rng: np.random.Generator) -> Any:
+    """Random weights scaled so activations stay O(1) and generation is not degenerate."""
+    if spec.leaf == "scale":  # RMSNorm scales
+        return (1.0 + 0.1 * rng.standard_normal(spec.shape)).astype(np.float32)
+    if spec.leaf == "embeddings":
+        return (rng.standard_normal(spec.shape) * 2.0 / np.sqrt(cfg.emb_size)).astype(np.float32)
+    fan_in = spec.shape[-2]
+    w = rng.standard_normal(spec.shape, dtype=np.float32) / np.sqrt(fan_in)
+    if spec.name.endswith("router/w"):
+        return (w * 4.0).astype(np.float32)  # peaked routing, like a trained router
+    return quantize_int8(w, spec.scale_blocks)
+
+
+def write_checkpoint(
+    out_dir: str | os.PathLike[str],
+    cfg: ModelConfig,
+    make_param: Callable[[ParamSpec], Any],
+    force: bool = False,
+    on_tensor: Callable[[int, int], None] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write every tensor of `cfg` in release order into `<out_dir>/ckpt-0/`, atomically.
+
+    The checkpoint is assembled in a sibling temporary directory and renamed into place when
+    complete, so an interrupted run never leaves a checkpoint that looks whole.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UsageError(f"{out} exists and is not empty (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        ckpt = tmp / CKPT_SUBDIR
+        ckpt.mkdir()
+        specs = param_specs(cfg)
+        for i, spec in enumerate(specs):
+            dump_tensor(ckpt / tensor_filename(i), make_param(spec))
+            if on_tensor:
+                on_tensor(i + 1, len(specs))
+        for name, data in (extra_files or {}).items():
+            atomic_write_bytes(tmp / name, data)
+        atomic_write_bytes(tmp / CONFIG_FILENAME, json.dumps(cfg.to_json_dict(), indent=1).encode())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_random_checkpoint(
+    out_dir: str | os.PathLike[str],
+    cfg: ModelConfig,
+    seed: int = 0,
+    force: bool = False,
+    tokenizer: bool = True,
+    on_tensor: Callable[[int, int], None] | None = None,
+) -> Path:
+    """A random-weight checkpoint of `cfg` in the released format (+ a tokenizer it can use)."""
+    rng = np.random.default_rng(seed)
+    extra = {}
+    if tokenizer:
+        from grokctl.tokenizer import train_demo_tokenizer
+
+        extra["tokenizer.model"] = train_demo_tokenizer(cfg.vocab_size)
+    return write_checkpoint(
+        out_dir, cfg, lambda s: random_param(s, cfg, rng), force, on_tensor, extra
+    )

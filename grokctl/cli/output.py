@@ -1,0 +1,100 @@
+"""Output conventions shared by every command.
+
+stdout carries only the result (a table, text, or JSON with --json); logs, warnings and progress
+go to stderr; progress bars only when stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def info(msg: str) -> None:
+    err.print(msg)
+
+
+def warn(msg: str) -> None:
+    err.print(f"[yellow]warning:[/] {msg}")
+
+
+def emit_json(obj: Any) -> None:
+    """One JSON document on stdout (one line, so `jq` and line readers both work)."""
+    sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "__fspath__"):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def progress_enabled(json_mode: bool = False) -> bool:
+    return not json_mode and err.is_terminal
+
+
+class _NoProgress:
+    """Stands in for rich.Progress when stderr is not a terminal."""
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def advance(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@contextmanager
+def progress(kind: str = "items", enabled: bool = True) -> Iterator[Any]:
+    """A rich progress bar on stderr: kind "bytes" shows size/rate/ETA, "items" shows M/N."""
+    if not enabled or not err.is_terminal:
+        yield _NoProgress()
+        return
+    if kind == "bytes":
+        columns: tuple[Any, ...] = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        )
+    else:
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+    with Progress(*columns, console=err, transient=True) as bar:
+        yield bar
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
