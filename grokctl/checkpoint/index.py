@@ -71,7 +71,8 @@ def checkpoint_root(checkpoint: str | os.PathLike[str]) -> Path:
     return ckpt.parent if ckpt.name == CKPT_SUBDIR else ckpt
 
 
-def _check(entry_spec: ParamSpec, ref: TensorRef, path: str) -> None:
+def check_entry(entry_spec: ParamSpec, ref: TensorRef, path: str) -> None:
+    """Raise IntegrityError when a parsed tensor file does not hold what `entry_spec` says."""
     if entry_spec.quantized:
         if not isinstance(ref, QuantRef):
             raise IntegrityError(f"{path}: {entry_spec.name} should be an int8 QuantizedWeight8bit")
@@ -103,6 +104,9 @@ def _check(entry_spec: ParamSpec, ref: TensorRef, path: str) -> None:
             )
         if ref.dtype.kind != "f":
             raise IntegrityError(f"{path}: {entry_spec.name} has dtype {ref.dtype}, expected float")
+
+
+_check = check_entry
 
 
 @dataclasses.dataclass

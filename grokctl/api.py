@@ -1,0 +1,123 @@
+"""Python API: `grokctl.load_model(path)` -> a model with `.logits(tokens)` and `.generate(...)`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jax.sharding import Mesh
+
+from grokctl.checkpoint.index import CheckpointIndex, checkpoint_root
+from grokctl.config import ModelConfig
+from grokctl.engine import Engine, enable_compilation_cache
+from grokctl.generation import Completion, OnToken, SamplingParams, generate
+from grokctl.loader import LoadStats, load_params
+from grokctl.model.sharding import make_mesh
+from grokctl.tokenizer import Tokenizer, resolve_tokenizer_path
+
+
+class GrokModel:
+    def __init__(
+        self,
+        index: CheckpointIndex,
+        engine: Engine,
+        load_stats: LoadStats,
+        tokenizer: Tokenizer | None,
+    ):
+        self.index = index
+        self.engine = engine
+        self.load_stats = load_stats
+        self.tokenizer = tokenizer
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.engine.cfg
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.engine.mesh
+
+    def logits(self, tokens: Any) -> np.ndarray:
+        """Full forward pass: int32 [B, T] -> float32 [B, T, V]; pad id 0 masked as the reference."""
+        toks = np.asarray(tokens, np.int32)
+        if toks.ndim != 2:
+            raise ValueError(f"tokens must be [B, T], got shape {toks.shape}")
+        b = toks.shape[0]
+        padded = np.zeros((self.engine.padded_batch(b), toks.shape[1]), np.int32)
+        padded[:b] = toks
+        out = self.engine.forward_all(padded)
+        return np.asarray(out.logits)[:b]
+
+    def routing(self, tokens: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Router probabilities [L, B, T, E] and chosen experts [L, B, T, k] of a full forward."""
+        eng = Engine(self.config, self.engine.params, self.mesh, self.engine.opts.moe_kernel, with_routing=True)
+        out = eng.forward_all(np.asarray(tokens, np.int32))
+        return np.asarray(out.router_probs), np.asarray(out.experts)
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model was loaded without a tokenizer")
+        return self.tokenizer.encode(text)
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        on_token: OnToken | None = None,
+    ) -> list[Completion]:
+        """Generate for one or several prompts (text, or lists of token ids), as one batch."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts: list[str | None] = []
+        ids: list[list[int]] = []
+        for p in prompts:
+            if isinstance(p, str):
+                texts.append(p)
+                ids.append(self.encode(p))
+            else:
+                texts.append(None)
+                ids.append([int(t) for t in p])
+        params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop))
+        decode = self.tokenizer.decode if self.tokenizer else None
+        limit = self.tokenizer.vocab_size if self.tokenizer else None
+        results = generate(self.engine, ids, params, decode, limit, on_token)
+        for r, t in zip(results, texts):
+            r.prompt = t
+        return results
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    mesh: Mesh | str | None = None,
+    moe: str = "sparse",
+    layout: str = "tensor",
+    preset: str | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+    require_tokenizer: bool = False,
+    on_progress: Any = None,
+) -> GrokModel:
+    """Index the checkpoint, place its weights on `mesh` (default: all devices on 'model')."""
+    enable_compilation_cache()
+    index = CheckpointIndex.open(path, preset=preset)
+    if not isinstance(mesh, Mesh):
+        mesh = make_mesh(mesh)
+    params, stats = load_params(index, mesh, layout, on_progress)
+    engine = Engine(index.config, params, mesh, moe_kernel=moe)
+    tok = None
+    try:
+        tok = Tokenizer(resolve_tokenizer_path(tokenizer, checkpoint_root(path)))
+    except Exception:
+        if require_tokenizer or tokenizer is not None:
+            raise
+    return GrokModel(index, engine, stats, tok)
+
+
+__all__ = ["GrokModel", "load_model", "Path"]

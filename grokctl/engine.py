@@ -1,0 +1,164 @@
+"""The engine: jitted prefill and decode step over a donated KV cache, on a device mesh.
+
+Shapes: B batch (padded to a multiple of the mesh's data axis), T prompt bucket, S cache
+length, V vocab.
+
+Only two programs are compiled per (B, T, S): `prefill` and `decode`. Prompt lengths are
+bucketed (powers of two from 16) and cache lengths too, so compiled programs are reused; JAX's
+persistent compilation cache keeps them across runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from grokctl.config import ModelConfig
+from grokctl.model import sharding as shd
+from grokctl.model.cache import KVCache, cache_shapes
+from grokctl.model.transformer import ForwardOptions, ForwardOut, transformed
+from grokctl.sampling import sample
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int, cap: int) -> int:
+    """Smallest power of two >= n (at least MIN_BUCKET), capped at `cap`."""
+    size = MIN_BUCKET
+    while size < n:
+        size *= 2
+    return min(size, cap)
+
+
+def enable_compilation_cache(path: str | os.PathLike[str] | None = None) -> None:
+    """JAX's persistent compilation cache (GROKCTL_CACHE_DIR, default ~/.cache/grokctl/jax)."""
+    if path is None:
+        path = os.environ.get("GROKCTL_CACHE_DIR") or Path.home() / ".cache" / "grokctl" / "jax"
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except (OSError, AttributeError):  # read-only home or an older jax: run uncached
+        pass
+
+
+class Engine:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: Any,
+        mesh: Mesh,
+        moe_kernel: str = "sparse",
+        with_routing: bool = False,
+    ):
+        self.cfg = cfg
+        self.params = params
+        self.mesh = mesh
+        self.sizes = shd.mesh_shape(mesh)
+        self.opts = ForwardOptions(moe_kernel=moe_kernel, with_routing=with_routing)
+        self._apply = transformed(cfg, self.opts).apply
+        self._forward = jax.jit(self._forward_impl, static_argnames=("all_logits",), donate_argnums=(2,))
+        self._sample = jax.jit(sample, static_argnames=("vocab_limit",))
+
+    # --- placement -----------------------------------------------------------------------
+    def padded_batch(self, batch: int) -> int:
+        d = self.sizes[shd.DATA]
+        return -(-batch // d) * d
+
+    def _spec(self, shape: tuple[int, ...], spec: tuple[str | None, ...]) -> Any:
+        """Activation specs degrade to replication on axes the mesh does not divide."""
+        fixed = tuple(
+            a if a is None or dim % self.sizes[a] == 0 else None for dim, a in zip(shape, spec)
+        )
+        return shd.named(self.mesh, fixed)
+
+    def cache_sharding(self, batch: int, length: int) -> KVCache:
+        shapes = cache_shapes(self.cfg, batch, length)
+        kv = self._spec(shapes.k[0].shape, shd.CACHE_KV)
+        return KVCache(
+            k=(kv,) * self.cfg.num_layers,
+            v=(kv,) * self.cfg.num_layers,
+            pos=self._spec((batch,), shd.CACHE_POS),
+            valid=self._spec((batch, length), shd.CACHE_VALID),
+        )
+
+    def new_cache(self, batch: int, length: int) -> KVCache:
+        shapes = cache_shapes(self.cfg, batch, length)
+        make = jax.jit(
+            lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+            out_shardings=self.cache_sharding(batch, length),
+        )
+        return make()
+
+    def put_tokens(self, tokens: np.ndarray) -> jax.Array:
+        tokens = np.asarray(tokens, np.int32)
+        spec = shd.TOKENS[: tokens.ndim]
+        return jax.device_put(tokens, self._spec(tokens.shape, spec))
+
+    # --- compiled programs ---------------------------------------------------------------
+    def _forward_impl(
+        self,
+        params: Any,
+        tokens: jax.Array,  # [B, T]
+        cache: KVCache,
+        last_index: jax.Array,  # [B]: row position whose logits are wanted (ignored if all)
+        advance: jax.Array,  # [B]: real tokens per row (pads past them get overwritten later)
+        *,
+        all_logits: bool,
+    ) -> ForwardOut:
+        start = cache.pos
+        out = self._apply(params, tokens, cache, None if all_logits else last_index)
+        out.cache.pos = start + advance
+        return out._replace(logits=out.logits.astype(jnp.float32))
+
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Right-padded prompts [B, T] with true `lengths` [B] -> (last logits [B, V] f32, cache)."""
+        lengths = np.asarray(lengths, np.int32)
+        last, adv = self.put_tokens(np.maximum(lengths - 1, 0)), self.put_tokens(lengths)
+        out = self._forward(self.params, self.put_tokens(tokens), cache, last, adv, all_logits=False)
+        return out.logits[:, 0, :], out.cache
+
+    def decode(self, tokens: np.ndarray | jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One new token per row [B] -> (logits [B, V] f32, cache)."""
+        toks = tokens if isinstance(tokens, jax.Array) else self.put_tokens(np.asarray(tokens))
+        ones = self._ones(toks.shape[0])
+        out = self._forward(self.params, toks[:, None], cache, ones, ones, all_logits=True)
+        return out.logits[:, 0, :], out.cache
+
+    def _ones(self, batch: int) -> jax.Array:
+        if getattr(self, "_ones_cache", (None,))[0] != batch:
+            self._ones_cache = (batch, self.put_tokens(np.ones(batch, np.int32)))
+        return self._ones_cache[1]
+
+    def forward_all(self, tokens: np.ndarray, cache: KVCache | None = None) -> ForwardOut:
+        """Full forward of [B, T] tokens from an empty cache of length T: logits [B, T, V] f32."""
+        b, t = tokens.shape
+        cache = cache if cache is not None else self.new_cache(b, t)
+        adv = self.put_tokens(np.full(b, t, np.int32))
+        return self._forward(self.params, self.put_tokens(tokens), cache, adv, adv, all_logits=True)
+
+    def sample(
+        self,
+        logits: jax.Array,
+        row_seeds: np.ndarray,
+        step: int,
+        temperature: np.ndarray,
+        top_p: np.ndarray,
+        top_k: np.ndarray,
+        vocab_limit: int,
+    ) -> jax.Array:
+        return self._sample(
+            logits,
+            jnp.asarray(row_seeds, jnp.int32),
+            jnp.asarray(step, jnp.int32),
+            jnp.asarray(temperature, jnp.float32),
+            jnp.asarray(top_p, jnp.float32),
+            jnp.asarray(top_k, jnp.int32),
+            vocab_limit=int(vocab_limit),
+        )

@@ -1,0 +1,106 @@
+"""Pieces shared by the Hugging Face and BitTorrent downloads: file selection by pattern, the
+partial area, free-space checks and file hashing."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from grokctl.cli.output import human_bytes
+from grokctl.errors import MissingResourceError
+
+DEFAULT_INCLUDE = ("ckpt-0/*",)
+PARTIAL_DIR = ".grokctl-partial"
+CHUNK = 8 << 20
+
+_GLOB_CHARS = set("*?[")
+
+
+def split_patterns(patterns: Iterable[str] | None) -> list[str]:
+    """Accept repeated flags and comma-separated lists; `./x` and `x/` are normalised."""
+    out = []
+    for raw in patterns or ():
+        for pat in raw.split(","):
+            pat = pat.strip().removeprefix("./")
+            if pat:
+                out.append(pat)
+    return out
+
+
+def matches(path: str, pattern: str) -> bool:
+    """fnmatch (`*` crosses `/`), and a bare directory name selects everything under it, so
+    `--include ckpt-0` works without the quoting `ckpt-0/*` needs in zsh."""
+    if fnmatch.fnmatchcase(path, pattern):
+        return True
+    if not (_GLOB_CHARS & set(pattern)):
+        stem = pattern.rstrip("/")
+        return path == stem or path.startswith(stem + "/")
+    return False
+
+
+def select(paths: Iterable[str], include: Sequence[str], exclude: Sequence[str]) -> list[str]:
+    """Paths matching any include pattern (all when none) and no exclude pattern."""
+    return [
+        p
+        for p in paths
+        if (not include or any(matches(p, pat) for pat in include))
+        and not any(matches(p, pat) for pat in exclude)
+    ]
+
+
+def partial_dir(root: Path) -> Path:
+    return root / PARTIAL_DIR
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem that holds (or will hold) `path`."""
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def check_disk_space(root: Path, needed: int) -> int:
+    """Raise MissingResourceError (exit 4) when `needed` bytes will not fit; return free bytes."""
+    free = free_bytes(root)
+    if needed > free:
+        raise MissingResourceError(
+            f"not enough disk space in {root}: the download needs {human_bytes(needed)}, "
+            f"{human_bytes(free)} free"
+        )
+    return free
+
+
+def sha256_file(
+    path: str | os.PathLike[str],
+    on_bytes: Callable[[int], None] | None = None,
+    hasher: hashlib._Hash | None = None,
+) -> str:
+    """sha256 of a file in 8 MiB reads (hashlib drops the GIL, so threads hash in parallel)."""
+    h = hasher or hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+            if on_bytes:
+                on_bytes(n)
+    return h.hexdigest()
+
+
+def git_blob_sha1(path: str | os.PathLike[str]) -> str:
+    """Git's object id of a file (what the hub reports for files not stored in LFS)."""
+    h = hashlib.sha1(f"blob {os.path.getsize(path)}\0".encode())
+    return sha256_file(path, hasher=h)
+
+
+def replace_into(tmp: Path, dest: Path) -> None:
+    """Flush `tmp` to disk and rename it to `dest` (the only way a file gets a final name)."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)

@@ -1,0 +1,129 @@
+"""`grokctl-manifest.json`: what a download put in a directory, and how to check it.
+
+```
+{"format": "grokctl-manifest/1", "created": ..., "updated": ...,
+ "sources": {"hf:xai-org/grok-1@<commit>": {"kind": "huggingface", "repo": ..., "revision": ...,
+             "commit": ..., "endpoint": ..., "date": ...},
+             "magnet:<info-hash>": {"kind": "magnet", "info_hash": ..., "torrent": ..., "date": ...}},
+ "files": {"ckpt-0/tensor00000_000": {"size": 3221225637, "sha256": "...",
+           "sha256_from": "hub-lfs" | "local" | "pinned", "source": "hf:...",
+           "downloaded": "2024-03-18T12:00:00Z" | null}}}
+```
+A download writes the records of every file it is going to fetch first (size, and sha256 where
+the source knows it), so `verify` reports what an interrupted run has not fetched yet; a file's
+`downloaded` date is set once it sits complete under its final name. Every write is atomic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from grokctl.checkpoint.writer import atomic_write_bytes
+from grokctl.errors import IntegrityError
+
+MANIFEST_NAME = "grokctl-manifest.json"
+FORMAT = "grokctl-manifest/1"
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclasses.dataclass
+class FileRecord:
+    size: int
+    sha256: str | None = None
+    sha256_from: str | None = None  # "hub-lfs" | "local" | "pinned"
+    source: str | None = None  # a key of Manifest.sources
+    downloaded: str | None = None  # ISO date, once complete under its final name
+    blob_id: str | None = None  # the hub's git object id of a non-LFS file
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "sha256"}
+
+
+@dataclasses.dataclass
+class Manifest:
+    root: Path
+    files: dict[str, FileRecord] = dataclasses.field(default_factory=dict)
+    sources: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    created: str = dataclasses.field(default_factory=now_iso)
+    updated: str | None = None
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_save = 0.0
+
+    @property
+    def path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    @classmethod
+    def load(cls, root: str | Path) -> Manifest | None:
+        """The manifest in `root`, or None when there is none."""
+        root = Path(root)
+        path = root / MANIFEST_NAME
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
+            files = {
+                str(name): FileRecord(**{k: v for k, v in rec.items() if k in _RECORD_FIELDS})
+                for name, rec in data["files"].items()
+            }
+            return cls(root, files, dict(data.get("sources", {})), data.get("created", now_iso()),
+                       data.get("updated"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise IntegrityError(f"{path}: not a readable grokctl manifest ({exc})") from None
+
+    @classmethod
+    def load_or_new(cls, root: str | Path) -> Manifest:
+        return cls.load(root) or cls(Path(root))
+
+    def add_source(self, key: str, **info: Any) -> str:
+        with self._lock:
+            self.sources[key] = {**info, "date": now_iso()}
+        return key
+
+    def record(self, name: str, rec: FileRecord) -> None:
+        with self._lock:
+            self.files[name] = rec
+
+    def mark_downloaded(self, name: str, sha256: str | None = None, sha256_from: str | None = None) -> None:
+        with self._lock:
+            rec = self.files[name]
+            if sha256 is not None and rec.sha256 is None:
+                rec.sha256, rec.sha256_from = sha256, sha256_from
+            rec.downloaded = now_iso()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "created": self.created,
+            "updated": self.updated,
+            "sources": self.sources,
+            "files": {name: self.files[name].to_json() for name in sorted(self.files)},
+        }
+
+    def save(self, min_interval: float = 0.0) -> None:
+        """Write atomically (temporary name, then rename); skip when saved < min_interval ago."""
+        with self._lock:
+            now = time.monotonic()
+            if min_interval and now - self._last_save < min_interval:
+                return
+            self._last_save = now
+            self.updated = now_iso()
+            data = json.dumps(self.to_json(), indent=1).encode()
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, data)
+
+
+_RECORD_FIELDS = {f.name for f in dataclasses.fields(FileRecord)}

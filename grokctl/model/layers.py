@@ -1,0 +1,53 @@
+"""Basic layers over haiku parameters with the reference's names (via name scopes).
+
+Shapes: B batch, T time, D emb_size, N output features, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from grokctl.model.quant import QuantizedWeight8bit, dequantize
+
+BF16 = jnp.bfloat16
+F32 = jnp.float32
+
+
+def bf16_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """bf16 x bf16 with f32 accumulation, rounded to bf16 (the reference's matmul)."""
+    out = jnp.einsum("...k,kn->...n", x.astype(BF16), w.astype(BF16), preferred_element_type=F32)
+    return out.astype(BF16)
+
+
+def param(name: str, shape: tuple[int, ...], dtype: Any = F32) -> Any:
+    """A checkpoint leaf in the current name scope (the initializer only serves shape tracing)."""
+    return hk.get_parameter(name, shape, dtype, init=hk.initializers.Constant(0))
+
+
+def scoped_param(scope: str, name: str, shape: tuple[int, ...], dtype: Any = F32) -> Any:
+    with hk.experimental.name_scope(scope):
+        return param(name, shape, dtype)
+
+
+def linear(x: jax.Array, scope: str, in_features: int, out_features: int) -> jax.Array:
+    """`<scope>/w`: [K, N] int8 QuantizedWeight8bit (or plain float), no bias; [..., K] -> [..., N]."""
+    return bf16_dot(x, dequantize(scoped_param(scope, "w", (in_features, out_features))))
+
+
+def rms_norm(x: jax.Array, scope: str, eps: float) -> jax.Array:
+    """`<scope>/scale` [D]: x * rsqrt(mean(x^2) + eps) * scale in f32, cast back (no +1)."""
+    return rms_norm_apply(x, scoped_param(scope, "scale", (x.shape[-1],)), eps)
+
+
+def rms_norm_apply(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(F32)
+    ms = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+    return (scale.astype(F32) * (xf * jax.lax.rsqrt(ms + eps))).astype(x.dtype)
+
+
+def is_quantized(w: Any) -> bool:
+    return isinstance(w, QuantizedWeight8bit)

@@ -1,0 +1,135 @@
+"""Mixture of experts: top-2 routing and sparse expert compute.
+
+Shapes: N tokens (B*T), D emb_size, F ffn_size, E experts, k selected experts, b block size,
+P padded assignment slots (a multiple of b).
+
+Expert e: (gelu(x W[e]) * (x V[e])) W1[e]; output = sum over the k chosen experts of
+gate * expert output, gates = the router softmax probabilities (not renormalised).
+
+Kernels:
+- "sparse" (default): sorted block dispatch. The N*k (token, expert) assignments are sorted by
+  expert; each expert's run is padded to a multiple of b and cut into blocks of b rows; a scan
+  over blocks gathers the block's tokens, reads *one* expert's int8 weights and dequantizes them
+  inside the step. Blocks past the used ones are skipped with `lax.cond`, so a decode step reads
+  only the experts its tokens chose (2 for one token), and prefill work is about N*k rows, not
+  N*E.
+- "dense": the reference's form, every expert on every token then a one-hot select
+  (4x the work for Grok-1). Kept as a switchable baseline (`--moe dense`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from grokctl.config import ModelConfig
+from grokctl.model.layers import BF16, F32, bf16_dot, scoped_param
+from grokctl.model.quant import QuantizedWeight8bit, dequantize, take_expert
+
+MOE_KERNELS = ("sparse", "dense")
+
+
+def route(x: jax.Array, router_w: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Router in f32: probs [N, E], top-k gates [N, k] (unnormalised), experts [N, k]."""
+    logits = jnp.dot(x.astype(F32), router_w.astype(F32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    gates, experts = jax.lax.top_k(probs, k)
+    return probs, gates, experts
+
+
+def _expert_ffn(x: jax.Array, w: QuantizedWeight8bit, v: QuantizedWeight8bit, w1: QuantizedWeight8bit) -> jax.Array:
+    """One expert on rows x [M, D] -> [M, D] f32, with the reference's rounding points."""
+    hw = bf16_dot(x, dequantize(w)).astype(F32)  # [M, F]
+    hv = bf16_dot(x, dequantize(v)).astype(F32)
+    hidden = jax.nn.gelu(hw) * hv  # f32
+    return jnp.dot(hidden, dequantize(w1).astype(F32), preferred_element_type=F32)
+
+
+def _combine(outs: jax.Array, gates: jax.Array) -> jax.Array:
+    """outs [N, k, D] f32, gates [N, k] -> [N, D] bf16 (gates rounded to bf16 as the reference)."""
+    g = gates.astype(BF16).astype(F32)[..., None]
+    return jnp.sum(outs * g, axis=1).astype(BF16)
+
+
+def moe_dense(x, gates, experts, w, v, w1) -> jax.Array:  # type: ignore[no-untyped-def]
+    """Reference baseline: all E experts on all N tokens, then pick the chosen k."""
+    e_count = w.shape[0]
+    hw = jnp.einsum("nd,edf->enf", x, dequantize(w), preferred_element_type=F32).astype(BF16)
+    hv = jnp.einsum("nd,edf->enf", x, dequantize(v), preferred_element_type=F32).astype(BF16)
+    hidden = jax.nn.gelu(hw.astype(F32)) * hv.astype(F32)
+    all_out = jnp.einsum("enf,efd->end", hidden, dequantize(w1).astype(F32))  # [E, N, D]
+    onehot = jax.nn.one_hot(experts, e_count, dtype=F32)  # [N, k, E]
+    outs = jnp.einsum("nke,end->nkd", onehot, all_out)
+    return _combine(outs, gates)
+
+
+def block_size(n_tokens: int, k: int, n_experts: int) -> int:
+    """Rows per dispatch block: N for small batches (each used expert read once), else about
+    N*k/E rounded to a power of two, capped for memory."""
+    if n_tokens * k <= 2 * n_experts or n_tokens <= 16:
+        return n_tokens
+    return min(512, 1 << math.ceil(math.log2(max(1, n_tokens * k // n_experts))))
+
+
+def moe_sparse(x, gates, experts, w, v, w1, block: int | None = None) -> jax.Array:  # type: ignore[no-untyped-def]
+    """Sorted block dispatch: only chosen experts' weights are read and multiplied."""
+    n, d = x.shape
+    k = experts.shape[1]
+    e_count = w.shape[0]
+    b = block or block_size(n, k, e_count)
+    a = n * k  # assignments
+    flat_e = experts.reshape(a)
+    order = jnp.argsort(flat_e, stable=True)  # assignment ids sorted by expert
+    sorted_e = flat_e[order]
+    counts = jnp.bincount(flat_e, length=e_count)  # [E]
+    padded = (counts + b - 1) // b * b
+    pad_end = jnp.cumsum(padded)
+    pad_start = pad_end - padded
+    run_start = jnp.cumsum(counts) - counts
+    slot = pad_start[sorted_e] + (jnp.arange(a) - run_start[sorted_e])  # [A] slot of each
+    n_blocks = min(e_count * math.ceil(n / b), math.ceil((a + e_count * (b - 1)) / b))
+    p = n_blocks * b
+    slot_token = jnp.full((p,), n, jnp.int32).at[slot].set((order // k).astype(jnp.int32))
+    block_expert = jnp.minimum(
+        jnp.searchsorted(pad_end, jnp.arange(n_blocks) * b, side="right"), e_count - 1
+    )
+    used_blocks = pad_end[-1] // b
+    x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)], axis=0)  # row n = padding
+
+    def step(_: None, i: jax.Array) -> tuple[None, jax.Array]:
+        def compute() -> jax.Array:
+            rows = jax.lax.dynamic_slice_in_dim(slot_token, i * b, b)
+            e = block_expert[i]
+            return _expert_ffn(x_pad[rows], take_expert(w, e), take_expert(v, e), take_expert(w1, e))
+
+        out = jax.lax.cond(i < used_blocks, compute, lambda: jnp.zeros((b, d), F32))
+        return None, out
+
+    _, outs = jax.lax.scan(step, None, jnp.arange(n_blocks))  # [n_blocks, b, D]
+    outs = outs.reshape(p, d)[slot]  # [A, D] in sorted order
+    per_assignment = jnp.zeros((a, d), F32).at[order].set(outs)
+    return _combine(per_assignment.reshape(n, k, d), gates)
+
+
+def moe_layer(x: jax.Array, cfg: ModelConfig, kernel: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`router/w` [D, E] f32 and `moe/{linear, linear_v, linear_1}/w` int8 [E, D, F] / [E, F, D].
+
+    x [B, T, D] -> (out [B, T, D] bf16, router probs [B, T, E], experts [B, T, k]).
+    """
+    if kernel not in MOE_KERNELS:
+        raise ValueError(f"unknown MoE kernel {kernel!r}")
+    bsz, t, d = x.shape
+    e, f, k = cfg.num_experts, cfg.ffn_size, cfg.num_selected_experts
+    router_w = scoped_param("router", "w", (d, e))
+    with hk.experimental.name_scope("moe"):
+        w = scoped_param("linear", "w", (e, d, f))
+        w1 = scoped_param("linear_1", "w", (e, f, d))
+        v = scoped_param("linear_v", "w", (e, d, f))
+    xs = x.reshape(bsz * t, d)
+    probs, gates, experts = route(xs, router_w, k)
+    fn = moe_sparse if kernel == "sparse" else moe_dense
+    out = fn(xs, gates, experts, w, v, w1)
+    return out.reshape(bsz, t, d), probs.reshape(bsz, t, e), experts.reshape(bsz, t, k)

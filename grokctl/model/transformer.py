@@ -1,0 +1,104 @@
+"""The Grok-1 forward pass over a params pytree and a KV cache (haiku lives only in model/).
+
+Shapes: B batch, T new tokens, S cache length, D emb_size, V vocab, L layers, E experts.
+
+    h = embed(tokens) * embedding_multiplier                     # bf16 [B, T, D]
+    for each layer:
+        h += rms_norm_1(attention(rms_norm(h)))
+        h += rms_norm_3(moe(rms_norm_2(h)))
+    logits = rms_norm(h) . embeddings^T * output_multiplier      # bf16 [B, T, V]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from grokctl.config import ModelConfig
+from grokctl.model.attention import attention
+from grokctl.model.cache import KVCache
+from grokctl.model.layers import BF16, bf16_dot, param, rms_norm, rms_norm_apply
+from grokctl.model.moe import moe_layer
+
+
+class ForwardOut(NamedTuple):
+    logits: jax.Array  # [B, T', V] bf16 (T' = T, or 1 with `last_index`)
+    cache: KVCache
+    router_probs: jax.Array | None  # [L, B, T, E] f32 when asked for
+    experts: jax.Array | None  # [L, B, T, k] int32 when asked for
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardOptions:
+    moe_kernel: str = "sparse"
+    with_routing: bool = False
+
+
+def forward(
+    tokens: jax.Array,  # [B, T] int32
+    cache: KVCache,
+    last_index: jax.Array | None,  # [B] index into T of the only logits wanted, or None (all)
+    cfg: ModelConfig,
+    opts: ForwardOptions,
+) -> ForwardOut:
+    b, t = tokens.shape
+    start = cache.pos  # [B]
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    is_token = tokens > cfg.pad_token  # the reference's input mask
+    write = lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0)  # noqa: E731
+    key_valid = jax.vmap(write)(cache.valid, is_token, start)  # [B, S]
+
+    with hk.experimental.name_scope("language_model"):
+        with hk.experimental.name_scope("in_out_embed"):
+            embeddings = param("embeddings", (cfg.vocab_size, cfg.emb_size))
+        with hk.experimental.name_scope("rms_norm"):
+            final_scale = param("scale", (cfg.emb_size,))
+
+    h = jnp.take(embeddings, tokens, axis=0).astype(BF16)  # [B, T, D]
+    h = h * jnp.asarray(cfg.embedding_multiplier_scale, BF16)
+
+    eps = cfg.rms_norm_eps
+    new_k, new_v, probs, experts = [], [], [], []
+    with hk.experimental.name_scope("transformer"):
+        for i in range(cfg.num_layers):
+            with hk.experimental.name_scope(f"decoder_layer_{i}"):
+                a, k_i, v_i = attention(
+                    rms_norm(h, "rms_norm", eps), positions, cache.k[i], cache.v[i], start, key_valid, cfg
+                )
+                h = h + rms_norm(a, "rms_norm_1", eps)
+                m, p_i, e_i = moe_layer(rms_norm(h, "rms_norm_2", eps), cfg, opts.moe_kernel)
+                h = h + rms_norm(m, "rms_norm_3", eps)
+            new_k.append(k_i)
+            new_v.append(v_i)
+            probs.append(p_i)
+            experts.append(e_i)
+
+    if last_index is not None:
+        h = jnp.take_along_axis(h, last_index[:, None, None], axis=1)  # [B, 1, D]
+    h = rms_norm_apply(h, final_scale, eps)
+    logits = bf16_dot(h, embeddings.T) * jnp.asarray(cfg.output_multiplier_scale, BF16)
+
+    new_cache = KVCache(tuple(new_k), tuple(new_v), start + t, key_valid)
+    if not opts.with_routing:
+        return ForwardOut(logits, new_cache, None, None)
+    return ForwardOut(logits, new_cache, jnp.stack(probs), jnp.stack(experts))
+
+
+def transformed(cfg: ModelConfig, opts: ForwardOptions) -> Any:
+    """hk.Transformed whose apply(params, tokens, cache, last_index) -> ForwardOut."""
+    fn = lambda tokens, cache, last_index: forward(tokens, cache, last_index, cfg, opts)  # noqa: E731
+    return hk.without_apply_rng(hk.transform(fn))
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+    """The haiku params tree as plain float shapes (jax.eval_shape: no memory allocated)."""
+    from grokctl.model.cache import cache_shapes
+
+    cache = cache_shapes(cfg, 1, 8)
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    init = transformed(cfg, ForwardOptions()).init
+    return jax.eval_shape(lambda t, c: init(None, t, c, None), tokens, cache)

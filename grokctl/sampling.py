@@ -1,0 +1,49 @@
+"""Token sampling: temperature, top-k, nucleus (top-p); temperature 0 means argmax.
+
+Shapes: B batch, V vocab. Per-row settings so one batch can mix greedy and sampled prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def sample(
+    logits: jax.Array,  # [B, V] f32
+    row_seeds: jax.Array,  # [B] int32: one seed per row (independent of batch composition)
+    step: jax.Array,  # int32 scalar: decode step
+    temperature: jax.Array,  # [B] f32, 0 = greedy
+    top_p: jax.Array,  # [B] f32 in (0, 1]
+    top_k: jax.Array,  # [B] int32, 0 = off
+    vocab_limit: int,  # ids >= this are never produced (tokenizer smaller than the model)
+) -> jax.Array:  # [B] int32
+    v = logits.shape[-1]
+    logits = jnp.where(jnp.arange(v) < vocab_limit, logits.astype(jnp.float32), NEG_INF)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    desc = -jnp.sort(-scaled, axis=-1)  # [B, V] descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)  # [B, 1]
+    desc = jnp.where(desc < kth, NEG_INF, desc)
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+    keep = jnp.sum(before < top_p[:, None], axis=-1)  # >= 1: the best token is always kept
+    threshold = jnp.take_along_axis(desc, (keep - 1)[:, None], axis=-1)
+    threshold = jnp.maximum(threshold, kth)
+    filtered = jnp.where(scaled < threshold, NEG_INF, scaled)
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(row_seeds)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    return jnp.where(temperature <= 0, greedy, drawn)
+
+
+def row_seed(seed: int, prompt: list[int], occurrence: int = 0) -> int:
+    """Seed of one prompt's row, from (seed, the prompt's tokens, how many identical prompts came
+    before it): a prompt samples the same tokens alone or inside any batch."""
+    digest = hashlib.blake2b(repr((seed, list(prompt), occurrence)).encode(), digest_size=4)
+    return int.from_bytes(digest.digest(), "little") & 0x7FFFFFFF
