@@ -71,7 +71,7 @@ def train_demo_tokenizer(vocab_size: int) -> bytes:
         model_writer=model,
         vocab_size=min(vocab_size, 512),
         model_type="bpe",
-        byte_fallback=True,
+        byte_fallback=False,
         hard_vocab_limit=False,
         pad_id=0,
         bos_id=1,

@@ -94,9 +94,12 @@ def quantize_int8(w: np.ndarray, blocks: int = 1) -> QuantizedWeight8bit:
 def random_param(spec: ParamSpec, cfg: ModelConfig, rng: np.random.Generator) -> Any:
     """Random weights scaled so activations stay O(1) and generation is not degenerate."""
     if spec.leaf == "scale":  # RMSNorm scales
-        return (1.0 + 0.1 * rng.standard_normal(spec.shape)).astype(np.float32)
+        # Post-norms (rms_norm_1, rms_norm_3) larger so layer outputs, not the input token's own
+        # embedding, dominate the residual stream (else tied embeddings echo the last token).
+        centre = 4.0 if spec.module.endswith(("rms_norm_1", "rms_norm_3")) else 1.0
+        return (centre + 0.1 * rng.standard_normal(spec.shape)).astype(np.float32)
     if spec.leaf == "embeddings":
-        return (rng.standard_normal(spec.shape) * 2.0 / np.sqrt(cfg.emb_size)).astype(np.float32)
+        return (rng.standard_normal(spec.shape) / np.sqrt(cfg.emb_size)).astype(np.float32)
     fan_in = spec.shape[-2]
     w = rng.standard_normal(spec.shape, dtype=np.float32) / np.sqrt(fan_in)
     if spec.name.endswith("router/w"):

@@ -30,3 +30,27 @@ Mesh = Annotated[
 ]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+Coordinator = Annotated[
+    Optional[str],
+    typer.Option(
+        "--coordinator",
+        help="HOST:PORT of process 0 for a multi-host run (jax.distributed). Env: GROKCTL_COORDINATOR.",
+        rich_help_panel="Multi-host",
+    ),
+]
+NumProcesses = Annotated[
+    Optional[int],
+    typer.Option("--num-processes", min=1, help="Processes in the run.", rich_help_panel="Multi-host"),
+]
+ProcessId = Annotated[
+    Optional[int],
+    typer.Option("--process-id", min=0, help="This process's rank.", rich_help_panel="Multi-host"),
+]
+MoeKernel = Annotated[
+    Optional[str],
+    typer.Option("--moe", help="MoE kernel: sparse (selected experts only) or dense (the reference's all-experts baseline)."),
+]
+Layout = Annotated[
+    Optional[str],
+    typer.Option("--layout", help="MoE weight layout: tensor (shard the FFN dim) or expert (shard experts)."),
+]
