@@ -49,13 +49,13 @@ class GrokModel:
         padded = np.zeros((self.engine.padded_batch(b), toks.shape[1]), np.int32)
         padded[:b] = toks
         out = self.engine.forward_all(padded)
-        return np.asarray(out.logits)[:b]
+        return self.engine.fetch(out.logits)[:b]
 
     def routing(self, tokens: Any) -> tuple[np.ndarray, np.ndarray]:
         """Router probabilities [L, B, T, E] and chosen experts [L, B, T, k] of a full forward."""
         eng = Engine(self.config, self.engine.params, self.mesh, self.engine.opts.moe_kernel, with_routing=True)
         out = eng.forward_all(np.asarray(tokens, np.int32))
-        return np.asarray(out.router_probs), np.asarray(out.experts)
+        return eng.fetch(out.router_probs), eng.fetch(out.experts)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:

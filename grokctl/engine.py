@@ -64,7 +64,11 @@ class Engine:
         self.opts = ForwardOptions(moe_kernel=moe_kernel, with_routing=with_routing)
         self._apply = transformed(cfg, self.opts).apply
         self._forward = jax.jit(self._forward_impl, static_argnames=("all_logits",), donate_argnums=(2,))
-        self._sample = jax.jit(sample, static_argnames=("vocab_limit",))
+        # Sampled tokens come back replicated: every process of a multi-host run can read them.
+        self._sample = jax.jit(
+            sample, static_argnames=("vocab_limit",), out_shardings=shd.replicated(mesh)
+        )
+        self._gather = jax.jit(lambda x: x, out_shardings=shd.replicated(mesh))
 
     # --- placement -----------------------------------------------------------------------
     def padded_batch(self, batch: int) -> int:
@@ -143,6 +147,12 @@ class Engine:
         adv = self.put_tokens(np.full(b, t, np.int32))
         return self._forward(self.params, self.put_tokens(tokens), cache, adv, adv, all_logits=True)
 
+    def fetch(self, x: jax.Array) -> np.ndarray:
+        """A device array as numpy on this process, gathering shards other processes hold."""
+        if not x.is_fully_addressable and not x.is_fully_replicated:
+            x = self._gather(x)
+        return np.asarray(x)
+
     def sample(
         self,
         logits: jax.Array,
@@ -153,12 +163,14 @@ class Engine:
         top_k: np.ndarray,
         vocab_limit: int,
     ) -> jax.Array:
+        # numpy arguments (not single-device arrays): identical on every process, they enter
+        # the program replicated, as a multi-process jit requires.
         return self._sample(
             logits,
-            jnp.asarray(row_seeds, jnp.int32),
-            jnp.asarray(step, jnp.int32),
-            jnp.asarray(temperature, jnp.float32),
-            jnp.asarray(top_p, jnp.float32),
-            jnp.asarray(top_k, jnp.int32),
+            np.asarray(row_seeds, np.int32),
+            np.asarray(step, np.int32),
+            np.asarray(temperature, np.float32),
+            np.asarray(top_p, np.float32),
+            np.asarray(top_k, np.int32),
             vocab_limit=int(vocab_limit),
         )

@@ -72,11 +72,15 @@ def generate(
         raise UsageError("no prompt: give --prompt TEXT, --prompts-file FILE or --token-ids 1,2,3")
 
     from grokctl import distributed
+    from grokctl.model.moe import check_kernel
+
+    moe_kernel = check_kernel(s.get("moe", moe, "sparse"))
 
     multi = distributed.initialize(
         s.get("coordinator", coordinator),
         s.get("num_processes", num_processes, kind=int),
         s.get("process_id", process_id, kind=int),
+        timeout_s=s.get("init_timeout", None, distributed.DEFAULT_TIMEOUT_S, kind=int),
     )
     primary = distributed.is_primary() if multi else True
 
@@ -88,7 +92,7 @@ def generate(
         model = load_model(
             ckpt,
             mesh=s.get("mesh", mesh),
-            moe=s.get("moe", moe, "sparse"),
+            moe=moe_kernel,
             layout=s.get("layout", layout, "tensor"),
             preset=s.get("preset", preset),
             tokenizer=s.get("tokenizer", tokenizer, kind=Path),
@@ -97,9 +101,12 @@ def generate(
         )
     st = model.load_stats
     if primary and not json_out:
+        shape = model.mesh.shape
+        who = f"process 0 of {distributed.process_count()} read " if multi else ""
         info(
-            f"[dim]loaded {human_bytes(st.bytes_read)} in {time.perf_counter() - start:.1f}s "
-            f"({st.gb_per_s:.2f} GB/s) onto mesh {dict(model.mesh.shape)}[/]"
+            f"[dim]loaded {who}{human_bytes(st.bytes_read)} in {st.seconds:.1f}s "
+            f"({st.gb_per_s:.2f} GB/s) onto a {shape['data']}x{shape['model']} mesh "
+            f"(data x model); ready in {time.perf_counter() - start:.1f}s[/]"
         )
 
     all_prompts: list[str | list[int]] = [*texts, *id_prompts]

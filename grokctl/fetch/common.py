@@ -3,6 +3,7 @@ partial area, free-space checks and file hashing."""
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import os
@@ -104,3 +105,15 @@ def replace_into(tmp: Path, dest: Path) -> None:
         os.fsync(fh.fileno())
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, dest)
+
+
+def prune_partial(root: Path) -> None:
+    """Remove the empty directories of the partial area (and the area itself when empty)."""
+    base = partial_dir(root)
+    if not base.is_dir():
+        return
+    for d in sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    with contextlib.suppress(OSError):
+        base.rmdir()

@@ -24,7 +24,7 @@ import httpx2
 
 from grokctl.cli.output import human_bytes
 from grokctl.errors import GrokctlError, IntegrityError, MissingResourceError
-from grokctl.fetch.common import CHUNK, replace_into, sha256_file
+from grokctl.fetch.common import replace_into, sha256_file
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -55,21 +55,26 @@ class TransferResult:
     resumed_from: int  # bytes an earlier run had left in the part file
 
 
-class _Hashers:
+class _State:
+    """Bytes in the part file and their running hashes (kept in step, even across failures)."""
+
     def __init__(self, t: Transfer):
         self.t = t
+        self.fetched = 0
         self.reset()
 
     def reset(self) -> None:
+        self.done = 0
         self.sha256 = hashlib.sha256()
-        self.sha1 = (
-hashlib.sha1(f"blob {self.t.size}\0".encode()) if self.t.blob_id else None
-        )
+        self.sha1 = hashlib.sha1(f"blob {self.t.size}\0".encode()) if self.t.blob_id else None
 
     def update(self, data: Any) -> None:
         self.sha256.update(data)
         if self.sha1 is not None:
             self.sha1.update(data)
+
+    def hexdigest(self) -> str:  # (lets sha256_file feed the prefix of a resumed part file)
+        return self.sha256.hexdigest()
 
 
 def part_path(partial: Path, name: str, key: str | None) -> Path:
@@ -90,64 +95,47 @@ def transfer(
 ) -> TransferResult:
     """Fetch `t.url` into `t.dest` through its part file; see the module docstring."""
     t.part.parent.mkdir(parents=True, exist_ok=True)
-    hashers = _Hashers(t)
-    done = 0
+    st = _State(t)
     if t.part.exists():
-        done = t.part.stat().st_size
-        if done > t.size:
+        if t.part.stat().st_size > t.size:
             t.part.unlink()
-            done = 0
-        elif done:
-            sha256_file(t.part, on_bytes, hasher=_Tee(hashers))
-    resumed_from = done
-    fetched = 0
+        else:
+            sha256_file(t.part, on_bytes, hasher=st)  # type: ignore[arg-type]
+            st.done = t.part.stat().st_size
+    resumed_from = st.done
     failures = 0
-    while done < t.size or not t.part.exists():
+    while st.done < t.size or not t.part.exists():
+        before = st.done
         try:
-            got, done = _get(t, session, done, hashers, timeout, on_bytes, cancel)
-            fetched += got
-            failures = 0 if got else failures
-            if done < t.size and not got:
-                raise httpx2.RemoteProtocolError("server sent no data")
+            _get(t, session, st, timeout, on_bytes, cancel)
+            if st.done < t.size:
+                raise httpx2.RemoteProtocolError("response ended early")
         except (httpx2.TransportError, _RetryableStatus) as exc:
-            failures += 1
+            failures = 1 if st.done > before else failures + 1  # progress resets the count
             if failures > retries:
                 raise GrokctlError(
-                    f"{t.name}: transfer interrupted after {human_bytes(done)} of "
+                    f"{t.name}: transfer interrupted after {human_bytes(st.done)} of "
                     f"{human_bytes(t.size)} ({type(exc).__name__}: {exc}); "
                     "run the same command again to resume"
                 ) from None
             _sleep(min(retry_wait * 2 ** (failures - 1), 30.0), cancel)
-    if done != t.size:
-        raise IntegrityError(f"{t.name}: received {done} bytes, expected {t.size}")
-    digest = hashers.sha256.hexdigest()
+    if st.done != t.size:
+        raise IntegrityError(f"{t.name}: received {st.done} bytes, expected {t.size}")
+    digest = st.sha256.hexdigest()
     mismatch = None
     if t.sha256 and digest != t.sha256:
         mismatch = f"sha256 {digest} does not match the expected {t.sha256}"
-    elif hashers.sha1 is not None and hashers.sha1.hexdigest() != t.blob_id:
-        mismatch = f"git blob id {hashers.sha1.hexdigest()} does not match the hub's {t.blob_id}"
+    elif st.sha1 is not None and st.sha1.hexdigest() != t.blob_id:
+        mismatch = f"git blob id {st.sha1.hexdigest()} does not match the hub's {t.blob_id}"
     if mismatch:
         t.part.unlink(missing_ok=True)
         raise IntegrityError(f"{t.name}: {mismatch}; the download was removed, run again")
     replace_into(t.part, t.dest)
-    return TransferResult(t.name, done, digest, fetched, resumed_from)
+    return TransferResult(t.name, st.done, digest, st.fetched, resumed_from)
 
 
 class _RetryableStatus(Exception):
     pass
-
-
-class _Tee:
-    """Adapts _Hashers to the `hasher` argument of sha256_file."""
-
-    def __init__(self, h: _Hashers):
-        self.h = h
-
-    def update(self, data: Any) -> None:
-        self.h.update(data)
-
-    def hexdigest(self) -> str:
-        return ""
 
 
 def _sleep(seconds: float, cancel: threading.Event | None) -> None:
@@ -160,49 +148,49 @@ def _sleep(seconds: float, cancel: threading.Event | None) -> None:
 def _get(
     t: Transfer,
     session: httpx2.Client,
-    start: int,
-    hashers: _Hashers,
+    st: _State,
     timeout: float,
     on_bytes: Callable[[int], None] | None,
     cancel: threading.Event | None,
-) -> tuple[int, int]:
-    """One GET from `start`; returns (bytes received, new end of the part file)."""
+) -> None:
+    """One GET from `st.done` on, appending to the part file as bytes arrive."""
     headers = {**t.headers, "Accept-Encoding": "identity"}
-    if start:
-        headers["Range"] = f"bytes={start}-"
+    if st.done:
+        headers["Range"] = f"bytes={st.done}-"
     with session.stream("GET", t.url, headers=headers, timeout=timeout) as resp:
         status = resp.status_code
         if status in _RETRY_STATUS:
             raise _RetryableStatus(f"HTTP {status} from {resp.url}")
-        if status == 416 and start:
-            t.part.unlink(missing_ok=True)  # the part file is longer than the remote file
-            hashers.reset()
-            return 0, 0
+        if status == 416 and st.done:  # the part file is longer than the remote file
+            t.part.unlink(missing_ok=True)
+            st.reset()
+            raise _RetryableStatus("HTTP 416: restarting from byte 0")
         _raise_for_status(resp, t)
-        if start and status == 206:
+        if st.done and status == 206:
             m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-            if not m or int(m.group(1)) != start:
-                raise IntegrityError(f"{t.name}: server answered range {start}- with {m and m.group(0)}")
+            if not m or int(m.group(1)) != st.done:
+                raise IntegrityError(
+                    f"{t.name}: asked for bytes {st.done}- and got {resp.headers.get('Content-Range')}"
+                )
             mode = "ab"
-        else:  # 200: the whole file (a server that ignores Range restarts from 0)
-            hashers.reset()
-            start, mode = 0, "wb"
-        got = 0
+        else:  # 200: the whole file (a server that ignores Range restarts us from 0)
+            st.reset()
+            mode = "wb"
         try:
             with open(t.part, mode) as fh:
-                for chunk in resp.iter_bytes(CHUNK // 8):
+                for chunk in resp.iter_bytes():
                     if cancel is not None and cancel.is_set():
                         raise Cancelled("cancelled")
                     fh.write(chunk)
-                    hashers.update(chunk)
-                    got += len(chunk)
+                    st.update(chunk)
+                    st.done += len(chunk)
+                    st.fetched += len(chunk)
                     if on_bytes:
                         on_bytes(len(chunk))
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise MissingResourceError(f"{t.part}: no space left on device") from None
             raise
-    return got, start + got
 
 
 def _raise_for_status(resp: httpx2.Response, t: Transfer) -> None:

@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx2
 
-from grokctl.errors import GrokctlError, IntegrityError, MissingResourceError
-from grokctl.fetch.common import git_blob_sha1, partial_dir, select, sha256_file
+from grokctl.errors import GrokctlError, IntegrityError, MissingResourceError, UsageError
+from grokctl.fetch.common import git_blob_sha1, partial_dir, prune_partial, select, sha256_file
 from grokctl.fetch.http import Cancelled, Transfer, part_path, transfer
 from grokctl.fetch.manifest import FileRecord, Manifest
 
@@ -92,8 +92,12 @@ class HubPlan:
             "commit": self.commit,
             "endpoint": self.endpoint,
             "files": [
-                {"path": f.path, "size": f.size, "sha256": f.sha256,
-                 "present": f.path in self.present | self.unverified}
+                {
+                    "path": f.path,
+                    "size": f.size,
+                    "sha256": f.sha256,
+                    "present": f.path in self.present | self.unverified,
+                }
                 for f in self.files
             ],
             "bytes_total": self.bytes_total,
@@ -119,6 +123,8 @@ def _hub_errors(repo: str, revision: str, endpoint: str) -> Iterator[None]:
         ) from None
     except hf.RevisionNotFoundError:
         raise MissingResourceError(f"{repo}: revision {revision!r} not found") from None
+    except hf.EntryNotFoundError as exc:
+        raise MissingResourceError(f"{repo}@{revision}: {str(exc).splitlines()[-1]}") from None
     except hf.OfflineModeIsEnabled:
         raise MissingResourceError("HF_HUB_OFFLINE is set: the hub cannot be contacted") from None
     except hf.HfHubHTTPError as exc:
@@ -148,7 +154,8 @@ def plan_hub(
     with _hub_errors(repo, revision, endpoint):
         commit = api.model_info(repo, revision=revision).sha or revision
         entries = [
-            e for e in api.list_repo_tree(repo, revision=commit, recursive=True)
+            e
+            for e in api.list_repo_tree(repo, revision=commit, recursive=True)
             if isinstance(e, RepoFile)
         ]
     by_path = {
@@ -162,15 +169,20 @@ def plan_hub(
         for e in entries
     }
     chosen = select(sorted(by_path), include or [], exclude or [])
+    if not chosen:
+        raise UsageError(f"no file of {repo}@{revision} matches --include/--exclude")
     files = [by_path[p] for p in chosen]
-    plan = HubPlan(repo, revision, commit, endpoint, files, set(), set(), {},
-                   by_path.get("tokenizer.model"))
+    plan = HubPlan(
+        repo, revision, commit, endpoint, files, set(), set(), {}, by_path.get("tokenizer.model")
+    )
     for f in files:
         dest = root / f.path
         rec = manifest.files.get(f.path)
         if dest.is_file() and dest.stat().st_size == f.size:
-            same = rec is not None and rec.downloaded and (
-                rec.sha256 == f.sha256 if f.sha256 else rec.blob_id == f.blob_id
+            same = (
+                rec is not None
+                and rec.downloaded
+                and (rec.sha256 == f.sha256 if f.sha256 else rec.blob_id == f.blob_id)
             )
             (plan.present if same else plan.unverified).add(f.path)
             continue
@@ -181,26 +193,45 @@ def plan_hub(
 
 
 def _plan_offline(
-    root: Path, repo: str, revision: str, include: list[str], exclude: list[str],
-    manifest: Manifest, endpoint: str,
+    root: Path,
+    repo: str,
+    revision: str,
+    include: list[str],
+    exclude: list[str],
+    manifest: Manifest,
+    endpoint: str,
 ) -> HubPlan:
     if not manifest.files:
         raise MissingResourceError(
             f"HF_HUB_OFFLINE is set and {root} has no grokctl-manifest.json to work from"
         )
     chosen = select(sorted(manifest.files), include, exclude)
-    files = [HubFile(p, manifest.files[p].size, manifest.files[p].sha256,
-                     manifest.files[p].blob_id, "") for p in chosen]
-    missing = [f.path for f in files
-               if not ((root / f.path).is_file() and (root / f.path).stat().st_size == f.size)]
+    files = [
+        HubFile(p, manifest.files[p].size, manifest.files[p].sha256, manifest.files[p].blob_id, "")
+        for p in chosen
+    ]
+    missing = [
+        f.path
+        for f in files
+        if not ((root / f.path).is_file() and (root / f.path).stat().st_size == f.size)
+    ]
     if missing:
         raise MissingResourceError(
             f"HF_HUB_OFFLINE is set and {len(missing)} file(s) are missing or incomplete in "
             f"{root} (first: {missing[0]})"
         )
     commits = [s.get("commit") for s in manifest.sources.values() if s.get("kind") == "huggingface"]
-    return HubPlan(repo, revision, commits[-1] if commits else "", endpoint, files,
-                   {f.path for f in files}, set(), {}, offline=True)
+    return HubPlan(
+        repo,
+        revision,
+        commits[-1] if commits else "",
+        endpoint,
+        files,
+        {f.path for f in files},
+        set(),
+        {},
+        offline=True,
+    )
 
 
 @dataclasses.dataclass
@@ -228,13 +259,21 @@ def download_hub(
     if plan.offline:
         return HubResult(plan, [], 0, 0, 0.0)
     source = manifest.add_source(
-        f"hf:{plan.repo}@{plan.commit}", kind="huggingface", repo=plan.repo,
-        revision=plan.revision, commit=plan.commit, endpoint=plan.endpoint,
+        f"hf:{plan.repo}@{plan.commit}",
+        kind="huggingface",
+        repo=plan.repo,
+        revision=plan.revision,
+        commit=plan.commit,
+        endpoint=plan.endpoint,
     )
     for f in plan.files:
         if f.path not in plan.present:
-            manifest.record(f.path, FileRecord(f.size, f.sha256, "hub-lfs" if f.sha256 else None,
-                                               source, None, f.blob_id))
+            manifest.record(
+                f.path,
+                FileRecord(
+                    f.size, f.sha256, "hub-lfs" if f.sha256 else None, source, None, f.blob_id
+                ),
+            )
     manifest.save()
     from huggingface_hub.utils import get_session
 
@@ -245,14 +284,17 @@ def download_hub(
 
     def one(f: HubFile) -> None:
         if f.path in plan.unverified and _matches_hub(root / f.path, f, on_bytes):
-            manifest.mark_downloaded(f.path, _sha(root / f.path, f), "hub-lfs" if f.sha256 else "local")
+            manifest.mark_downloaded(
+                f.path, _sha(root / f.path, f), "hub-lfs" if f.sha256 else "local"
+            )
         else:
             if f.path in plan.unverified and on_bytes and f.sha256:
                 on_bytes(-f.size)  # hashed for nothing: it differs from the hub's file
             part = part_path(partial_dir(root), f.path, f.sha256 or f.blob_id)
             t = Transfer(f.path, f.url, root / f.path, part, f.size, f.sha256, f.blob_id, headers)
-            res = transfer(t, session, retries=retries, timeout=timeout, on_bytes=on_bytes,
-                           cancel=cancel)
+            res = transfer(
+                t, session, retries=retries, timeout=timeout, on_bytes=on_bytes, cancel=cancel
+            )
             manifest.mark_downloaded(f.path, res.sha256, "local")
             downloaded.append(f.path)
             totals["fetched"] += res.fetched
@@ -278,6 +320,7 @@ def download_hub(
             manifest.save()
             raise
     manifest.save()
+    prune_partial(root)
     real = [e for e in errors if not isinstance(e, Cancelled)]
     if real:
         first = real[0]
@@ -285,8 +328,9 @@ def download_hub(
         if isinstance(first, GrokctlError):
             raise type(first)(f"{first}{more}") from None
         raise first
-    return HubResult(plan, downloaded, totals["fetched"], totals["resumed"],
-                     time.perf_counter() - start)
+    return HubResult(
+        plan, downloaded, totals["fetched"], totals["resumed"], time.perf_counter() - start
+    )
 
 
 def _sha(path: Path, f: HubFile) -> str:

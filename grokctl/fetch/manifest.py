@@ -32,7 +32,9 @@ FORMAT = "grokctl-manifest/1"
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return (
+        dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    )
 
 
 @dataclasses.dataclass
@@ -79,8 +81,13 @@ class Manifest:
                 str(name): FileRecord(**{k: v for k, v in rec.items() if k in _RECORD_FIELDS})
                 for name, rec in data["files"].items()
             }
-            return cls(root, files, dict(data.get("sources", {})), data.get("created", now_iso()),
-                       data.get("updated"))
+            return cls(
+                root,
+                files,
+                dict(data.get("sources", {})),
+                data.get("created", now_iso()),
+                data.get("updated"),
+            )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"{path}: not a readable grokctl manifest ({exc})") from None
 
@@ -97,7 +104,9 @@ class Manifest:
         with self._lock:
             self.files[name] = rec
 
-    def mark_downloaded(self, name: str, sha256: str | None = None, sha256_from: str | None = None) -> None:
+    def mark_downloaded(
+        self, name: str, sha256: str | None = None, sha256_from: str | None = None
+    ) -> None:
         with self._lock:
             rec = self.files[name]
             if sha256 is not None and rec.sha256 is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from grokctl.errors import IntegrityError, MissingResourceError
-from grokctl.fetch.common import partial_dir, replace_into, sha256_file
+from grokctl.fetch.common import partial_dir, prune_partial, replace_into, sha256_file
 from grokctl.fetch.http import Transfer, part_path, transfer
 from grokctl.fetch.manifest import FileRecord, Manifest
 from grokctl.tokenizer import GROK1_TOKENIZER_BYTES, GROK1_TOKENIZER_SHA256, TOKENIZER_FILENAME
@@ -86,18 +86,32 @@ def fetch_tokenizer(
     from huggingface_hub.utils import get_session
 
     part = part_path(partial_dir(root), TOKENIZER_FILENAME, GROK1_TOKENIZER_SHA256)
-    t = Transfer(TOKENIZER_FILENAME, url, dest, part, GROK1_TOKENIZER_BYTES,
-                 GROK1_TOKENIZER_SHA256, None, dict(headers or {}))
-    res = transfer(t, get_session(), retries=retries, timeout=timeout, on_bytes=on_bytes,
-                   cancel=cancel)
+    t = Transfer(
+        TOKENIZER_FILENAME,
+        url,
+        dest,
+        part,
+        GROK1_TOKENIZER_BYTES,
+        GROK1_TOKENIZER_SHA256,
+        None,
+        dict(headers or {}),
+    )
+    res = transfer(
+        t, get_session(), retries=retries, timeout=timeout, on_bytes=on_bytes, cancel=cancel
+    )
     return _record(manifest, dest, res.sha256, "downloaded", url)
 
 
-def _record(manifest: Manifest, dest: Path, digest: str, action: str, source: str) -> TokenizerResult:
+def _record(
+    manifest: Manifest, dest: Path, digest: str, action: str, source: str
+) -> TokenizerResult:
     key = manifest.add_source(source, kind="tokenizer", url=source) if action != "present" else None
     rec = manifest.files.get(TOKENIZER_FILENAME)
     if rec is None or rec.sha256 != digest or action != "present":
-        manifest.record(TOKENIZER_FILENAME, FileRecord(GROK1_TOKENIZER_BYTES, digest, "pinned", key))
+        manifest.record(
+            TOKENIZER_FILENAME, FileRecord(GROK1_TOKENIZER_BYTES, digest, "pinned", key)
+        )
         manifest.mark_downloaded(TOKENIZER_FILENAME)
     manifest.save()
+    prune_partial(dest.parent)
     return TokenizerResult(str(dest), digest, GROK1_TOKENIZER_BYTES, action, source)

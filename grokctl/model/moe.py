@@ -32,6 +32,14 @@ from grokctl.model.quant import QuantizedWeight8bit, dequantize, take_expert
 MOE_KERNELS = ("sparse", "dense")
 
 
+def check_kernel(name: str) -> str:
+    if name not in MOE_KERNELS:
+        from grokctl.errors import UsageError
+
+        raise UsageError(f"--moe {name!r}: choose one of: {', '.join(MOE_KERNELS)}")
+    return name
+
+
 def route(x: jax.Array, router_w: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Router in f32: probs [N, E], top-k gates [N, k] (unnormalised), experts [N, k]."""
     logits = jnp.dot(x.astype(F32), router_w.astype(F32))

@@ -1,0 +1,354 @@
+"""`grokctl download`: the Grok-1 checkpoint and tokenizer from Hugging Face or by magnet link."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from grokctl.cli import options
+from grokctl.cli.output import emit_json, err, human_bytes, out, progress
+from grokctl.config import Settings
+
+BT = "BitTorrent (--magnet)"
+TOK = "Tokenizer"
+
+Patterns = list[str] | None
+
+
+def download(
+    source: Annotated[
+        str | None,
+        typer.Argument(
+            help="Hugging Face repo id (default xai-org/grok-1); with --magnet a magnet link or "
+            ".torrent file (default: the official Grok-1 magnet). A magnet: link implies --magnet.",
+            show_default=False,
+        ),
+    ] = None,
+    magnet: Annotated[bool, typer.Option("--magnet", help="Download with BitTorrent.")] = False,
+    directory: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            "-d",
+            help="Target directory [default: ./checkpoints]. Env: GROKCTL_CHECKPOINT.",
+            show_default=False,
+        ),
+    ] = None,
+    include: Annotated[
+        Patterns,
+        typer.Option(
+            "--include",
+            help="Only files matching this pattern (repeatable or "
+            "comma-separated; a bare directory such as `ckpt-0` needs no quoting) "
+            "[default: ckpt-0/*].",
+        ),
+    ] = None,
+    exclude: Annotated[
+        Patterns, typer.Option("--exclude", help="Skip files matching this.")
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Branch, tag or commit [default: main].")
+    ] = None,
+    max_workers: Annotated[
+        int | None, typer.Option("--max-workers", min=1, help="Parallel transfers [default: 8].")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the files and total size, check disk space.")
+    ] = False,
+    retries: Annotated[
+        int | None, typer.Option("--retries", min=0, help="Retries per file [default: 5].")
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            min=0,
+            help="Give up after this many seconds without data "
+            "[default: 60 over HTTP, never over BitTorrent].",
+        ),
+    ] = None,
+    tokenizer_url: Annotated[
+        str | None,
+        typer.Option(
+            "--tokenizer-url",
+            help="Where to fetch tokenizer.model [default: the "
+            "xai-org/grok-1 source tree]. Env: GROKCTL_TOKENIZER_URL.",
+            rich_help_panel=TOK,
+        ),
+    ] = None,
+    tokenizer_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--tokenizer-from", help="Use this local copy of tokenizer.model.", rich_help_panel=TOK
+        ),
+    ] = None,
+    no_tokenizer: Annotated[
+        bool,
+        typer.Option("--no-tokenizer", help="Do not fetch tokenizer.model.", rich_help_panel=TOK),
+    ] = False,
+    seed: Annotated[
+        bool,
+        typer.Option(
+            "--seed", help="Keep seeding after completion (Ctrl-C stops).", rich_help_panel=BT
+        ),
+    ] = False,
+    peer: Annotated[
+        Patterns,
+        typer.Option(
+            "--peer", help="Connect to this peer, HOST:PORT (repeatable).", rich_help_panel=BT
+        ),
+    ] = None,
+    no_dht: Annotated[
+        bool,
+        typer.Option(
+            "--no-dht", help="No DHT, local discovery, UPnP or NAT-PMP.", rich_help_panel=BT
+        ),
+    ] = False,
+    no_trackers: Annotated[
+        bool,
+        typer.Option("--no-trackers", help="Ignore the magnet's trackers.", rich_help_panel=BT),
+    ] = False,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            "--listen",
+            help="libtorrent listen interfaces [default: 0.0.0.0:6881,[::]:6881].",
+            rich_help_panel=BT,
+        ),
+    ] = None,
+    json_out: options.Json = False,
+) -> None:
+    """Download the Grok-1 checkpoint (300 GB) and its tokenizer into a plain directory, resumably,
+    and write grokctl-manifest.json (sizes, sha256, source) next to the files."""
+    from grokctl.fetch.common import DEFAULT_INCLUDE, split_patterns
+    from grokctl.fetch.manifest import Manifest
+    from grokctl.fetch.torrent import OFFICIAL_MAGNET
+
+    s = Settings("download")
+    root = Path(s.get("checkpoint", directory, "checkpoints", kind=Path))
+    inc = split_patterns(include) or list(DEFAULT_INCLUDE)
+    exc = split_patterns(exclude)
+    common = dict(
+        retries=s.get("retries", retries, 5, kind=int),
+        timeout=s.get("timeout", timeout, None, kind=float),
+    )
+    tok = dict(
+        skip=no_tokenizer,
+        url=s.get("tokenizer_url", tokenizer_url, None, kind=str),
+        from_path=tokenizer_from,
+    )
+    manifest = Manifest.load_or_new(root)
+    if magnet or (source or "").startswith("magnet:") or (source or "").endswith(".torrent"):
+        from grokctl.fetch.torrent import DEFAULT_LISTEN, TorrentOptions, parse_peer
+
+        opts = TorrentOptions(
+            inc,
+            exc,
+            s.get("listen", listen, DEFAULT_LISTEN),
+            not no_dht,
+            not no_trackers,
+            [parse_peer(p) for p in split_patterns(peer)],
+            seed,
+            common["timeout"] or 0.0,
+            dry_run=dry_run,
+        )
+        result = _magnet(
+            source or s.get("magnet", None, OFFICIAL_MAGNET),
+            root,
+            manifest,
+            opts,
+            tok,
+            common,
+            json_out,
+        )
+    else:
+        result = _hub(
+            source or s.get("repo", None, "xai-org/grok-1"),
+            s.get("revision", revision, "main"),
+            root,
+            manifest,
+            inc,
+            exc,
+            s.get("max_workers", max_workers, 8, kind=int),
+            dry_run,
+            tok,
+            common,
+            json_out,
+        )
+    if json_out:
+        emit_json(result)
+
+
+def _hub(
+    repo: str,
+    revision: str,
+    root: Path,
+    manifest: Any,
+    inc: list[str],
+    exc: list[str],
+    max_workers: int,
+    dry_run: bool,
+    tok: dict[str, Any],
+    common: dict[str, Any],
+    json_out: bool,
+) -> dict[str, Any]:
+    from grokctl.fetch.common import check_disk_space
+    from grokctl.fetch.hub import download_hub, hub_headers, plan_hub
+
+    plan = plan_hub(root, repo, revision, inc, exc, manifest)
+    tok_needed = 0 if tok["skip"] or (root / "tokenizer.model").is_file() else 2_229_219
+    free = check_disk_space(root, plan.bytes_needed + tok_needed)
+    if dry_run:
+        return _dry_run({**plan.to_json(), "dir": str(root), "free_bytes": free}, json_out)
+    timeout = common["timeout"] or 60.0
+    n = len(plan.files)
+    done = [len(plan.present)]
+    with progress("bytes", enabled=not json_out) as bar:
+        present = sum(f.size for f in plan.files if f.path in plan.present)
+        task = bar.add_task(
+            f"{repo} {done[0]}/{n} files", total=plan.bytes_total, completed=present
+        )
+
+        def on_file(path: str) -> None:
+            done[0] += 1
+            bar.update(task, description=f"{repo} {done[0]}/{n} files")
+
+        res = download_hub(
+            plan,
+            root,
+            manifest,
+            max_workers=max_workers,
+            retries=common["retries"],
+            timeout=timeout,
+            on_bytes=lambda b: bar.advance(task, b),
+            on_file=on_file,
+        )
+    url, headers = tok["url"], {}
+    if url is None and plan.tokenizer is not None:  # the repo has its own copy
+        url, headers = plan.tokenizer.url, hub_headers()
+    tokr = _tokenizer(root, manifest, tok, url, headers, plan.offline, common, json_out)
+    mbps = res.bytes_fetched / res.seconds / 1e6 if res.seconds else 0.0
+    if not json_out:
+        _note(
+            f"{repo}@{plan.commit[:12]}: {n} files ({human_bytes(plan.bytes_total)}), "
+            f"{len(res.downloaded)} downloaded ({human_bytes(res.bytes_fetched)} in "
+            f"{res.seconds:.1f} s, {mbps:.1f} MB/s"
+            + (f", {human_bytes(res.bytes_resumed)} resumed" if res.bytes_resumed else "")
+            + f") into {root}; manifest {manifest.path.name}"
+        )
+    return {
+        "source": "huggingface",
+        "repo": repo,
+        "revision": revision,
+        "commit": plan.commit,
+        "endpoint": plan.endpoint,
+        "dir": str(root),
+        "files": n,
+        "downloaded": len(res.downloaded),
+        "bytes": plan.bytes_total,
+        "bytes_fetched": res.bytes_fetched,
+        "bytes_resumed": res.bytes_resumed,
+        "seconds": round(res.seconds, 3),
+        "mb_per_s": round(mbps, 2),
+        "manifest": str(manifest.path),
+        "tokenizer": tokr,
+    }
+
+
+def _magnet(
+    source: str,
+    root: Path,
+    manifest: Any,
+    opts: Any,
+    tok: dict[str, Any],
+    common: dict[str, Any],
+    json_out: bool,
+) -> dict[str, Any]:
+    from grokctl.fetch.torrent import download_magnet
+
+    with progress("bytes", enabled=not json_out) as bar:
+        task = bar.add_task("magnet: fetching metadata", total=None)
+
+        def on_status(st: Any) -> None:
+            bar.update(
+                task,
+                completed=st.done,
+                total=st.total or None,
+                description=f"magnet {st.peers} peers {st.state}",
+            )
+
+        def on_seeding() -> None:
+            _note("download complete; seeding (Ctrl-C to stop)")
+
+        res = download_magnet(source, root, manifest, opts, on_status, on_seeding)
+    result = {"source": "magnet", "dir": str(root), **res.to_json(), "manifest": str(manifest.path)}
+    if opts.dry_run:
+        return _dry_run({**result, "bytes_total": res.bytes_total}, json_out)
+    result["tokenizer"] = _tokenizer(root, manifest, tok, tok["url"], {}, False, common, json_out)
+    if not json_out:
+        rate = res.bytes_fetched / res.seconds / 1e6 if res.seconds else 0.0
+        _note(
+            f"magnet {res.info_hash[:12]} ({res.name}): {len(res.files)} files "
+            f"({human_bytes(res.bytes_total)}), {human_bytes(res.bytes_fetched)} fetched in "
+            f"{res.seconds:.1f} s ({rate:.1f} MB/s, {res.hash_failures} failed piece checks) "
+            f"into {root}; manifest {manifest.path.name}"
+        )
+    return result
+
+
+def _tokenizer(
+    root: Path,
+    manifest: Any,
+    tok: dict[str, Any],
+    url: str | None,
+    headers: dict[str, str],
+    offline: bool,
+    common: dict[str, Any],
+    json_out: bool,
+) -> dict[str, Any] | None:
+    if tok["skip"]:
+        return None
+    from grokctl.fetch.hub import hub_offline
+    from grokctl.fetch.tokenizer_fetch import TOKENIZER_URL, fetch_tokenizer
+
+    res = fetch_tokenizer(
+        root,
+        manifest,
+        from_path=tok["from_path"],
+        url=url or TOKENIZER_URL,
+        headers=headers,
+        offline=offline or hub_offline(),
+        retries=common["retries"],
+        timeout=common["timeout"] or 60.0,
+    )
+    if not json_out:
+        _note(f"tokenizer.model: {res.action} (sha256 {res.sha256[:16]}… matches the pinned hash)")
+    return res.to_json()
+
+
+def _dry_run(plan: dict[str, Any], json_out: bool) -> dict[str, Any]:
+    if not json_out:
+        for f in plan["files"]:
+            state = "present" if f["present"] else "to fetch"
+            _line(f"{human_bytes(f['size']):>10}  {f['path']}  ({state})")
+        needed = plan.get("bytes_needed", sum(f["size"] for f in plan["files"] if not f["present"]))
+        free = f", {human_bytes(plan['free_bytes'])} free" if "free_bytes" in plan else ""
+        _line(
+            f"{len(plan['files'])} files, {human_bytes(plan['bytes_total'])} in all, "
+            f"{human_bytes(needed)} to fetch into {plan['dir']}{free} (dry run: nothing fetched)"
+        )
+    return {**plan, "dry_run": True}
+
+
+def _note(text: str) -> None:
+    err.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _line(text: str) -> None:
+    out.print(text, markup=False, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("download")(download)

@@ -1,0 +1,108 @@
+"""`grokctl verify`: prove a checkpoint directory complete and intact (exit 3 when it is not)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from grokctl.cli import options
+from grokctl.cli.output import emit_json, human_bytes, out, progress
+from grokctl.config import Settings
+from grokctl.errors import IntegrityError
+
+
+def verify(
+    directory: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Checkpoint directory [default: ./checkpoints]. Env: GROKCTL_CHECKPOINT.",
+            show_default=False,
+        ),
+    ] = None,
+    deep: Annotated[
+        bool, typer.Option("--deep", help="Also scan every float tensor for NaN/Inf.")
+    ] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Sizes and structure only: skip the sha256 pass.")
+    ] = False,
+    torrent: Annotated[
+        bool,
+        typer.Option(
+            "--torrent",
+            help="Re-check every piece against the torrent's hashes "
+            "(grokctl.torrent, saved by download --magnet).",
+        ),
+    ] = False,
+    torrent_file: Annotated[
+        Path | None, typer.Option("--torrent-file", help="The .torrent to check pieces against.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="Hashing threads [default: all cores].")
+    ] = None,
+    preset: options.Preset = None,
+    json_out: options.Json = False,
+) -> None:
+    """Check sizes (against grokctl-manifest.json, or the released 770-file layout without one),
+    tensor structure, sha256 and optionally NaN/Inf and torrent pieces. Exit 0 when all is well,
+    3 on any missing or corrupt file."""
+    from grokctl.verify import verify_checkpoint
+
+    s = Settings("verify")
+    root = Path(s.get("checkpoint", directory, "checkpoints", kind=Path))
+    with progress("bytes", enabled=not json_out) as bar:
+
+        def on_phase(desc: str, total: int) -> Callable[[int], None]:
+            task = bar.add_task(desc, total=total)
+            return lambda n: bar.advance(task, n)
+
+        report = verify_checkpoint(
+            root,
+            preset=s.get("preset", preset),
+            deep=deep,
+            quick=quick,
+            torrent=torrent,
+            torrent_file=torrent_file,
+            workers=s.get("workers", workers, None, kind=int),
+            on_phase=on_phase,
+        )
+    if json_out:
+        emit_json(report.to_json())
+    else:
+        _print(report)
+    if not report.ok:
+        raise IntegrityError(
+            f"{report.root}: {len(report.missing)} missing, {len(report.corrupt)} corrupt file(s)"
+        )
+
+
+def _print(report: Any) -> None:
+    against = (
+        "grokctl-manifest.json" if report.mode == "manifest" else f"the layout of {report.model}"
+    )
+    _line(
+        f"{report.root}: {report.files} files, {human_bytes(report.bytes)}, checked against {against}"
+    )
+    for name in ("sizes", "structure", "nan_inf", "sha256", "torrent"):
+        if name in report.checks:
+            _line(f"  {name:<10} {report.checks[name]}")
+    for f in report.missing:
+        _line(f"missing     {f.path}")
+    for f in report.corrupt:
+        _line(f"corrupt     {f.path}: {f.detail}")
+    for f in report.unexpected:
+        _line(f"unexpected  {f.path} ({f.detail})")
+    for w in report.warnings:
+        _line(f"note        {w}")
+    verdict = "OK" if report.ok else "FAILED"
+    _line(f"{verdict} in {report.seconds:.1f} s")
+
+
+def _line(text: str) -> None:
+    out.print(text, markup=False, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("verify")(verify)

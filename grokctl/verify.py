@@ -1,0 +1,297 @@
+"""Prove a checkpoint directory complete and intact before GPU time is spent on it.
+
+Checks, cheapest first:
+- sizes: every expected file is there with its exact size. Expected = the files of
+  `grokctl-manifest.json`, or without one the released layout (`release_layout`: 770 files with
+  their exact sizes for grok-1, computed from the model config for other checkpoints);
+- structure: every tensor file parses with the safe reader and holds the shape and dtype the
+  model config says (`checkpoint.index.check_entry`); `deep` also scans floats for NaN/Inf;
+- sha256 of every file the manifest gives one for, in parallel over the cores;
+- `torrent`: every piece re-hashed against the torrent's piece hashes.
+The result is a `VerifyReport` (missing / corrupt / unexpected files); nothing raises for a bad
+file, so one run reports them all.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from grokctl.checkpoint.index import CKPT_SUBDIR, check_entry
+from grokctl.checkpoint.safe_pickle import ArrayRef, QuantRef, parse_tensor_file
+from grokctl.cli.output import human_bytes
+from grokctl.config import CONFIG_FILENAME, load_model_config
+from grokctl.errors import IntegrityError, MissingResourceError, UsageError
+from grokctl.fetch.common import PARTIAL_DIR, sha256_file
+from grokctl.fetch.manifest import MANIFEST_NAME, Manifest
+from grokctl.release_layout import expected_files, expected_specs
+from grokctl.tokenizer import GROK1_TOKENIZER_BYTES, GROK1_TOKENIZER_SHA256, TOKENIZER_FILENAME
+
+# on_phase(description, total_bytes) -> callback receiving bytes done (progress bars).
+PhaseCallback = Callable[[str, int], Callable[[int], None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    path: str
+    kind: str  # missing | size | sha256 | structure | nonfinite | pieces | unexpected
+    detail: str
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    root: str
+    mode: str  # "manifest" | "layout"
+    model: str
+    files: int = 0
+    bytes: int = 0
+    missing: list[Finding] = dataclasses.field(default_factory=list)
+    corrupt: list[Finding] = dataclasses.field(default_factory=list)
+    unexpected: list[Finding] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    checks: dict[str, str] = dataclasses.field(default_factory=dict)
+    bytes_hashed: int = 0
+    hash_seconds: float = 0.0
+    pieces_checked: int = 0
+    pieces_failed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.corrupt
+
+    @property
+    def hash_gb_per_s(self) -> float:
+        return self.bytes_hashed / self.hash_seconds / 1e9 if self.hash_seconds else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(ok=self.ok, hash_gb_per_s=round(self.hash_gb_per_s, 3))
+        out["hash_seconds"], out["seconds"] = round(self.hash_seconds, 3), round(self.seconds, 3)
+        return out
+
+
+def _noop(desc: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+def verify_checkpoint(
+    root: str | os.PathLike[str],
+    *,
+    preset: str | None = None,
+    deep: bool = False,
+    quick: bool = False,
+    torrent: bool = False,
+    torrent_file: Path | None = None,
+    workers: int | None = None,
+    on_phase: PhaseCallback | None = None,
+) -> VerifyReport:
+    """Check `root` (the download directory, or its ckpt-0/); see the module docstring."""
+    start = time.perf_counter()
+    on_phase = on_phase or _noop
+    base = Path(root)
+    if not base.is_dir():
+        raise MissingResourceError(f"checkpoint directory not found: {base}")
+    if base.name == CKPT_SUBDIR and not (base / MANIFEST_NAME).exists():
+        base = base.parent
+    manifest = Manifest.load(base)
+    cfg = load_model_config(base, preset)
+    has_config = (base / CONFIG_FILENAME).is_file()
+    model = CONFIG_FILENAME if has_config else (preset or "grok-1")
+    report = VerifyReport(str(base), "manifest" if manifest else "layout", model)
+    workers = workers or os.cpu_count() or 1
+
+    # What should be there: path -> (size, sha256 or None).
+    if manifest is not None:
+        expected = {p: (r.size, r.sha256) for p, r in manifest.files.items()}
+    else:
+        expected = {p: (s, None) for p, s in expected_files(cfg).items()}
+        tok = base / TOKENIZER_FILENAME
+        if tok.is_file() and not has_config:
+            expected[TOKENIZER_FILENAME] = (GROK1_TOKENIZER_BYTES, GROK1_TOKENIZER_SHA256)
+        elif not tok.is_file():
+            report.warnings.append(f"no {TOKENIZER_FILENAME} (grokctl download fetches it)")
+    report.files, report.bytes = len(expected), sum(s for s, _ in expected.values())
+
+    intact: list[str] = []  # present with the right size
+    for path, (size, _) in sorted(expected.items()):
+        full = base / path
+        if not full.is_file():
+            report.missing.append(Finding(path, "missing", "not found"))
+        elif (actual := full.stat().st_size) != size:
+            what = "truncated" if actual < size else "too long"
+            report.corrupt.append(Finding(path, "size", f"{what}: {actual} bytes, expected {size}"))
+        else:
+            intact.append(path)
+    report.checks["sizes"] = _verdict(report, len(expected))
+    _unexpected(base, expected, report)
+
+    specs = expected_specs(cfg)
+    tensors = [p for p in intact if p.startswith(CKPT_SUBDIR + "/")]
+    refs = _structure(base, tensors, specs, model, report, workers)
+    if deep:
+        _nonfinite(refs, report, workers, on_phase)
+    else:
+        report.checks["nan_inf"] = "skipped (use --deep)"
+
+    to_hash = [p for p in intact if expected[p][1]]
+    if quick or not to_hash:
+        report.checks["sha256"] = "skipped (--quick)" if quick else "no checksums (no manifest)"
+    else:
+        _hash(base, to_hash, expected, report, workers, on_phase)
+
+    if torrent or torrent_file:
+        _pieces(base, torrent_file, manifest, report, workers, on_phase)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _verdict(report: VerifyReport, n: int, kinds: tuple[str, ...] = ("missing", "size")) -> str:
+    bad = [f for f in report.missing + report.corrupt if f.kind in kinds]
+    return f"ok ({n} files)" if not bad else f"FAILED ({len(bad)} of {n})"
+
+
+def _unexpected(base: Path, expected: dict[str, Any], report: VerifyReport) -> None:
+    ckpt = base / CKPT_SUBDIR
+    if ckpt.is_dir():
+        for f in sorted(ckpt.rglob("*")):
+            rel = f.relative_to(base).as_posix()
+            if f.is_file() and rel not in expected:
+                report.unexpected.append(Finding(rel, "unexpected", f"{f.stat().st_size} bytes"))
+    if (base / PARTIAL_DIR).exists():
+        report.warnings.append(
+            f"{PARTIAL_DIR}/ holds an unfinished download (run `grokctl download` again)"
+        )
+
+
+def _structure(
+    base: Path,
+    tensors: list[str],
+    specs: dict[str, Any],
+    model: str,
+    report: VerifyReport,
+    workers: int,
+) -> dict[str, Any]:
+    def one(path: str) -> tuple[str, Any, str | None]:
+        spec = specs.get(path)
+        if spec is None:
+            return path, None, f"not a tensor of the {model} model ({len(specs)} tensors)"
+        try:
+            ref = parse_tensor_file(base / path)
+            check_entry(spec, ref, path)
+            return path, ref, None
+        except IntegrityError as exc:
+            return path, None, str(exc).removeprefix(f"{base / path}: ").removeprefix(f"{path}: ")
+
+    refs = {}
+    with cf.ThreadPoolExecutor(max_workers=max(4, workers)) as pool:
+        for path, ref, error in pool.map(one, tensors):
+            if error:
+                report.corrupt.append(Finding(path, "structure", error))
+            else:
+                refs[path] = ref
+    bad = len(tensors) - len(refs)
+    report.checks["structure"] = (
+        f"ok ({len(refs)} tensors match {model})"
+        if not bad
+        else f"FAILED ({bad} of {len(tensors)})"
+    )
+    return refs
+
+
+def _nonfinite(
+    refs: dict[str, Any], report: VerifyReport, workers: int, on_phase: PhaseCallback
+) -> None:
+    arrays = []
+    for path, ref in refs.items():
+        for a in (ref.weight, ref.scales) if isinstance(ref, QuantRef) else (ref,):
+            if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+                arrays.append((path, a))
+    tick = on_phase("scanning for NaN/Inf", sum(a.nbytes for _, a in arrays))
+
+    def one(item: tuple[str, ArrayRef]) -> tuple[str, int]:
+        path, a = item
+        flat = a.memmap().reshape(-1)
+        bad, step = 0, max(1, (64 << 20) // a.dtype.itemsize)
+        for i in range(0, flat.size, step):
+            chunk = np.asarray(flat[i : i + step], dtype=np.float32)
+            bad += int(chunk.size - np.count_nonzero(np.isfinite(chunk)))
+            tick(min(step, flat.size - i) * a.dtype.itemsize)
+        return path, bad
+
+    found = 0
+    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+        for path, bad in pool.map(one, arrays):
+            if bad:
+                found += 1
+                report.corrupt.append(Finding(path, "nonfinite", f"{bad} NaN/Inf values"))
+    report.checks["nan_inf"] = (
+        f"ok ({len(arrays)} float arrays)" if not found else f"FAILED ({found})"
+    )
+
+
+def _hash(
+    base: Path,
+    paths: list[str],
+    expected: dict[str, tuple[int, str | None]],
+    report: VerifyReport,
+    workers: int,
+    on_phase: PhaseCallback,
+) -> None:
+    paths = sorted(paths, key=lambda p: -expected[p][0])  # big files first: even finish
+    total = sum(expected[p][0] for p in paths)
+    tick = on_phase("hashing (sha256)", total)
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = list(pool.map(lambda p: sha256_file(base / p, tick), paths))
+    report.hash_seconds = time.perf_counter() - t0
+    report.bytes_hashed = total
+    bad = 0
+    for p, digest in zip(paths, digests, strict=True):
+        want = expected[p][1]
+        if digest != want:
+            bad += 1
+            report.corrupt.append(Finding(p, "sha256", f"sha256 {digest} does not match {want}"))
+    rate = f"{human_bytes(total)} in {report.hash_seconds:.2f} s, {report.hash_gb_per_s:.2f} GB/s"
+    report.checks["sha256"] = (
+        f"ok ({len(paths)} files, {rate})" if not bad else f"FAILED ({bad}; {rate})"
+    )
+
+
+def _pieces(
+    base: Path,
+    torrent_file: Path | None,
+    manifest: Manifest | None,
+    report: VerifyReport,
+    workers: int,
+    on_phase: PhaseCallback,
+) -> None:
+    from grokctl.fetch.pieces import check_pieces
+    from grokctl.fetch.torrent import TORRENT_NAME
+
+    path = torrent_file or base / TORRENT_NAME
+    if not path.is_file():
+        raise UsageError(
+            f"--torrent: no {TORRENT_NAME} in {base} (it is saved by `grokctl download --magnet`); "
+            "pass --torrent-file PATH"
+        )
+    import libtorrent as lt
+
+    total = lt.torrent_info(path.read_bytes()).total_size()
+    res = check_pieces(base, path, workers, on_phase("checking torrent pieces (sha1)", total))
+    report.pieces_checked, report.pieces_failed = res.checked, res.failed
+    for rel, n in sorted(res.bad_files.items()):
+        report.corrupt.append(Finding(rel, "pieces", f"{n} piece(s) fail the torrent's hashes"))
+    skipped = f", {res.skipped} skipped (files absent)" if res.skipped else ""
+    report.checks["torrent"] = (
+        f"ok ({res.checked} pieces{skipped})"
+        if not res.failed
+        else f"FAILED ({res.failed} of {res.checked} pieces{skipped})"
+    )
