@@ -1,5 +1,6 @@
-"""A loopback HTTP server speaking the part of the Hugging Face hub API that huggingface_hub and
-`grokctl download` use, serving the files of a local directory as one model repo.
+"""Loopback servers for the download tests: `Seeder`, a real libtorrent seeder (at the end), and
+`HubServer`, an HTTP server speaking the part of the Hugging Face hub API that huggingface_hub
+and `grokctl download` use, serving the files of a local directory as one model repo.
 
 - GET  /api/models/{repo}/revision/{rev}      model info (`sha` = the commit)
 - GET  /api/models/{repo}/tree/{rev}[/{path}]  file listing: size, git oid, `lfs` {oid: sha256}
@@ -224,3 +225,54 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data[start:end])
 
     return Handler
+
+
+# --- BitTorrent ---------------------------------------------------------------------------------
+
+LOOPBACK_SETTINGS = {
+    "listen_interfaces": "127.0.0.1:0",
+    "enable_dht": False,
+    "enable_lsd": False,
+    "enable_upnp": False,
+    "enable_natpmp": False,
+    "allow_multiple_connections_per_ip": True,
+}
+
+
+def make_torrent(directory: Path, piece_size: int = 16384) -> bytes:
+    """A v1 .torrent of `directory` (named after it), as the official Grok-1 torrent is."""
+    import libtorrent as lt
+
+    files = sorted(lt.list_files(str(directory)), key=lambda e: e.filename)
+    ct = lt.create_torrent(files, piece_size, lt.create_torrent.v1_only)
+    lt.set_piece_hashes(ct, str(directory.parent))
+    return bytes(lt.bencode(ct.generate()))
+
+
+class Seeder:
+    """A real libtorrent session seeding `directory` on 127.0.0.1 (no DHT, LSD, UPnP, NAT-PMP)."""
+
+    def __init__(self, directory: Path):
+        import libtorrent as lt
+
+        self.torrent = make_torrent(directory)
+        self.ti = lt.torrent_info(self.torrent)
+        self.info_hash = str(self.ti.info_hashes().v1)
+        self.session = lt.session(LOOPBACK_SETTINGS)
+        atp = lt.add_torrent_params()
+        atp.ti, atp.save_path = self.ti, str(directory.parent)
+        atp.flags |= lt.torrent_flags.seed_mode
+        atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
+        self.handle = self.session.add_torrent(atp)
+        self.port = self.session.listen_port()
+
+    @property
+    def magnet(self) -> str:
+        return f"magnet:?xt=urn:btih:{self.info_hash}"
+
+    @property
+    def peer(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.session.remove_torrent(self.handle)

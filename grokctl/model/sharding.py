@@ -109,7 +109,8 @@ def parse_mesh(text: str | None, n_devices: int) -> tuple[int, int]:
     d, mm = parse_mesh_shape(text)
     if d * mm != n_devices:
         raise UsageError(
-            f"--mesh {text}: {d}x{mm} = {d * mm} devices, but {n_devices} are available"
+            f"--mesh {text}: {d}x{mm} = {d * mm} devices, but {n_devices} are available "
+            "(a mesh uses every device; hide the others, e.g. with CUDA_VISIBLE_DEVICES)"
         )
     return d, mm
 

@@ -1,0 +1,388 @@
+"""`inspect`: what a checkpoint holds and what each device of a mesh will hold, from the index.
+
+No tensor data is read: a checkpoint's pickle headers (or, with a preset and no files, the
+shapes alone) give every parameter's path, file, shape, dtype, int8/scales layout and bytes;
+the partition rules give each tensor's spec and per-device shard; `plan_memory` adds the KV
+cache and a working-space estimate and compares the sum with the device memory.
+
+Shapes: B batch (padded to a multiple of the data axis D), S sequence length (cache), T prefill
+tokens, L layers, D emb, F ffn, E experts, k selected, H/G q/kv heads, K key size, V vocab,
+M model-axis size. Memory per device (bytes), as `plan_memory` computes it:
+    weights  = sum over tensors of its shard (int8 weight + bf16 scales, or the f32 array)
+    kv cache = 2*L * B/D * S * G/Mg * K * 2  +  B/D * (S + 4)       (Mg = M if M divides G)
+    working  = dequant + attention + residual + moe + logits, with T = S (whole-context prefill)
+      dequant   = 2 * max(3*D*F/Mf, V*D/M, D*H*K/M)       one expert's bf16 copy (sparse kernel;
+                  3*E/Me*D*F/Mf for --moe dense), the bf16 embedding table, the query weight
+      attention = B/D * H/Mh * T * S * 6                  f32 scores + bf16 softmax weights
+      residual  = B/D * T * D * 16                        bf16 stream + f32 norm temporaries
+      moe       = B/D * T * k * D * 12                    sorted dispatch: f32 expert outputs x3
+      logits    = B/D * V * 12                            last-position f32 logits + sampling
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+from grokctl.checkpoint.index import CKPT_SUBDIR, CheckpointIndex
+from grokctl.checkpoint.layout import BF16, INT8, param_specs, tensor_filename
+from grokctl.checkpoint.safe_pickle import QuantRef
+from grokctl.config import ModelConfig
+from grokctl.errors import UsageError
+from grokctl.model import sharding as shd
+
+GIB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One checkpoint leaf as stored, and its placement on the mesh."""
+
+    index: int
+    name: str
+    file: str
+    shape: tuple[int, ...]
+    dtype: str
+    scales_shape: tuple[int, ...] | None  # int8 weights only: [..., G, N] bf16
+    data_bytes: int  # array payload (weight + scales)
+    file_bytes: int  # the pickle file, exactly
+    spec: str = ""
+    scales_spec: str | None = None
+    shard_shape: tuple[int, ...] = ()
+    scales_shard_shape: tuple[int, ...] | None = None
+    device_bytes: int = 0  # what one device holds of this tensor
+    rule: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return self.scales_shape is not None
+
+    @property
+    def params(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def layer(self) -> int | None:
+        m = re.search(r"decoder_layer_(\d+)/", self.name)
+        return int(m.group(1)) if m else None
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(quantized=self.quantized, params=self.params, layer=self.layer)
+        if self.quantized:
+            out["scales_dtype"] = BF16
+            out["scale_blocks"] = self.scales_shape[-2]  # type: ignore[index]
+        return out
+
+
+def tensors_from_index(index: CheckpointIndex) -> list[TensorInfo]:
+    """Every leaf of an opened checkpoint, as its files hold it (headers only)."""
+    out = []
+    for e in index:
+        rel = f"{CKPT_SUBDIR}/{e.path.rsplit('/', 1)[-1]}"
+        if isinstance(e.ref, QuantRef):
+            w, s = e.ref.weight, e.ref.scales
+            out.append(
+                TensorInfo(
+                    e.index, e.name, rel, w.shape, str(w.dtype), s.shape, e.ref.nbytes, e.file_bytes
+                )
+            )
+        else:
+            ref = e.ref
+            out.append(
+                TensorInfo(
+                    e.index, e.name, rel, ref.shape, str(ref.dtype), None, ref.nbytes, e.file_bytes
+                )
+            )
+    return out
+
+
+def tensors_from_config(cfg: ModelConfig) -> list[TensorInfo]:
+    """Every leaf the released format writes for `cfg`, with exact file sizes, from shapes."""
+    from grokctl.release_layout import tensor_file_size
+
+    out = []
+    for i, spec in enumerate(param_specs(cfg)):
+        file = f"{CKPT_SUBDIR}/{tensor_filename(i)}"
+        scales = spec.scales_shape if spec.quantized else None
+        dtype = INT8 if spec.quantized else spec.dtype
+        out.append(
+            TensorInfo(
+                i, spec.name, file, spec.shape, dtype, scales, spec.nbytes(), tensor_file_size(spec)
+            )
+        )
+    return out
+
+
+def _itemsize(dtype: str) -> int:
+    return {"int8": 1, "bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}.get(dtype, 4)
+
+
+def place(t: TensorInfo, sizes: dict[str, int], layout: str) -> TensorInfo:
+    """`t` with its partition spec, per-device shard shape and per-device bytes filled in."""
+    spec = shd.param_spec(t.name, t.shape, sizes, layout)
+    shard = shd.shard_shape(t.shape, spec, sizes)
+    nbytes = math.prod(shard) * _itemsize(t.dtype)
+    s_spec_text = s_shard = None
+    if t.scales_shape is not None:
+        s_spec = shd.param_spec(t.name, t.scales_shape, sizes, layout, scales=True)
+        s_shard = shd.shard_shape(t.scales_shape, s_spec, sizes)
+        s_spec_text = shd.spec_text(s_spec)
+        nbytes += math.prod(s_shard) * 2
+    return dataclasses.replace(
+        t,
+        spec=shd.spec_text(spec),
+        scales_spec=s_spec_text,
+        shard_shape=shard,
+        scales_shard_shape=s_shard,
+        device_bytes=nbytes,
+        rule=shd.matching_rule(t.name, layout),
+    )
+
+
+def select(tensors: list[TensorInfo], pattern: str | None, layer: int | None) -> list[TensorInfo]:
+    """`--filter REGEX` (searched in the parameter path) and `--layer N`."""
+    if pattern:
+        try:
+            rx = re.compile(pattern)
+        except re.error as exc:
+            raise UsageError(
+                f"--filter {pattern!r}: not a valid regular expression ({exc})"
+            ) from None
+        tensors = [t for t in tensors if rx.search(t.name)]
+    if layer is not None:
+        tensors = [t for t in tensors if t.layer == layer]
+    return tensors
+
+
+# --- the memory plan ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    data: int
+    model: int
+    batch: int
+    padded_batch: int
+    seq_len: int
+    weights: int
+    kv_cache: int
+    working: dict[str, int]
+    device_memory: int | None
+    device_memory_source: str
+
+    @property
+    def working_total(self) -> int:
+        return sum(self.working.values())
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.working_total
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_memory is None else self.total <= self.device_memory
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(working_total=self.working_total, total=self.total, fits=self.fits)
+        return out
+
+
+def _div(dim: int, m: int) -> int:
+    """Shard of a dimension over m devices, or the whole of it when m does not divide."""
+    return dim // m if dim % m == 0 else dim
+
+
+def plan_memory(
+    cfg: ModelConfig,
+    tensors: list[TensorInfo],
+    data: int,
+    model: int,
+    batch: int,
+    seq_len: int,
+    layout: str = "tensor",
+    moe: str = "sparse",
+    device_memory: int | None = None,
+    device_memory_source: str = "not given",
+) -> MemoryPlan:
+    """Per-device bytes: weights (from the placed `tensors`) + KV cache + working space."""
+    if batch < 1 or seq_len < 1:
+        raise UsageError("--batch and --seq-len must be >= 1")
+    if seq_len > cfg.sequence_len:
+        raise UsageError(f"--seq-len {seq_len} exceeds the model's context of {cfg.sequence_len}")
+    padded = -(-batch // data) * data
+    bd, s, t = padded // data, seq_len, seq_len
+    d, f, e, k, v = (
+        cfg.emb_size,
+        cfg.ffn_size,
+        cfg.num_experts,
+        cfg.num_selected_experts,
+        cfg.vocab_size,
+    )
+    g_local, kk = _div(cfg.num_kv_heads, model), cfg.key_size
+    kv = 2 * cfg.num_layers * bd * s * g_local * kk * 2 + bd * (s + 4)
+    expert = layout == "expert" and e % model == 0
+    e_local, f_local = (e // model, f) if expert else (e, _div(f, model))
+    n_moe = 3 if moe == "sparse" else 3 * e_local
+    h_local = _div(cfg.num_q_heads, model)
+    working = {
+        "dequant": 2 * max(n_moe * d * f_local, v * _div(d, model), d * h_local * kk),
+        "attention": bd * h_local * t * s * 6,
+        "residual": bd * t * d * 16,
+        "moe": bd * t * k * d * 12,
+        "logits": bd * v * 12,
+    }
+    weights = sum(x.device_bytes for x in tensors)
+    return MemoryPlan(
+        data,
+        model,
+        batch,
+        padded,
+        seq_len,
+        weights,
+        kv,
+        working,
+        device_memory,
+        device_memory_source,
+    )
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Report:
+    source: str  # "checkpoint" or "preset"
+    location: str  # checkpoint directory, or the preset name
+    config: ModelConfig
+    layout: str
+    tensors: list[TensorInfo]  # all, placed
+    selected: list[TensorInfo]  # after --filter / --layer
+    plan: MemoryPlan
+
+    def totals(self) -> dict[str, Any]:
+        sel = self.selected
+        return {
+            "tensors": len(self.tensors),
+            "parameters": sum(t.params for t in self.tensors),
+            "active_parameters_per_token": self.config.active_param_count(),
+            "bytes_on_disk": sum(t.file_bytes for t in self.tensors),
+            "data_bytes": sum(t.data_bytes for t in self.tensors),
+            "int8_tensors": sum(t.quantized for t in self.tensors),
+            "selected_tensors": len(sel),
+            "selected_parameters": sum(t.params for t in sel),
+            "selected_bytes_on_disk": sum(t.file_bytes for t in sel),
+            "selected_device_bytes": sum(t.device_bytes for t in sel),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "location": self.location,
+            "config": self.config.to_json_dict(),
+            "mesh": {"data": self.plan.data, "model": self.plan.model},
+            "layout": self.layout,
+            "totals": self.totals(),
+            "tensors": [t.to_json() for t in self.selected],
+            "plan": self.plan.to_json(),
+        }
+
+
+def inspect(
+    checkpoint: str | None = None,
+    preset: str | None = None,
+    mesh: tuple[int, int] = (1, 1),
+    layout: str = "tensor",
+    batch: int = 1,
+    seq_len: int | None = None,
+    device_memory: int | None = None,
+    device_memory_source: str = "not given",
+    pattern: str | None = None,
+    layer: int | None = None,
+    moe: str = "sparse",
+) -> Report:
+    """The whole report. With `checkpoint`, from its index (headers only); else from `preset`."""
+    from grokctl.config import load_model_config
+
+    if checkpoint is not None:
+        index = CheckpointIndex.open(checkpoint, preset=preset)
+        cfg, raw = index.config, tensors_from_index(index)
+        source, location = "checkpoint", str(index.root)
+    elif preset is not None:
+        cfg = load_model_config(None, preset)
+        raw, source, location = tensors_from_config(cfg), "preset", preset
+    else:
+        raise UsageError("nothing to inspect: give a checkpoint DIR or --preset NAME")
+    shd.rules(layout)  # validates the layout name
+    sizes = shd.mesh_sizes(*mesh)
+    placed = [place(t, sizes, layout) for t in raw]
+    if layer is not None and not 0 <= layer < cfg.num_layers:
+        raise UsageError(f"--layer {layer}: the model has layers 0..{cfg.num_layers - 1}")
+    plan = plan_memory(
+        cfg,
+        placed,
+        mesh[0],
+        mesh[1],
+        batch,
+        seq_len or cfg.sequence_len,
+        layout,
+        moe,
+        device_memory,
+        device_memory_source,
+    )
+    return Report(source, location, cfg, layout, placed, select(placed, pattern, layer), plan)
+
+
+def rules_table(layout: str = "tensor") -> list[dict[str, Any]]:
+    """The partition rules as rows (pattern, spec, what it shards), parameters then activations."""
+    rows: list[dict[str, Any]] = [
+        {"kind": "parameter", "pattern": pattern, "spec": shd.spec_text(spec), "axes": list(spec)}
+        for pattern, spec in shd.rules(layout)
+    ]
+    rows += [
+        {"kind": "activation", "pattern": what, "spec": shd.spec_text(spec), "axes": list(spec)}
+        for what, spec in shd.ACTIVATION_RULES
+    ]
+    return rows
+
+
+def detect_device_memory() -> tuple[int | None, str, int]:
+    """(bytes per device, where the number came from, local device count) of this machine."""
+    import jax
+
+    devices = jax.local_devices()
+    stats = devices[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    kind = getattr(devices[0], "device_kind", devices[0].platform)
+    if limit:
+        return int(limit), f"detected: {len(devices)} x {kind} (bytes_limit)", len(devices)
+    try:
+        import psutil
+
+        total = int(psutil.virtual_memory().total)
+    except Exception:  # pragma: no cover - psutil is a dependency
+        return None, "unknown (pass --device-memory)", len(devices)
+    return (
+        total // len(devices),
+        f"detected: host RAM shared by {len(devices)} {kind} devices",
+        len(devices),
+    )
+
+
+_UNITS = {"": GIB}
+for _i, _p in enumerate("KMGT", 1):
+    _UNITS.update({_p: 1024**_i, _p + "IB": 1024**_i, _p + "B": 1000**_i})
+
+
+def parse_memory(text: str) -> int:
+    """'80' (GiB), '80GiB', '80G' (binary), '80GB' (decimal), '512MiB', '1.5TB' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else ""
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise UsageError(
+            f"--device-memory {text!r}: expected a positive size such as 80 (GiB), 80GB or 24GiB"
+        )
+    return int(float(m.group(1)) * _UNITS[unit])

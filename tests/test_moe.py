@@ -1,0 +1,60 @@
+"""Sparse expert dispatch: same result as the all-experts baseline, reading only chosen experts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grokctl.checkpoint.writer import quantize_int8
+from grokctl.model.moe import block_size, moe_dense, moe_sparse, route
+from grokctl.model.quant import QuantizedWeight8bit
+
+E, D, F, K = 8, 64, 96, 2
+
+
+@pytest.fixture(scope="module")
+def weights() -> tuple[QuantizedWeight8bit, QuantizedWeight8bit, QuantizedWeight8bit, jax.Array]:
+    rng = np.random.default_rng(0)
+
+    def q(shape: tuple[int, ...], blocks: int) -> QuantizedWeight8bit:
+        qw = quantize_int8(rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[-2]), blocks)
+        return QuantizedWeight8bit(jnp.asarray(qw.weight), jnp.asarray(qw.scales))
+
+    router = jnp.asarray(rng.standard_normal((D, E)).astype(np.float32))
+    return q((E, D, F), 1), q((E, D, F), 1), q((E, F, D), 8), router
+
+
+@pytest.mark.parametrize("n", [1, 3, 16, 40, 300])
+def test_sparse_equals_dense(weights, n: int) -> None:  # type: ignore[no-untyped-def]
+    w, v, w1, router = weights
+    x = jnp.asarray(np.random.default_rng(n).standard_normal((n, D)), jnp.bfloat16)
+    _, gates, experts = route(x, router, K)
+    sparse = jax.jit(moe_sparse)(x, gates, experts, w, v, w1)
+    dense = jax.jit(moe_dense)(x, gates, experts, w, v, w1)
+    np.testing.assert_allclose(np.asarray(sparse, np.float32), np.asarray(dense, np.float32), rtol=0.02, atol=0.02)
+    assert np.abs(np.asarray(dense, np.float32)).mean() > 0.05  # not trivially zero
+
+
+def test_block_sizes() -> None:
+    assert block_size(1, 2, 8) == 1  # decode, batch 1: one block per chosen expert
+    assert block_size(8, 2, 8) == 8
+    assert block_size(512, 2, 8) == 128
+    assert block_size(100_000, 2, 8) == 512
+
+
+def _hlo(fn, *args) -> str:  # type: ignore[no-untyped-def]
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_decode_step_never_dequantizes_all_experts(weights) -> None:  # type: ignore[no-untyped-def]
+    """One token: the sparse program holds no [E, D, F] full-precision tensor; the dense one does."""
+    w, v, w1, router = weights
+    x = jnp.ones((1, D), jnp.bfloat16)
+    _, gates, experts = route(x, router, K)
+    all_experts = f"bf16[{E},{D},{F}]"
+    assert all_experts in _hlo(moe_dense, x, gates, experts, w, v, w1)
+    sparse_hlo = _hlo(moe_sparse, x, gates, experts, w, v, w1)
+    assert all_experts not in sparse_hlo and f"f32[{E},{F},{D}]" not in sparse_hlo
+    assert "dynamic-slice" in sparse_hlo and "while" in sparse_hlo  # one expert per loop step
