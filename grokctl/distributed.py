@@ -11,7 +11,9 @@ CPU devices talk through gloo collectives (the default on jax >= 0.4.36), GPUs t
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 
 from grokctl.errors import MissingResourceError, UsageError
 
@@ -61,6 +63,8 @@ def initialize(
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, ValueError):  # pragma: no cover - older jax
         pass
+    if process_id:  # process 0 serves the coordinator; the others wait until it listens
+        wait_for_coordinator(coordinator, timeout_s)  # type: ignore[arg-type]
     _route_native_stdout_to_stderr()
     try:
         jax.distributed.initialize(
@@ -79,6 +83,27 @@ def initialize(
         ) from None
     _initialized = True
     return True
+
+
+def wait_for_coordinator(coordinator: str, timeout_s: float) -> None:
+    """Block until HOST:PORT accepts a TCP connection, or fail with one clear line.
+
+    jax.distributed aborts the whole process (no exception) when it cannot reach the
+    coordinator, so a joining process checks first."""
+    host, _, port = coordinator.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise MissingResourceError(
+                    f"--coordinator {coordinator}: nothing listening after {timeout_s:g}s "
+                    f"({exc.strerror or exc}); start process 0 there first, or raise "
+                    "GROKCTL_INIT_TIMEOUT"
+                ) from None
+            time.sleep(0.25)
 
 
 def _route_native_stdout_to_stderr() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from grokctl.checkpoint.index import CheckpointIndex, IndexEntry
 from grokctl.checkpoint.safe_pickle import ArrayRef, QuantRef
+from grokctl.errors import IntegrityError
 from grokctl.model.quant import QuantizedWeight8bit
 from grokctl.model.sharding import mesh_shape, named, param_spec
 
@@ -32,7 +34,7 @@ Params = dict[str, dict[str, Any]]
 Index = tuple[slice, ...]
 OnProgress = Callable[[int, int], None]
 
-WINDOW_BYTES = 64 << 20  # largest file range mapped at once while copying a strided shard
+WINDOW_BYTES = 16 << 20  # largest file range mapped at once while copying a strided shard
 DEFAULT_WORKERS = 2  # tensors loaded concurrently (each holds about one shard on the host)
 
 
@@ -80,31 +82,50 @@ def _copy_rows(
     dtype: np.dtype,
     bounds: list[tuple[int, int]],
     out: np.ndarray,
+    window: int,
 ) -> None:
-    """out[...] = array(at `offset`, `shape`)[bounds], mapping at most WINDOW_BYTES at once."""
+    """out[...] = array(at `offset`, `shape`)[bounds], mapping at most `window` bytes at once."""
     (r0, r1), rest = bounds[0], bounds[1:]
     row_bytes = math.prod(shape[1:]) * dtype.itemsize
-    if row_bytes > WINDOW_BYTES and len(shape) > 1:  # one row is too big: descend a dimension
+    if row_bytes > window and len(shape) > 1:  # one row is too big: descend a dimension
         for i in range(r0, r1):
-            _copy_rows(fileno, offset + i * row_bytes, shape[1:], dtype, rest, out[i - r0])
+            _copy_rows(fileno, offset + i * row_bytes, shape[1:], dtype, rest, out[i - r0], window)
+        return
+    if _PREADV and all(r == (0, n) for r, n in zip(rest, shape[1:], strict=True)):
+        _read_into(fileno, offset + r0 * row_bytes, out)  # whole rows: one contiguous range
         return
     inner = tuple(slice(a, b) for a, b in rest)
-    step = max(1, WINDOW_BYTES // max(row_bytes, 1))
+    step = max(1, window // max(row_bytes, 1))
     for a in range(r0, r1, step):
         b = min(a + step, r1)
         start = offset + a * row_bytes
         base = start - start % mmap.ALLOCATIONGRANULARITY
         length = start - base + (b - a) * row_bytes
-        with mmap.mmap(fileno, length, offset=base, access=mmap.ACCESS_READ) as window:
-            view = np.frombuffer(window, dtype, (b - a) * row_bytes // dtype.itemsize, start - base)
+        with mmap.mmap(fileno, length, offset=base, access=mmap.ACCESS_READ) as mapped:
+            view = np.frombuffer(mapped, dtype, (b - a) * row_bytes // dtype.itemsize, start - base)
             out[a - r0 : b - r0] = view.reshape(b - a, *shape[1:])[(slice(None), *inner)]
             del view  # release the buffer before the window is unmapped
 
 
-def read_slice(ref: ArrayRef, index: Index) -> np.ndarray:
+_PREADV = hasattr(os, "preadv")
+
+
+def _read_into(fileno: int, offset: int, out: np.ndarray) -> None:
+    """Fill the C-contiguous `out` from the file at `offset` (the kernel copies; no mapping)."""
+    buf = memoryview(out.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fileno, [buf[done:]], offset + done)
+        if n <= 0:
+            raise IntegrityError(f"tensor file ends inside an array (byte {offset + done})")
+        done += n
+
+
+def read_slice(ref: ArrayRef, index: Index, window: int = WINDOW_BYTES) -> np.ndarray:
     """A fresh C-ordered copy of `ref[index]`, read from the file without mapping all of it.
 
-    Host memory: the result plus one mapping window (at most WINDOW_BYTES of file pages).
+    Host memory: the result plus one mapping window (at most `window` bytes of file pages,
+    more only when a single innermost row is larger).
     """
     bounds = _bounds(index, ref.shape)
     out = np.empty(tuple(b - a for a, b in bounds), ref.dtype)
@@ -113,7 +134,7 @@ def read_slice(ref: ArrayRef, index: Index) -> np.ndarray:
     if ref.fortran_order or not ref.shape:  # never in the release; read through numpy
         return np.ascontiguousarray(ref.memmap()[index])
     with open(ref.path, "rb") as fh:
-        _copy_rows(fh.fileno(), ref.offset, ref.shape, ref.dtype, bounds, out)
+        _copy_rows(fh.fileno(), ref.offset, ref.shape, ref.dtype, bounds, out, window)
     return out
 
 

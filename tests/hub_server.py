@@ -266,6 +266,11 @@ class Seeder:
         self.handle = self.session.add_torrent(atp)
         self.port = self.session.listen_port()
 
+    def throttle(self, bytes_per_s: int) -> None:
+        """Limit the upload rate (0: unlimited); loopback peers are otherwise exempt."""
+        self.handle.set_upload_limit(bytes_per_s)
+        self.session.apply_settings({"ignore_limits_on_local_network": bytes_per_s <= 0})
+
     @property
     def magnet(self) -> str:
         return f"magnet:?xt=urn:btih:{self.info_hash}"

@@ -270,7 +270,7 @@ def download_magnet(
             ti = run.handle.torrent_file()
             run.remove()
         if not saved.is_file() or _load_ti(saved, info_hash) is None:
-            atomic_write_bytes(saved, lt.bencode(lt.create_torrent(ti).generate()))
+            atomic_write_bytes(saved, b"d4:info" + bytes(ti.info_section()) + b"e")
         return _phase2(run, ti, info_hash, source, opts, start, on_seeding)
     finally:
         run.close()

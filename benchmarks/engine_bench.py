@@ -1,0 +1,108 @@
+"""Prefill and decode throughput of the engine, with bytes read and the ratio to memory bandwidth.
+
+    python benchmarks/engine_bench.py CKPT [--moe sparse|dense] [--mesh 1x1] [--prompt 128] [--decode 32] [--batch 1]
+
+Decode is memory-bound: a token must read the attention weights + the chosen experts' int8
+weights of every layer + the KV cache. The script reports achieved GB/s of that lower bound
+against a measured host memory bandwidth (numpy copy), so the number is a ratio to the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+
+import grokctl
+from grokctl.model.sharding import make_mesh
+
+
+def host_bandwidth_gbs(n_bytes: int = 1 << 28, reps: int = 5) -> float:
+    src = np.ones(n_bytes, np.uint8)
+    dst = np.empty_like(src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(reps))
+    return 2 * n_bytes / best / 1e9  # read + write
+
+
+def _timed(fn) -> float:  # type: ignore[no-untyped-def]
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def decode_bytes_per_token(model, batch: int) -> int:  # type: ignore[no-untyped-def]
+    """Weight bytes one decode step must read (int8 + scales), chosen experts only."""
+    cfg = model.config
+    total = 0
+    for e in model.index:
+        n = e.ref.nbytes
+        if "/moe/" in e.name:
+            n = n * min(cfg.num_experts, cfg.num_selected_experts * batch) // cfg.num_experts
+        if e.name.endswith("embeddings"):
+            n = n  # the logits matmul reads the whole table
+        total += n
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint")
+    ap.add_argument("--moe", default="sparse")
+    ap.add_argument("--mesh", default="1x1")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=3)
+    a = ap.parse_args()
+    d, m = (int(x) for x in a.mesh.split("x"))
+    mesh = make_mesh(a.mesh, jax.devices()[: d * m])
+    model = grokctl.load_model(a.checkpoint, mesh=mesh, moe=a.moe)
+    eng, cfg = model.engine, model.config
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, cfg.vocab_size, (a.batch, a.prompt)).astype(np.int32)
+    lengths = np.full(a.batch, a.prompt, np.int32)
+    cache_len = a.prompt + a.decode + 1
+
+    def run_once() -> tuple[float, float]:
+        cache = eng.new_cache(a.batch, cache_len)
+        t0 = time.perf_counter()
+        logits, cache = eng.prefill(prompt, lengths, cache)
+        tok = np.asarray(logits).argmax(-1).astype(np.int32)
+        t_prefill = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(a.decode):
+            logits, cache = eng.decode(tok, cache)
+            tok = np.asarray(logits).argmax(-1).astype(np.int32)
+        return t_prefill, (time.perf_counter() - t1) / a.decode
+
+    run_once()  # compile
+    runs = [run_once() for _ in range(a.reps)]
+    pre = [a.batch * a.prompt / r[0] for r in runs]
+    dec = [a.batch / r[1] for r in runs]
+    step = statistics.median(r[1] for r in runs)
+    need = decode_bytes_per_token(model, a.batch)
+    bw = host_bandwidth_gbs()
+    result = {
+        "checkpoint": a.checkpoint,
+        "moe": a.moe,
+        "mesh": a.mesh,
+        "batch": a.batch,
+        f"pp{a.prompt}_tok_s": [round(statistics.mean(pre), 1), round(statistics.pstdev(pre), 1)],
+        f"tg{a.decode}_tok_s": [round(statistics.mean(dec), 2), round(statistics.pstdev(dec), 2)],
+        "decode_ms_per_step": round(step * 1e3, 2),
+        "weight_bytes_per_step": need,
+        "achieved_gb_s": round(need / step / 1e9, 2),
+        "host_copy_gb_s": round(bw, 1),
+        "fraction_of_bandwidth": round(need / step / 1e9 / bw, 3),
+        "backend": jax.default_backend(),
+        "devices": len(mesh.devices.flat),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
