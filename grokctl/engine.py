@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from grokctl.config import ModelConfig
 from grokctl.model import sharding as shd
 from grokctl.model.cache import KVCache, cache_shapes
+from grokctl.model.quant import chunked_qmatmul
 from grokctl.model.transformer import ForwardOptions, ForwardOut, transformed
 from grokctl.sampling import sample
 
@@ -63,6 +64,8 @@ class Engine:
         self.sizes = shd.mesh_shape(mesh)
         self.opts = ForwardOptions(moe_kernel=moe_kernel, with_routing=with_routing)
         self._apply = transformed(cfg, self.opts).apply
+        # XLA:CPU materialises dequantized weights per call; chunking them is faster on one device.
+        self.chunked_qmatmul = jax.default_backend() == "cpu" and mesh.devices.size == 1
         self._forward = jax.jit(self._forward_impl, static_argnames=("all_logits",), donate_argnums=(2,))
         # Sampled tokens come back replicated: every process of a multi-host run can read them.
         self._sample = jax.jit(
@@ -117,7 +120,8 @@ class Engine:
         all_logits: bool,
     ) -> ForwardOut:
         start = cache.pos
-        out = self._apply(params, tokens, cache, None if all_logits else last_index)
+        with chunked_qmatmul(self.chunked_qmatmul):  # read at trace time
+            out = self._apply(params, tokens, cache, None if all_logits else last_index)
         out.cache.pos = start + advance
         return out._replace(logits=out.logits.astype(jnp.float32))
 

@@ -58,3 +58,22 @@ def test_decode_step_never_dequantizes_all_experts(weights) -> None:  # type: ig
     sparse_hlo = _hlo(moe_sparse, x, gates, experts, w, v, w1)
     assert all_experts not in sparse_hlo and f"f32[{E},{F},{D}]" not in sparse_hlo
     assert "dynamic-slice" in sparse_hlo and "while" in sparse_hlo  # one expert per loop step
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_chunked_int8_matmul_equals_dequantize_then_dot(weights, m: int) -> None:  # type: ignore[no-untyped-def]
+    from grokctl.model.quant import chunked_qmatmul, qmatmul, take_expert
+
+    w, _, w1, _ = weights
+    rng = np.random.default_rng(m)
+    for weight in (take_expert(w, jnp.int32(3)), take_expert(w1, jnp.int32(5))):  # G = 1 and G = 8
+        x = jnp.asarray(rng.standard_normal((m, weight.shape[0])), jnp.bfloat16)
+        # Fresh functions: the flag is read at trace time, and jit caches traces per function.
+        with chunked_qmatmul(False):
+            plain = jax.jit(lambda a, b: qmatmul(a, b))(x, weight)
+        with chunked_qmatmul(True):
+            fn = jax.jit(lambda a, b: qmatmul(a, b))
+            lowered = fn.lower(x, weight).as_text()
+            chunked = fn(x, weight)
+        assert "while" in lowered  # the chunked path really ran
+        np.testing.assert_allclose(np.asarray(chunked), np.asarray(plain), rtol=1e-4, atol=1e-4)

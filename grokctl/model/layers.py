@@ -11,16 +11,16 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grokctl.model.quant import QuantizedWeight8bit, dequantize
+from grokctl.model.quant import QuantizedWeight8bit, qmatmul
 
 BF16 = jnp.bfloat16
 F32 = jnp.float32
 
 
-def bf16_dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    """bf16 x bf16 with f32 accumulation, rounded to bf16 (the reference's matmul)."""
-    out = jnp.einsum("...k,kn->...n", x.astype(BF16), w.astype(BF16), preferred_element_type=F32)
-    return out.astype(BF16)
+def bf16_dot(x: jax.Array, w: Any) -> jax.Array:
+    """bf16 x (int8-dequantized) bf16 with f32 accumulation, rounded to bf16 (the reference's
+    matmul); `w` is a plain array or a QuantizedWeight8bit."""
+    return qmatmul(x.astype(BF16), w).astype(BF16)
 
 
 def param(name: str, shape: tuple[int, ...], dtype: Any = F32) -> Any:
@@ -35,7 +35,7 @@ def scoped_param(scope: str, name: str, shape: tuple[int, ...], dtype: Any = F32
 
 def linear(x: jax.Array, scope: str, in_features: int, out_features: int) -> jax.Array:
     """`<scope>/w`: [K, N] int8 QuantizedWeight8bit (or plain float), no bias; [..., K] -> [..., N]."""
-    return bf16_dot(x, dequantize(scoped_param(scope, "w", (in_features, out_features))))
+    return bf16_dot(x, scoped_param(scope, "w", (in_features, out_features)))
 
 
 def rms_norm(x: jax.Array, scope: str, eps: float) -> jax.Array:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from grokctl.config import ModelConfig
 from grokctl.model.layers import BF16, F32, bf16_dot, scoped_param
-from grokctl.model.quant import QuantizedWeight8bit, dequantize, take_expert
+from grokctl.model.quant import QuantizedWeight8bit, dequantize, qmatmul, take_expert
 
 MOE_KERNELS = ("sparse", "dense")
 
@@ -50,10 +50,10 @@ def route(x: jax.Array, router_w: jax.Array, k: int) -> tuple[jax.Array, jax.Arr
 
 def _expert_ffn(x: jax.Array, w: QuantizedWeight8bit, v: QuantizedWeight8bit, w1: QuantizedWeight8bit) -> jax.Array:
     """One expert on rows x [M, D] -> [M, D] f32, with the reference's rounding points."""
-    hw = bf16_dot(x, dequantize(w)).astype(F32)  # [M, F]
-    hv = bf16_dot(x, dequantize(v)).astype(F32)
+    hw = bf16_dot(x, w).astype(F32)  # [M, F]
+    hv = bf16_dot(x, v).astype(F32)
     hidden = jax.nn.gelu(hw) * hv  # f32
-    return jnp.dot(hidden, dequantize(w1).astype(F32), preferred_element_type=F32)
+    return qmatmul(hidden, w1)  # f32 hidden x bf16-valued weight, f32 accumulation
 
 
 def _combine(outs: jax.Array, gates: jax.Array) -> jax.Array:

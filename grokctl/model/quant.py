@@ -7,6 +7,10 @@ reference computes `int8 * bf16`).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -56,3 +60,61 @@ def take_expert(w: Any, e: jax.Array) -> Any:
     """Expert `e`'s slice of an [E, K, N] (quantized) weight: reads only that expert's bytes."""
     pick = lambda a: jax.lax.dynamic_index_in_dim(a, e, axis=0, keepdims=False)  # noqa: E731
     return jax.tree_util.tree_map(pick, w)
+
+
+# --- int8 matmul -------------------------------------------------------------------------------
+# XLA:CPU does not fuse the int8 -> bf16 dequantize into a dot: it materialises the whole
+# full-precision weight for every call. For the few rows of a decode step, dequantizing
+# `CHUNK_ROWS` rows at a time inside a scan keeps the converted slice in cache (1.6x faster per
+# matmul, docs/PERFORMANCE.md). Enabled by the engine on single-device CPU runs only: on a mesh the
+# scan would have to gather a row-sharded weight, and GPUs read HBM fast enough without it.
+SMALL_M = 16
+CHUNK_ROWS = 128
+_chunked = contextvars.ContextVar("grokctl_chunked_qmatmul", default=False)
+
+
+@contextlib.contextmanager
+def chunked_qmatmul(enabled: bool) -> Iterator[None]:
+    """Within this context (at trace time), small-M int8 matmuls use the chunked scan."""
+    token = _chunked.set(enabled)
+    try:
+        yield
+    finally:
+        _chunked.reset(token)
+
+
+def _chunk_rows(rows_per_block: int) -> int:
+    for c in range(min(CHUNK_ROWS, rows_per_block), 31, -1):
+        if rows_per_block % c == 0:
+            return c
+    return rows_per_block if rows_per_block <= 1024 else 0
+
+
+def qmatmul(x: jax.Array, w: Any) -> jax.Array:
+    """x [..., K] @ dequantize(w) [K, N] with f32 accumulation -> f32 [..., N].
+
+    The product uses the reference's rounding points: int8 x bf16 scale rounded to bf16, and x
+    as given (bf16 activations, or f32 for the expert output projection).
+    """
+    xf = x if x.dtype == jnp.float32 else x.astype(jnp.bfloat16)
+    if not isinstance(w, QuantizedWeight8bit):
+        return jnp.einsum("...k,kn->...n", xf, w.astype(xf.dtype), preferred_element_type=jnp.float32)
+    k, n = w.weight.shape
+    g = w.scales.shape[-2]
+    m = math.prod(x.shape[:-1])
+    c = _chunk_rows(k // g) if (_chunked.get() and m <= SMALL_M) else 0
+    if not c:
+        wd = dequantize(w).astype(xf.dtype)
+        return jnp.einsum("...k,kn->...n", xf, wd, preferred_element_type=jnp.float32)
+    steps = k // c
+    w_chunks = w.weight.reshape(steps, c, n)  # [C, c, N]
+    s_chunks = jnp.repeat(w.scales.astype(jnp.bfloat16), steps // g, axis=0)  # [C, N]
+    x_chunks = jnp.moveaxis(xf.astype(jnp.float32).reshape(m, steps, c), 1, 0)  # [C, M, c]
+
+    def step(acc: jax.Array, inp: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        wc, sc, xc = inp
+        wd = (wc.astype(jnp.bfloat16) * sc[None, :]).astype(jnp.float32)
+        return acc + jnp.dot(xc, wd, preferred_element_type=jnp.float32), None
+
+    acc, _ = jax.lax.scan(step, jnp.zeros((m, n), jnp.float32), (w_chunks, s_chunks, x_chunks))
+    return acc.reshape(*x.shape[:-1], n)
