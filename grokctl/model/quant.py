@@ -113,7 +113,10 @@ def qmatmul(x: jax.Array, w: Any) -> jax.Array:
 
     def step(acc: jax.Array, inp: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
         wc, sc, xc = inp
-        wd = (wc.astype(jnp.bfloat16) * sc[None, :]).astype(jnp.float32)
+        # int8 x bf16 scale rounded to bf16, explicitly: XLA may elide a bf16 round trip
+        # (excess precision) but never a reduce_precision.
+        wd = wc.astype(jnp.float32) * sc.astype(jnp.float32)[None, :]
+        wd = jax.lax.reduce_precision(wd, exponent_bits=8, mantissa_bits=7)
         return acc + jnp.dot(xc, wd, preferred_element_type=jnp.float32), None
 
     acc, _ = jax.lax.scan(step, jnp.zeros((m, n), jnp.float32), (w_chunks, s_chunks, x_chunks))
