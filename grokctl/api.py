@@ -53,7 +53,13 @@ class GrokModel:
 
     def routing(self, tokens: Any) -> tuple[np.ndarray, np.ndarray]:
         """Router probabilities [L, B, T, E] and chosen experts [L, B, T, k] of a full forward."""
-        eng = Engine(self.config, self.engine.params, self.mesh, self.engine.opts.moe_kernel, with_routing=True)
+        eng = Engine(
+            self.config,
+            self.engine.params,
+            self.mesh,
+            self.engine.opts.moe_kernel,
+            with_routing=True,
+        )
         out = eng.forward_all(np.asarray(tokens, np.int32))
         return eng.fetch(out.router_probs), eng.fetch(out.experts)
 

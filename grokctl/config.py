@@ -183,7 +183,9 @@ def model_config_from_dict(data: dict[str, Any], base: ModelConfig) -> ModelConf
     return dataclasses.replace(base, **overrides).validate()
 
 
-def load_model_config(checkpoint_dir: str | Path | None, preset_name: str | None = None) -> ModelConfig:
+def load_model_config(
+    checkpoint_dir: str | Path | None, preset_name: str | None = None
+) -> ModelConfig:
     """Preset (default `grok-1`) overridden by `<checkpoint_dir>/config.json` when present."""
     base = preset(preset_name or "grok-1")
     if checkpoint_dir is None:
@@ -253,7 +255,13 @@ class Settings:
         self.command = command
         self._toml = load_toml() if toml is None else toml
 
-    def get(self, name: str, flag: Any = None, default: Any = None, kind: Callable[[Any], Any] | None = None) -> Any:
+    def get(
+        self,
+        name: str,
+        flag: Any = None,
+        default: Any = None,
+        kind: Callable[[Any], Any] | None = None,
+    ) -> Any:
         kind = kind or (type(default) if default is not None else str)
         if flag is not None:
             return flag

@@ -92,7 +92,9 @@ def generate(
     if not prompts:
         raise UsageError("no prompt given")
     if params.stop and decode_text is None:
-        raise UsageError("--stop needs a tokenizer to compare text (not available with --token-ids alone)")
+        raise UsageError(
+            "--stop needs a tokenizer to compare text (not available with --token-ids alone)"
+        )
     ctx = cfg.sequence_len
     for i, p in enumerate(prompts):
         if len(p) == 0:
@@ -104,7 +106,9 @@ def generate(
             )
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
-            raise UsageError(f"prompt {i}: token id {bad[0]} outside the vocabulary 0..{cfg.vocab_size - 1}")
+            raise UsageError(
+                f"prompt {i}: token id {bad[0]} outside the vocabulary 0..{cfg.vocab_size - 1}"
+            )
 
     n = len(prompts)
     b = engine.padded_batch(n)
@@ -172,15 +176,15 @@ def generate(
 
     results = []
     for i, p in enumerate(prompts):
-        text = texts[i]
-        if text is None and decode_text is not None:
-            text = decode_text(out[i])
+        final: str | None = texts[i]
+        if final is None and decode_text is not None:
+            final = decode_text(out[i])
         results.append(
             Completion(
                 prompt_token_ids=list(p),
                 token_ids=out[i],
                 finish_reason=finish[i] or FINISH_LENGTH,
-                text=text,
+                text=final,
                 prefill_tokens_per_s=float(lengths[:n].sum()) / t_prefill if t_prefill else 0.0,
                 decode_tokens_per_s=(step * n) / t_decode if t_decode and step else 0.0,
             )

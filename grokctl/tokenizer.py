@@ -51,7 +51,10 @@ def resolve_tokenizer_path(
     if tokenizer:
         return Path(tokenizer)
     if checkpoint is not None:
-        for cand in (Path(checkpoint) / TOKENIZER_FILENAME, Path(checkpoint).parent / TOKENIZER_FILENAME):
+        for cand in (
+            Path(checkpoint) / TOKENIZER_FILENAME,
+            Path(checkpoint).parent / TOKENIZER_FILENAME,
+        ):
             if cand.is_file():
                 return cand
     raise MissingResourceError(

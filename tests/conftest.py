@@ -20,7 +20,9 @@ GROK1_TOKENIZER = SHARED / "grok-1" / "tokenizer.model"
 @pytest.fixture(scope="session")
 def grok_tiny() -> Path:
     if not (GROK_TINY / "golden.npz").is_file():
-        pytest.skip(f"golden fixture not found at {GROK_TINY} (../shared/ is absent on a user's clone)")
+        pytest.skip(
+            f"golden fixture not found at {GROK_TINY} (../shared/ is absent on a user's clone)"
+        )
     return GROK_TINY
 
 
@@ -44,6 +46,8 @@ def demo_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_jax_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_jax_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Keep the persistent compilation cache inside the test run's temp area."""
     monkeypatch.setenv("GROKCTL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "jax-cache"))

@@ -22,7 +22,12 @@ class Run:
         return [json.loads(line) for line in self.out.splitlines() if line.strip()]
 
 
-def grokctl(*args: str, env: dict[str, str] | None = None, cwd: str | Path | None = None, timeout: float = 300) -> Run:
+def grokctl(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float = 300,
+) -> Run:
     """Run `python -m grokctl ARGS` in a subprocess (the installed entry point's code path)."""
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run(

@@ -47,17 +47,25 @@ def test_fixture_index_matches_manifest(grok_tiny: Path) -> None:
 
 
 def test_arrays_are_memory_mapped_and_exact(grok_tiny: Path) -> None:
-    entry = CheckpointIndex.open(grok_tiny).by_name()["transformer/decoder_layer_0/multi_head_attention/linear/w"]
+    entry = CheckpointIndex.open(grok_tiny).by_name()[
+        "transformer/decoder_layer_0/multi_head_attention/linear/w"
+    ]
     weight, scales = entry.load()
     assert isinstance(weight, np.memmap) and isinstance(scales, np.memmap)
     raw = Path(entry.path).read_bytes()
-    assert raw[entry.ref.weight.offset : entry.ref.weight.offset + weight.nbytes] == weight.tobytes()
+    assert (
+        raw[entry.ref.weight.offset : entry.ref.weight.offset + weight.nbytes] == weight.tobytes()
+    )
 
 
 def test_redump_is_byte_identical_to_release(grok_tiny: Path) -> None:
     for entry, m in zip(CheckpointIndex.open(grok_tiny), _manifest(grok_tiny)):
         arr = entry.load()
-        obj = QuantizedWeight8bit(np.asarray(arr[0]), np.asarray(arr[1])) if isinstance(arr, tuple) else np.asarray(arr)
+        obj = (
+            QuantizedWeight8bit(np.asarray(arr[0]), np.asarray(arr[1]))
+            if isinstance(arr, tuple)
+            else np.asarray(arr)
+        )
         assert hashlib.sha256(dumps_tensor(obj)).hexdigest() == m["sha256"], entry.name
 
 
@@ -144,7 +152,10 @@ def test_malicious_pickle_is_refused_and_never_runs(grok_tiny: Path, tmp_path: P
         (b"\x80\x04cbuiltins\neval\n(S'1'\ntR.", "global builtins.eval"),
         (b"\x80\x04\x8c\x05numpy\x8c\x04load\x93.", "global numpy.load"),
         # _reconstruct (allowed) applied to something other than ndarray
-        (b"\x80\x04\x8c\x15numpy.core.multiarray\x8c\x0c_reconstruct\x93\x8c\x05numpy\x8c\x05dtype\x93)C\x01b\x87R.", "_reconstruct of something"),
+        (
+            b"\x80\x04\x8c\x15numpy.core.multiarray\x8c\x0c_reconstruct\x93\x8c\x05numpy\x8c\x05dtype\x93)C\x01b\x87R.",
+            "_reconstruct of something",
+        ),
         # QuantizedWeight8bit name with arguments (a constructor call)
         (b"\x80\x04\x8c\x08__main__\x8c\x13QuantizedWeight8bit\x93K\x01\x85\x81.", "construction"),
     ],

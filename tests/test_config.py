@@ -13,7 +13,13 @@ from grokctl.errors import UsageError
 
 def test_grok1_preset_is_the_release() -> None:
     cfg = preset("grok-1")
-    assert (cfg.emb_size, cfg.num_layers, cfg.num_q_heads, cfg.num_kv_heads, cfg.key_size) == (6144, 64, 48, 8, 128)
+    assert (cfg.emb_size, cfg.num_layers, cfg.num_q_heads, cfg.num_kv_heads, cfg.key_size) == (
+        6144,
+        64,
+        48,
+        8,
+        128,
+    )
     assert cfg.ffn_size == 32768 and cfg.vocab_size == 131072 and cfg.sequence_len == 8192
     assert (cfg.num_experts, cfg.num_selected_experts) == (8, 2)
     assert round(cfg.param_count() / 1e9) == 316
@@ -31,9 +37,13 @@ def test_all_presets_validate() -> None:
 
 
 def test_config_json_overrides_preset(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"num_layers": 3, "emb_size": 256, "derived": {"x": 1}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"num_layers": 3, "emb_size": 256, "derived": {"x": 1}})
+    )
     cfg = load_model_config(tmp_path, "grok-demo")
-    assert cfg.num_layers == 3 and cfg.emb_size == 256 and cfg.key_size == preset("grok-demo").key_size
+    assert (
+        cfg.num_layers == 3 and cfg.emb_size == 256 and cfg.key_size == preset("grok-demo").key_size
+    )
     assert load_model_config(tmp_path / "absent").num_layers == 64  # no config.json: grok-1
 
 

@@ -47,7 +47,9 @@ def test_stop_string_cuts_the_text(demo_ckpt: Path, greedy: dict) -> None:
     text = greedy["text"]
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop.strip()
-    run = grokctl("generate", "-c", str(demo_ckpt), "-p", PROMPT, "-n", "12", "--stop", stop, "--json")
+    run = grokctl(
+        "generate", "-c", str(demo_ckpt), "-p", PROMPT, "-n", "12", "--stop", stop, "--json"
+    )
     (row,) = run.json_lines()
     assert row["finish_reason"] == "stop"
     assert row["text"] == text[: text.find(stop)]
@@ -73,7 +75,20 @@ def test_batch_equals_single_runs_and_sampling_is_seeded(demo_ckpt: Path, tmp_pa
     prompts = ["Hello, world!", "Once upon a time there was", "Numbers: 1 2 3"]
     pf = tmp_path / "prompts.txt"
     pf.write_text("\n".join(prompts) + "\n")
-    common = ["generate", "-c", str(demo_ckpt), "-n", "8", "--temperature", "0.9", "--top-p", "0.9", "--seed", "7", "--json"]
+    common = [
+        "generate",
+        "-c",
+        str(demo_ckpt),
+        "-n",
+        "8",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+        "--json",
+    ]
     batched = grokctl(*common, "--prompts-file", str(pf))
     assert batched.code == 0, batched.err
     rows = batched.json_lines()
@@ -87,7 +102,15 @@ def test_batch_equals_single_runs_and_sampling_is_seeded(demo_ckpt: Path, tmp_pa
 
 
 def test_environment_supplies_the_checkpoint(demo_ckpt: Path) -> None:
-    run = grokctl("generate", "--token-ids", "5,6,7", "-n", "3", "--json", env={"GROKCTL_CHECKPOINT": str(demo_ckpt)})
+    run = grokctl(
+        "generate",
+        "--token-ids",
+        "5,6,7",
+        "-n",
+        "3",
+        "--json",
+        env={"GROKCTL_CHECKPOINT": str(demo_ckpt)},
+    )
     assert run.code == 0, run.err
     assert run.json_lines()[0]["generated_tokens"] == 3
 
@@ -108,7 +131,9 @@ def test_environment_supplies_the_checkpoint(demo_ckpt: Path) -> None:
         (["-c", "{ckpt}", "--prompts-file", "/nonexistent/p.txt"], 4, "/nonexistent/p.txt"),
     ],
 )
-def test_user_errors_are_one_line_with_exit_code(demo_ckpt: Path, args: list[str], code: int, needle: str) -> None:
+def test_user_errors_are_one_line_with_exit_code(
+    demo_ckpt: Path, args: list[str], code: int, needle: str
+) -> None:
     run = grokctl("generate", *[a.replace("{ckpt}", str(demo_ckpt)) for a in args])
     assert run.code == code, run.err
     assert needle in one_line_error(run)

@@ -34,14 +34,20 @@ def model(request: pytest.FixtureRequest, grok_tiny: Path):  # type: ignore[no-u
 
     from grokctl.model.sharding import make_mesh
 
-    return grokctl.load_model(grok_tiny, mesh=make_mesh("1x1", jax.devices()[:1]), moe=request.param)
+    return grokctl.load_model(
+        grok_tiny, mesh=make_mesh("1x1", jax.devices()[:1]), moe=request.param
+    )
 
 
 def rule1(pairs: list[tuple[np.ndarray, np.ndarray]], acc: dict[str, float]) -> dict[str, float]:
     """Pooled over valid positions: median of per-position max |diff|, mean |diff|, fraction <= atol."""
     d = np.concatenate([np.abs(a - b).max(-1) for a, b in pairs])
     mean_abs = float(np.mean(np.concatenate([np.abs(a - b).ravel() for a, b in pairs])))
-    stats = {"median": float(np.median(d)), "mean_abs": mean_abs, "frac": float(np.mean(d <= acc["atol"]))}
+    stats = {
+        "median": float(np.median(d)),
+        "mean_abs": mean_abs,
+        "frac": float(np.mean(d <= acc["atol"])),
+    }
     assert stats["median"] <= acc["median_max_abs"], stats
     assert stats["mean_abs"] <= acc["mean_abs"], stats
     assert stats["frac"] >= acc["frac_pos_within"], stats
@@ -66,7 +72,9 @@ def test_routing_matches_reference(model, golden, acceptance) -> None:  # type: 
         valid = golden[f"valid_{case}"]
         probs, experts = model.routing(golden[f"tokens_{case}"][None])
         gold = golden[f"routing_topk_experts_{case}"]
-        np.testing.assert_allclose(probs[:, 0][:, valid], golden[f"routing_probs_{case}"][:, valid], atol=0.05)
+        np.testing.assert_allclose(
+            probs[:, 0][:, valid], golden[f"routing_probs_{case}"][:, valid], atol=0.05
+        )
         for layer in range(gold.shape[0]):
             for t in np.nonzero(valid)[0]:
                 agree.append(set(experts[layer, 0, t]) == set(gold[layer, t]))

@@ -19,7 +19,9 @@ def weights() -> tuple[QuantizedWeight8bit, QuantizedWeight8bit, QuantizedWeight
     rng = np.random.default_rng(0)
 
     def q(shape: tuple[int, ...], blocks: int) -> QuantizedWeight8bit:
-        qw = quantize_int8(rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[-2]), blocks)
+        qw = quantize_int8(
+            rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[-2]), blocks
+        )
         return QuantizedWeight8bit(jnp.asarray(qw.weight), jnp.asarray(qw.scales))
 
     router = jnp.asarray(rng.standard_normal((D, E)).astype(np.float32))
@@ -33,7 +35,9 @@ def test_sparse_equals_dense(weights, n: int) -> None:  # type: ignore[no-untype
     _, gates, experts = route(x, router, K)
     sparse = jax.jit(moe_sparse)(x, gates, experts, w, v, w1)
     dense = jax.jit(moe_dense)(x, gates, experts, w, v, w1)
-    np.testing.assert_allclose(np.asarray(sparse, np.float32), np.asarray(dense, np.float32), rtol=0.02, atol=0.02)
+    np.testing.assert_allclose(
+        np.asarray(sparse, np.float32), np.asarray(dense, np.float32), rtol=0.02, atol=0.02
+    )
     assert np.abs(np.asarray(dense, np.float32)).mean() > 0.05  # not trivially zero
 
 

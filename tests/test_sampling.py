@@ -11,7 +11,14 @@ from grokctl.sampling import row_seed, sample
 sample_jit = jax.jit(sample, static_argnames=("vocab_limit",))
 
 
-def _draw(logits: np.ndarray, n: int, temperature: float, top_p: float = 1.0, top_k: int = 0, limit: int | None = None) -> np.ndarray:
+def _draw(
+    logits: np.ndarray,
+    n: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    limit: int | None = None,
+) -> np.ndarray:
     b = n
     lg = jnp.asarray(np.tile(logits, (b, 1)), jnp.float32)
     return np.asarray(

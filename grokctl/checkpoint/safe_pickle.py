@@ -289,7 +289,12 @@ def _parse(r: _Reader) -> Any:  # noqa: C901 - one opcode table, read top to bot
             if n > 1 << 20:
                 raise ValueError("string too long")
             stack.append(r.read(n).decode("utf-8"))
-        elif op in (b"C", b"B", b"\x8e", b"\x96"):  # SHORT_BINBYTES, BINBYTES, BINBYTES8, BYTEARRAY8
+        elif op in (
+            b"C",
+            b"B",
+            b"\x8e",
+            b"\x96",
+        ):  # SHORT_BINBYTES, BINBYTES, BINBYTES8, BYTEARRAY8
             width = {b"C": 1, b"B": 4, b"\x8e": 8, b"\x96": 8}[op]
             n = int.from_bytes(r.read(width), "little")
             stack.append(_BytesRef(r.skip(n), n))
@@ -335,9 +340,9 @@ def _parse(r: _Reader) -> Any:  # noqa: C901 - one opcode table, read top to bot
             stack.append(tuple(pop_mark()))
         elif op in (b"\x85", b"\x86", b"\x87"):  # TUPLE1..3
             n = op[0] - 0x84
-            items = tuple(stack[-n:])
+            top = tuple(stack[-n:])
             del stack[-n:]
-            stack.append(items)
+            stack.append(top)
         elif op == b"}":
             stack.append({})
         elif op == b"]":

@@ -45,15 +45,16 @@ _ALIASES: dict[int, tuple[str, str]] = {
 class _ReleasePickler(pickle._Pickler):  # type: ignore[name-defined,misc]
     """The pure-Python pickler (byte-identical framing to the C one) with release names."""
 
-    def save_global(self, obj: Any, name: str | None = None) -> None:
+    def save_global(self, obj: Any, name: str | None = None) -> None:  # type: ignore[override]
         alias = _ALIASES.get(id(obj))
         if alias is None:
-            super().save_global(obj, name)
+            super().save_global(obj, name)  # type: ignore[misc]
             return
-        self.save(alias[0])  # protocol 4 writes STACK_GLOBAL of (module, name)
-        self.save(alias[1])
-        self.write(pickle.STACK_GLOBAL)
-        self.memoize(obj)
+        this: Any = self  # the pure-Python pickler's internals are untyped
+        this.save(alias[0])  # protocol 4 writes STACK_GLOBAL of (module, name)
+        this.save(alias[1])
+        this.write(pickle.STACK_GLOBAL)
+        this.memoize(obj)
 
 
 class _Zeros:

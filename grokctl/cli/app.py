@@ -11,7 +11,7 @@ import typer
 try:  # typer >= 0.20 vendors its own click
     from typer._click import exceptions as click_exc
 except ImportError:  # pragma: no cover - older typer uses click itself
-    from click import exceptions as click_exc
+    from click import exceptions as click_exc  # type: ignore[no-redef]
 
 from grokctl.errors import EXIT_ERROR, EXIT_USAGE, GrokctlError
 
@@ -63,11 +63,17 @@ def _register_all() -> None:
 _register_all()
 
 
-_NO_ARGS = getattr(click_exc, "NoArgsIsHelpError", getattr(click_exc, "NoArgsIsHelp", ()))
-_EXIT = tuple(
+_NO_ARGS: tuple[type[BaseException], ...] = tuple(
+    e
+    for e in (getattr(click_exc, n, None) for n in ("NoArgsIsHelpError", "NoArgsIsHelp"))
+    if isinstance(e, type)
+)
+_EXIT: tuple[type[BaseException], ...] = tuple(
     e for e in (getattr(click_exc, "Exit", None), typer.Exit, SystemExit) if isinstance(e, type)
 )
-_ABORT = tuple(e for e in (getattr(click_exc, "Abort", None), typer.Abort) if isinstance(e, type))
+_ABORT: tuple[type[BaseException], ...] = tuple(
+    e for e in (getattr(click_exc, "Abort", None), typer.Abort) if isinstance(e, type)
+)
 
 
 def _fail(message: str, code: int) -> int:
@@ -104,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an unexpected failure: still one line unless GROKCTL_DEBUG=1
         if debug:
             raise
-        return _fail(f"{type(exc).__name__}: {exc} (set GROKCTL_DEBUG=1 for a traceback)", EXIT_ERROR)
+        return _fail(
+            f"{type(exc).__name__}: {exc} (set GROKCTL_DEBUG=1 for a traceback)", EXIT_ERROR
+        )
     return 0
 
 

@@ -40,7 +40,9 @@ Coordinator = Annotated[
 ]
 NumProcesses = Annotated[
     Optional[int],
-    typer.Option("--num-processes", min=1, help="Processes in the run.", rich_help_panel="Multi-host"),
+    typer.Option(
+        "--num-processes", min=1, help="Processes in the run.", rich_help_panel="Multi-host"
+    ),
 ]
 ProcessId = Annotated[
     Optional[int],
@@ -48,9 +50,14 @@ ProcessId = Annotated[
 ]
 MoeKernel = Annotated[
     Optional[str],
-    typer.Option("--moe", help="MoE kernel: sparse (selected experts only) or dense (the reference's all-experts baseline)."),
+    typer.Option(
+        "--moe",
+        help="MoE kernel: sparse (selected experts only) or dense (the reference's all-experts baseline).",
+    ),
 ]
 Layout = Annotated[
     Optional[str],
-    typer.Option("--layout", help="MoE weight layout: tensor (shard the FFN dim) or expert (shard experts)."),
+    typer.Option(
+        "--layout", help="MoE weight layout: tensor (shard the FFN dim) or expert (shard experts)."
+    ),
 ]

@@ -13,7 +13,9 @@ from grokctl.cli.output import emit_json, human_bytes, info, progress
 
 
 def random_checkpoint(
-    out_dir: Annotated[Path, typer.Argument(help="Directory to create (ckpt-0/, config.json, tokenizer.model).")],
+    out_dir: Annotated[
+        Path, typer.Argument(help="Directory to create (ckpt-0/, config.json, tokenizer.model).")
+    ],
     preset: Annotated[str, typer.Option("--preset", help="Architecture preset.")] = "grok-demo",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     layers: Annotated[
@@ -38,7 +40,10 @@ def random_checkpoint(
     with progress("items", enabled=not json_out) as bar:
         task = bar.add_task("writing tensors", total=None)
         path = write_random_checkpoint(
-            out_dir, cfg, seed=seed, force=force,
+            out_dir,
+            cfg,
+            seed=seed,
+            force=force,
             on_tensor=lambda done, total: bar.update(task, completed=done, total=total),
         )
     index = CheckpointIndex.open(path)

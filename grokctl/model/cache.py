@@ -8,6 +8,7 @@ One array per layer (not a stacked [L, ...] array) so that each layer's write is
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +18,11 @@ from grokctl.config import ModelConfig
 
 @dataclasses.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # L x [B, S, G, K] bf16
-    v: tuple[jax.Array, ...]  # L x [B, S, G, K] bf16
-    pos: jax.Array  # [B] int32: tokens already written (next write offset)
-    valid: jax.Array  # [B, S] bool: a real (non-pad) token sits at that position
+    # Arrays, or ShapeDtypeStructs / shardings when the pytree describes a cache.
+    k: tuple[Any, ...]  # L x [B, S, G, K] bf16
+    v: tuple[Any, ...]  # L x [B, S, G, K] bf16
+    pos: Any  # [B] int32: tokens already written (next write offset)
+    valid: Any  # [B, S] bool: a real (non-pad) token sits at that position
 
     @property
     def batch(self) -> int:

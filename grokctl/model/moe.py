@@ -48,7 +48,9 @@ def route(x: jax.Array, router_w: jax.Array, k: int) -> tuple[jax.Array, jax.Arr
     return probs, gates, experts
 
 
-def _expert_ffn(x: jax.Array, w: QuantizedWeight8bit, v: QuantizedWeight8bit, w1: QuantizedWeight8bit) -> jax.Array:
+def _expert_ffn(
+    x: jax.Array, w: QuantizedWeight8bit, v: QuantizedWeight8bit, w1: QuantizedWeight8bit
+) -> jax.Array:
     """One expert on rows x [M, D] -> [M, D] f32, with the reference's rounding points."""
     hw = bf16_dot(x, w).astype(F32)  # [M, F]
     hv = bf16_dot(x, v).astype(F32)
@@ -111,7 +113,9 @@ def moe_sparse(x, gates, experts, w, v, w1, block: int | None = None) -> jax.Arr
         def compute() -> jax.Array:
             rows = jax.lax.dynamic_slice_in_dim(slot_token, i * b, b)
             e = block_expert[i]
-            return _expert_ffn(x_pad[rows], take_expert(w, e), take_expert(v, e), take_expert(w1, e))
+            return _expert_ffn(
+                x_pad[rows], take_expert(w, e), take_expert(v, e), take_expert(w1, e)
+            )
 
         out = jax.lax.cond(i < used_blocks, compute, lambda: jnp.zeros((b, d), F32))
         return None, out
@@ -122,7 +126,9 @@ def moe_sparse(x, gates, experts, w, v, w1, block: int | None = None) -> jax.Arr
     return _combine(per_assignment.reshape(n, k, d), gates)
 
 
-def moe_layer(x: jax.Array, cfg: ModelConfig, kernel: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+def moe_layer(
+    x: jax.Array, cfg: ModelConfig, kernel: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`router/w` [D, E] f32 and `moe/{linear, linear_v, linear_1}/w` int8 [E, D, F] / [E, F, D].
 
     x [B, T, D] -> (out [B, T, D] bf16, router probs [B, T, E], experts [B, T, k]).

@@ -98,7 +98,9 @@ def qmatmul(x: jax.Array, w: Any) -> jax.Array:
     """
     xf = x if x.dtype == jnp.float32 else x.astype(jnp.bfloat16)
     if not isinstance(w, QuantizedWeight8bit):
-        return jnp.einsum("...k,kn->...n", xf, w.astype(xf.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "...k,kn->...n", xf, w.astype(xf.dtype), preferred_element_type=jnp.float32
+        )
     k, n = w.weight.shape
     g = w.scales.shape[-2]
     m = math.prod(x.shape[:-1])

@@ -67,7 +67,13 @@ def forward(
         for i in range(cfg.num_layers):
             with hk.experimental.name_scope(f"decoder_layer_{i}"):
                 a, k_i, v_i = attention(
-                    rms_norm(h, "rms_norm", eps), positions, cache.k[i], cache.v[i], start, key_valid, cfg
+                    rms_norm(h, "rms_norm", eps),
+                    positions,
+                    cache.k[i],
+                    cache.v[i],
+                    start,
+                    key_valid,
+                    cfg,
                 )
                 h = h + rms_norm(a, "rms_norm_1", eps)
                 m, p_i, e_i = moe_layer(rms_norm(h, "rms_norm_2", eps), cfg, opts.moe_kernel)
