@@ -122,7 +122,7 @@ def test_include_exclude_select_files(
     assert code == 0
     names = sorted(p.relative_to(dest).as_posix() for p in (dest / "ckpt-0").iterdir())
     assert names == [f"ckpt-0/tensor000{i}_000" for i in range(10, 19)]
-    assert [f["path"] for f in json.loads(out)["files"]] == names
+    assert json.loads(out)["files"] == len(names) == 9
 
 
 def test_dry_run_fetches_metadata_only(

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code; user errors print one line, never a traceback."""
     debug = os.environ.get("GROKCTL_DEBUG", "") not in ("", "0")
     try:
-        app(args=argv, prog_name="grokctl", standalone_mode=False)
+        rv = app(args=argv, prog_name="grokctl", standalone_mode=False)
     except _NO_ARGS:
         return EXIT_USAGE
     except _EXIT as exc:
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(
             f"{type(exc).__name__}: {exc} (set GROKCTL_DEBUG=1 for a traceback)", EXIT_ERROR
         )
-    return 0
+    return rv if isinstance(rv, int) else 0  # typer returns 130 for Ctrl-C
 
 
 def run() -> None:

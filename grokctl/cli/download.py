@@ -12,6 +12,8 @@ from grokctl.cli.output import emit_json, err, human_bytes, out, progress
 from grokctl.config import Settings
 
 BT = "BitTorrent (--magnet)"
+
+
 TOK = "Tokenizer"
 
 Patterns = list[str] | None
@@ -32,7 +34,7 @@ def download(
         typer.Option(
             "--dir",
             "-d",
-            help="Target directory [default: ./checkpoints]. Env: GROKCTL_CHECKPOINT.",
+            help="Target directory (default: ./checkpoints). Env: GROKCTL_CHECKPOINT.",
             show_default=False,
         ),
     ] = None,
@@ -41,24 +43,24 @@ def download(
         typer.Option(
             "--include",
             help="Only files matching this pattern (repeatable or "
-            "comma-separated; a bare directory such as `ckpt-0` needs no quoting) "
-            "[default: ckpt-0/*].",
+            "comma-separated; a bare directory such as `ckpt-0` needs no quoting; "
+            "default: ckpt-0/*).",
         ),
     ] = None,
     exclude: Annotated[
         Patterns, typer.Option("--exclude", help="Skip files matching this.")
     ] = None,
     revision: Annotated[
-        str | None, typer.Option("--revision", help="Branch, tag or commit [default: main].")
+        str | None, typer.Option("--revision", help="Branch, tag or commit (default: main).")
     ] = None,
     max_workers: Annotated[
-        int | None, typer.Option("--max-workers", min=1, help="Parallel transfers [default: 8].")
+        int | None, typer.Option("--max-workers", min=1, help="Parallel transfers (default: 8).")
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List the files and total size, check disk space.")
     ] = False,
     retries: Annotated[
-        int | None, typer.Option("--retries", min=0, help="Retries per file [default: 5].")
+        int | None, typer.Option("--retries", min=0, help="Retries per file (default: 5).")
     ] = None,
     timeout: Annotated[
         float | None,
@@ -66,15 +68,15 @@ def download(
             "--timeout",
             min=0,
             help="Give up after this many seconds without data "
-            "[default: 60 over HTTP, never over BitTorrent].",
+            "(default: 60 over HTTP, never over BitTorrent).",
         ),
     ] = None,
     tokenizer_url: Annotated[
         str | None,
         typer.Option(
             "--tokenizer-url",
-            help="Where to fetch tokenizer.model [default: the "
-            "xai-org/grok-1 source tree]. Env: GROKCTL_TOKENIZER_URL.",
+            help="Where to fetch tokenizer.model (default: the "
+            "xai-org/grok-1 source tree). Env: GROKCTL_TOKENIZER_URL.",
             rich_help_panel=TOK,
         ),
     ] = None,
@@ -114,7 +116,7 @@ def download(
         str | None,
         typer.Option(
             "--listen",
-            help="libtorrent listen interfaces [default: 0.0.0.0:6881,[::]:6881].",
+            help="libtorrent listen interfaces (default: 0.0.0.0:6881 and \\[::]:6881).",
             rich_help_panel=BT,
         ),
     ] = None,
@@ -122,7 +124,7 @@ def download(
 ) -> None:
     """Download the Grok-1 checkpoint (300 GB) and its tokenizer into a plain directory, resumably,
     and write grokctl-manifest.json (sizes, sha256, source) next to the files."""
-    from grokctl.fetch.common import DEFAULT_INCLUDE, split_patterns
+    from grokctl.fetch.common import DEFAULT_INCLUDE, Interrupted, split_patterns
     from grokctl.fetch.manifest import Manifest
     from grokctl.fetch.torrent import OFFICIAL_MAGNET
 
@@ -140,43 +142,29 @@ def download(
         from_path=tokenizer_from,
     )
     manifest = Manifest.load_or_new(root)
-    if magnet or (source or "").startswith("magnet:") or (source or "").endswith(".torrent"):
-        from grokctl.fetch.torrent import DEFAULT_LISTEN, TorrentOptions, parse_peer
+    bt = magnet or (source or "").startswith("magnet:") or (source or "").endswith(".torrent")
+    try:
+        if bt:
+            from grokctl.fetch.torrent import DEFAULT_LISTEN, TorrentOptions, parse_peer
 
-        opts = TorrentOptions(
-            inc,
-            exc,
-            s.get("listen", listen, DEFAULT_LISTEN),
-            not no_dht,
-            not no_trackers,
-            [parse_peer(p) for p in split_patterns(peer)],
-            seed,
-            common["timeout"] or 0.0,
-            dry_run=dry_run,
-        )
-        result = _magnet(
-            source or s.get("magnet", None, OFFICIAL_MAGNET),
-            root,
-            manifest,
-            opts,
-            tok,
-            common,
-            json_out,
-        )
-    else:
-        result = _hub(
-            source or s.get("repo", None, "xai-org/grok-1"),
-            s.get("revision", revision, "main"),
-            root,
-            manifest,
-            inc,
-            exc,
-            s.get("max_workers", max_workers, 8, kind=int),
-            dry_run,
-            tok,
-            common,
-            json_out,
-        )
+            peers = [parse_peer(p) for p in split_patterns(peer)]
+            opts = TorrentOptions(
+                inc, exc, s.get("listen", listen, DEFAULT_LISTEN), not no_dht, not no_trackers,
+                peers, seed, common["timeout"] or 0.0, dry_run=dry_run,
+            )  # fmt: skip
+            uri = source or s.get("magnet", None, OFFICIAL_MAGNET)
+            result = _magnet(uri, root, manifest, opts, tok, common, json_out)
+        else:
+            repo = source or s.get("repo", None, "xai-org/grok-1")
+            rev = s.get("revision", revision, "main")
+            workers = s.get("max_workers", max_workers, 8, kind=int)
+            result = _hub(
+                repo, rev, root, manifest, inc, exc, workers, dry_run, tok, common, json_out
+            )
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted; what was fetched is kept under {root}: run the same command to resume"
+        ) from None
     if json_out:
         emit_json(result)
 
@@ -228,16 +216,21 @@ def _hub(
     url, headers = tok["url"], {}
     if url is None and plan.tokenizer is not None:  # the repo has its own copy
         url, headers = plan.tokenizer.url, hub_headers()
-    tokr = _tokenizer(root, manifest, tok, url, headers, plan.offline, common, json_out)
     mbps = res.bytes_fetched / res.seconds / 1e6 if res.seconds else 0.0
     if not json_out:
-        _note(
-            f"{repo}@{plan.commit[:12]}: {n} files ({human_bytes(plan.bytes_total)}), "
+        got = (
             f"{len(res.downloaded)} downloaded ({human_bytes(res.bytes_fetched)} in "
             f"{res.seconds:.1f} s, {mbps:.1f} MB/s"
             + (f", {human_bytes(res.bytes_resumed)} resumed" if res.bytes_resumed else "")
-            + f") into {root}; manifest {manifest.path.name}"
+            + ")"
+            if res.downloaded
+            else "all already present"
         )
+        _note(
+            f"{repo}@{plan.commit[:12]}: {n} files ({human_bytes(plan.bytes_total)}), {got} "
+            f"in {root}; manifest {manifest.path.name}"
+        )
+    tokr = _tokenizer(root, manifest, tok, url, headers, plan.offline, common, json_out)
     return {
         "source": "huggingface",
         "repo": repo,
@@ -279,23 +272,28 @@ def _magnet(
                 description=f"magnet {st.peers} peers {st.state}",
             )
 
-        def on_seeding() -> None:
-            _note("download complete; seeding (Ctrl-C to stop)")
+        result: dict[str, Any] = {"source": "magnet", "dir": str(root)}
 
-        res = download_magnet(source, root, manifest, opts, on_status, on_seeding)
-    result = {"source": "magnet", "dir": str(root), **res.to_json(), "manifest": str(manifest.path)}
-    if opts.dry_run:
-        return _dry_run({**result, "bytes_total": res.bytes_total}, json_out)
-    result["tokenizer"] = _tokenizer(root, manifest, tok, tok["url"], {}, False, common, json_out)
-    if not json_out:
-        rate = res.bytes_fetched / res.seconds / 1e6 if res.seconds else 0.0
-        _note(
-            f"magnet {res.info_hash[:12]} ({res.name}): {len(res.files)} files "
-            f"({human_bytes(res.bytes_total)}), {human_bytes(res.bytes_fetched)} fetched in "
-            f"{res.seconds:.1f} s ({rate:.1f} MB/s, {res.hash_failures} failed piece checks) "
-            f"into {root}; manifest {manifest.path.name}"
-        )
-    return result
+        def on_complete(res: Any) -> None:  # before seeding starts
+            result.update(res.to_json(), manifest=str(manifest.path))
+            if res.dry_run:
+                return
+            if not json_out:
+                rate = res.bytes_fetched / res.seconds / 1e6 if res.seconds else 0.0
+                _note(
+                    f"magnet {res.info_hash[:12]} ({res.name}): {len(res.files)} files "
+                    f"({human_bytes(res.bytes_total)}), {human_bytes(res.bytes_fetched)} fetched "
+                    f"in {res.seconds:.1f} s ({rate:.1f} MB/s, {res.hash_failures} failed piece "
+                    f"checks) into {root}; manifest {manifest.path.name}"
+                )
+            tokr = _tokenizer(root, manifest, tok, tok["url"], {}, False, common, json_out)
+            result["tokenizer"] = tokr
+            if opts.seed:
+                _note("download complete; seeding (Ctrl-C to stop)")
+
+        res = download_magnet(source, root, manifest, opts, on_status, on_complete)
+    result.update(res.to_json(), manifest=str(manifest.path))
+    return _dry_run(result, json_out) if opts.dry_run else result
 
 
 def _tokenizer(

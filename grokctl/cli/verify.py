@@ -18,7 +18,7 @@ def verify(
     directory: Annotated[
         Path | None,
         typer.Argument(
-            help="Checkpoint directory [default: ./checkpoints]. Env: GROKCTL_CHECKPOINT.",
+            help="Checkpoint directory (default: ./checkpoints). Env: GROKCTL_CHECKPOINT.",
             show_default=False,
         ),
     ] = None,
@@ -40,7 +40,7 @@ def verify(
         Path | None, typer.Option("--torrent-file", help="The .torrent to check pieces against.")
     ] = None,
     workers: Annotated[
-        int | None, typer.Option("--workers", min=1, help="Hashing threads [default: all cores].")
+        int | None, typer.Option("--workers", min=1, help="Hashing threads (default: all cores).")
     ] = None,
     preset: options.Preset = None,
     json_out: options.Json = False,
@@ -48,6 +48,7 @@ def verify(
     """Check sizes (against grokctl-manifest.json, or the released 770-file layout without one),
     tensor structure, sha256 and optionally NaN/Inf and torrent pieces. Exit 0 when all is well,
     3 on any missing or corrupt file."""
+    from grokctl.fetch.common import Interrupted
     from grokctl.verify import verify_checkpoint
 
     s = Settings("verify")
@@ -58,16 +59,19 @@ def verify(
             task = bar.add_task(desc, total=total)
             return lambda n: bar.advance(task, n)
 
-        report = verify_checkpoint(
-            root,
-            preset=s.get("preset", preset),
-            deep=deep,
-            quick=quick,
-            torrent=torrent,
-            torrent_file=torrent_file,
-            workers=s.get("workers", workers, None, kind=int),
-            on_phase=on_phase,
-        )
+        try:
+            report = verify_checkpoint(
+                root,
+                preset=s.get("preset", preset),
+                deep=deep,
+                quick=quick,
+                torrent=torrent,
+                torrent_file=torrent_file,
+                workers=s.get("workers", workers, None, kind=int),
+                on_phase=on_phase,
+            )
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: {root} was not fully verified") from None
     if json_out:
         emit_json(report.to_json())
     else:

@@ -12,13 +12,19 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from grokctl.cli.output import human_bytes
-from grokctl.errors import MissingResourceError
+from grokctl.errors import GrokctlError, MissingResourceError
 
 DEFAULT_INCLUDE = ("ckpt-0/*",)
 PARTIAL_DIR = ".grokctl-partial"
 CHUNK = 8 << 20
 
 _GLOB_CHARS = set("*?[")
+
+
+class Interrupted(GrokctlError):
+    """Ctrl-C (exit 130), reported in one line; partial files and resume data are kept."""
+
+    exit_code = 130
 
 
 def split_patterns(patterns: Iterable[str] | None) -> list[str]:

@@ -7,7 +7,7 @@ as `<dir>/grokctl.torrent` (verify --torrent uses its piece hashes) and drop the
 checks every piece against the torrent's hashes; when all pieces of a file have passed, the file
 is renamed by libtorrent to its final name under `<dir>` and recorded in the manifest (its sha256
 computed locally). Resume data is saved periodically and on exit, so a restart continues where
-it stopped; without resume data, files already at their final names are re-checked, not fetched.
+it stopped; without it, files the manifest records as complete are re-checked, not fetched.
 """
 
 from __future__ import annotations
@@ -78,7 +78,11 @@ class TorrentResult:
     dry_run: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["seconds"] = round(self.seconds, 3)
+        if not self.dry_run:
+            out["files"] = len(self.files)  # the listing is for --dry-run
+        return out
 
 
 def parse_peer(text: str) -> tuple[str, int]:
@@ -102,20 +106,16 @@ class _Run:
         lt = _lt()
         self.root, self.manifest, self.opts = root.absolute(), manifest, opts
         self.on_status = on_status
-        self.session = lt.session(
-            {
-                "listen_interfaces": opts.listen,
-                "enable_dht": opts.dht,
-                "enable_lsd": opts.dht,
-                "enable_upnp": opts.dht,
-                "enable_natpmp": opts.dht,
-                "allow_multiple_connections_per_ip": True,
-                "alert_mask": lt.alert.category_t.error_notification
-                | lt.alert.category_t.status_notification
-                | lt.alert.category_t.storage_notification
-                | lt.alert.category_t.file_progress_notification,
-            }
-        )
+        cat = lt.alert.category_t
+        discovery = ("enable_dht", "enable_lsd", "enable_upnp", "enable_natpmp")
+        self.settings = {
+            "listen_interfaces": opts.listen,
+            "allow_multiple_connections_per_ip": True,
+            "alert_mask": cat.error_notification | cat.status_notification
+            | cat.storage_notification | cat.file_progress_notification,
+            **{name: opts.dht for name in discovery},
+        }  # fmt: skip
+        self.session: Any = None  # started by the first add(): nothing listens before
         self.handle: Any = None
         self.metadata = False
         self.at_final: set[int] = set()
@@ -127,10 +127,11 @@ class _Run:
         self.errors: list[str] = []
         self.hasher = cf.ThreadPoolExecutor(max_workers=1)
         self.hashes: list[cf.Future[None]] = []
-        self.source = ""
 
     def add(self, atp: Any) -> None:
         lt = _lt()
+        if self.session is None:
+            self.session = lt.session(self.settings)
         atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
         if not self.opts.trackers:
             atp.trackers = []
@@ -239,30 +240,30 @@ def download_magnet(
     manifest: Manifest,
     opts: TorrentOptions,
     on_status: Callable[[TorrentStatus], None] | None = None,
-    on_seeding: Callable[[], None] | None = None,
+    on_complete: Callable[[TorrentResult], None] | None = None,
 ) -> TorrentResult:
     """Fetch the selected files of the torrent `source` (magnet URI or .torrent path) into `root`."""
     lt = _lt()
     start = time.perf_counter()
     root = root.absolute()
+    saved = root / TORRENT_NAME
+    if source.startswith("magnet:"):
+        try:
+            magnet = lt.parse_magnet_uri(source)
+        except RuntimeError as exc:
+            raise UsageError(f"not a valid magnet link: {source!r} ({exc})") from None
+        if not magnet.info_hashes.has_v1():
+            raise UsageError(f"{source!r}: only torrents with a v1 info-hash are supported")
+        info_hash = str(magnet.info_hashes.v1)
+        ti = _load_ti(saved, info_hash)
+    elif Path(source).is_file():
+        magnet, ti = None, _load_ti(Path(source), "")
+        info_hash = str(ti.info_hashes().v1)
+    else:
+        raise UsageError(f"{source}: not a magnet link or a .torrent file")
     root.mkdir(parents=True, exist_ok=True)
     run = _Run(root, manifest, opts, on_status)
     try:
-        if source.startswith("magnet:"):
-            try:
-                magnet = lt.parse_magnet_uri(source)
-            except RuntimeError as exc:
-                raise UsageError(f"not a valid magnet link: {source!r} ({exc})") from None
-            if not magnet.info_hashes.has_v1():
-                raise UsageError(f"{source!r}: only torrents with a v1 info-hash are supported")
-            info_hash = str(magnet.info_hashes.v1)
-            ti = _load_ti(root / TORRENT_NAME, info_hash)
-        elif Path(source).is_file():
-            magnet, ti = None, _load_ti(Path(source), "")
-            info_hash = str(ti.info_hashes().v1)
-        else:
-            raise UsageError(f"{source}: not a magnet link or a .torrent file")
-        saved = root / TORRENT_NAME
         if ti is None:  # phase 1: metadata from the swarm
             magnet.save_path = str(partial_dir(root) / f"bt-{info_hash}")
             run.add(magnet)
@@ -271,7 +272,7 @@ def download_magnet(
             run.remove()
         if not saved.is_file() or _load_ti(saved, info_hash) is None:
             atomic_write_bytes(saved, b"d4:info" + bytes(ti.info_section()) + b"e")
-        return _phase2(run, ti, info_hash, source, opts, start, on_seeding)
+        return _phase2(run, ti, info_hash, source, opts, start, on_complete)
     finally:
         run.close()
 
@@ -294,7 +295,7 @@ def _phase2(
     source: str,
     opts: TorrentOptions,
     start: float,
-    on_seeding: Callable[[], None] | None,
+    on_complete: Callable[[TorrentResult], None] | None,
 ) -> TorrentResult:
     lt = _lt()
     root, manifest = run.root, run.manifest
@@ -312,7 +313,7 @@ def _phase2(
     if opts.dry_run:
         return result
     uri = source if source.startswith("magnet:") else None
-    run.source = manifest.add_source(
+    src = manifest.add_source(
         f"magnet:{info_hash}",
         kind="magnet",
         info_hash=info_hash,
@@ -326,7 +327,7 @@ def _phase2(
         if i in present and rec is not None and rec.size == s and rec.downloaded:
             trusted.add(i)
         else:
-            manifest.record(p, FileRecord(s, None, None, run.source))
+            manifest.record(p, FileRecord(s, None, None, src))
     manifest.save()
     run.final = {i: root / p for i, p, _ in sel}
     save_path = partial_dir(root) / f"bt-{info_hash}"
@@ -374,8 +375,10 @@ def _phase2(
     result.bytes_fetched = int(st.total_payload_download)
     result.hash_failures = run.hash_failures
     result.seconds = time.perf_counter() - start
+    if on_complete:
+        on_complete(result)
     if opts.seed:
-        _seed(run, on_seeding)
+        _seed(run)
     run.remove()
     run.resume_path.unlink(missing_ok=True)
     shutil.rmtree(save_path, ignore_errors=True)
@@ -383,10 +386,8 @@ def _phase2(
     return result
 
 
-def _seed(run: _Run, on_seeding: Callable[[], None] | None) -> None:
+def _seed(run: _Run) -> None:
     """Keep seeding until Ctrl-C (or SIGINT)."""
-    if on_seeding:
-        on_seeding()
     try:
         while True:
             run.pump(1.0)
