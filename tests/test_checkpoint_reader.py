@@ -16,10 +16,11 @@ import pytest
 from grokctl.checkpoint.index import CheckpointIndex
 from grokctl.checkpoint.layout import param_specs
 from grokctl.checkpoint.safe_pickle import QuantRef, parse_tensor_file
-from grokctl.checkpoint.writer import QuantizedWeight8bit, dumps_tensor, write_shape_only_checkpoint
+from grokctl.checkpoint.writer import QuantizedWeight8bit, dumps_tensor
 from grokctl.config import preset
 from grokctl.errors import IntegrityError, UnsafePickleError
 from grokctl.model.transformer import param_shapes
+from grokctl.release_layout import write_sparse_checkpoint
 from tests.helpers import grokctl, one_line_error
 
 GROK1_BYTES = 318_239_886_140
@@ -87,7 +88,7 @@ def test_grok1_layout_is_jax_tree_order() -> None:
 
 def test_grok1_shaped_checkpoint_indexes_with_release_sizes(tmp_path: Path) -> None:
     """A 770-file Grok-1 checkpoint at its exact released sizes (data as sparse holes)."""
-    root = write_shape_only_checkpoint(tmp_path / "grok-1", preset("grok-1"))
+    root = write_sparse_checkpoint(tmp_path / "grok-1", preset("grok-1"))
     index = CheckpointIndex.open(root, preset="grok-1")
     assert len(index) == 770
     assert index.file_bytes == GROK1_BYTES

@@ -57,80 +57,11 @@ class _ReleasePickler(pickle._Pickler):  # type: ignore[name-defined,misc]
         this.memoize(obj)
 
 
-class _Zeros:
-    """Stands in for n bytes of array data that are never materialised (sparse files)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class _ShapeOnly:
-    """An array known only by shape and dtype; pickles exactly as the real array would."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype):
-        self.shape, self.dtype = shape, np.dtype(dtype)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        proto = np.zeros(0, self.dtype).__reduce__()
-        n = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-        data: Any = bytes(n) if n < _LARGE else _Zeros(n)
-        return (proto[0], proto[1], (1, tuple(self.shape), self.dtype, False, data))
-
-
-_LARGE = 1 << 16  # pickle writes payloads from its frame size target upwards outside frames
-
-
-def _save_zeros(self: Any, obj: _Zeros) -> None:
-    n = obj.n
-    header = (
-        (pickle.BINBYTES + n.to_bytes(4, "little"))
-        if n <= 0xFFFFFFFF
-        else (pickle.BINBYTES8 + n.to_bytes(8, "little"))
-    )
-    self._write_large_bytes(header, obj)
-    self.memoize(obj)
-
-
-class _SparseFile:
-    """File wrapper that turns a `_Zeros` payload into a hole (seek) instead of writes."""
-
-    def __init__(self, fh: Any):
-        self.fh = fh
-
-    def write(self, data: Any) -> int:
-        if isinstance(data, _Zeros):
-            self.fh.seek(data.n, os.SEEK_CUR)
-            return data.n
-        return int(self.fh.write(data))
-
-
 def dumps_tensor(obj: np.ndarray | QuantizedWeight8bit) -> bytes:
     """The release's exact bytes for one tensor file."""
     buf = io.BytesIO()
     _ReleasePickler(buf, protocol=4).dump(obj)
     return buf.getvalue()
-
-
-_ReleasePickler.dispatch = dict(_ReleasePickler.dispatch)
-_ReleasePickler.dispatch[_Zeros] = _save_zeros
-
-
-def dump_shape_only(path: str | os.PathLike[str], spec: ParamSpec) -> None:
-    """A tensor file with the release's exact header and size whose array data is a sparse
-    hole: lets tests index and size-check the full 300 GB Grok-1 layout in a few MB of disk."""
-    if spec.quantized:
-        obj: Any = QuantizedWeight8bit(
-            _ShapeOnly(spec.shape, np.dtype(np.int8)),  # type: ignore[arg-type]
-            _ShapeOnly(spec.scales_shape, np.dtype(ml_dtypes.bfloat16)),  # type: ignore[arg-type]
-        )
-    else:
-        obj = _ShapeOnly(spec.shape, np.dtype(spec.dtype))
-    with open(path, "wb") as fh:
-        _ReleasePickler(_SparseFile(fh), protocol=4).dump(obj)
-        fh.truncate()
 
 
 def _umask() -> int:
@@ -243,15 +174,3 @@ def write_random_checkpoint(
     return write_checkpoint(
         out_dir, cfg, lambda s: random_param(s, cfg, rng), force, on_tensor, extra
     )
-
-
-def write_shape_only_checkpoint(out_dir: str | os.PathLike[str], cfg: ModelConfig) -> Path:
-    """Every tensor file of `cfg` at its exact released size, data left as sparse holes."""
-    ckpt = Path(out_dir) / CKPT_SUBDIR
-    ckpt.mkdir(parents=True, exist_ok=True)
-    for i, spec in enumerate(param_specs(cfg)):
-        dump_shape_only(ckpt / tensor_filename(i), spec)
-    atomic_write_bytes(
-        Path(out_dir) / CONFIG_FILENAME, json.dumps(cfg.to_json_dict(), indent=1).encode()
-    )
-    return Path(out_dir)
