@@ -151,7 +151,7 @@ class Engine:
         adv = self.put_tokens(np.full(b, t, np.int32))
         return self._forward(self.params, self.put_tokens(tokens), cache, adv, adv, all_logits=True)
 
-    def fetch(self, x: jax.Array) -> np.ndarray:
+    def fetch(self, x: Any) -> np.ndarray:
         """A device array as numpy on this process, gathering shards other processes hold."""
         if not x.is_fully_addressable and not x.is_fully_replicated:
             x = self._gather(x)

@@ -320,6 +320,8 @@ def inspect(
     else:
         raise UsageError("nothing to inspect: give a checkpoint DIR or --preset NAME")
     shd.rules(layout)  # validates the layout name
+    if moe not in ("sparse", "dense"):
+        raise UsageError(f"unknown --moe {moe!r}; choose one of: sparse, dense")
     sizes = shd.mesh_sizes(*mesh)
     placed = [place(t, sizes, layout) for t in raw]
     if layer is not None and not 0 <= layer < cfg.num_layers:

@@ -6,6 +6,11 @@ read: host RAM holds about one shard per worker (plus one mapping window), never
 A shard that several local devices share (weights are replicated over `data`) is read once.
 In a multi-process run each process reads only the shards of its own devices. int8 weights
 stay int8 on the devices; they are dequantized inside the jitted forward pass.
+
+Measured (tests/test_loader_memory.py): loading a 1.6 GB checkpoint onto 8 CPU devices, peak
+RSS beyond what the devices hold stays under 256 MiB (about 50 MiB observed; largest shard
+33.5 MB), where `jax.make_array_from_callback` over whole-file memory maps held ~530 MB: it
+gathers every local shard of a tensor before placing any, and keeps the mapped pages resident.
 """
 
 from __future__ import annotations
@@ -112,7 +117,7 @@ _PREADV = hasattr(os, "preadv")
 
 def _read_into(fileno: int, offset: int, out: np.ndarray) -> None:
     """Fill the C-contiguous `out` from the file at `offset` (the kernel copies; no mapping)."""
-    buf = memoryview(out.reshape(-1).view(np.uint8))
+    buf = out.reshape(-1).view(np.uint8).data
     done = 0
     while done < len(buf):
         n = os.preadv(fileno, [buf[done:]], offset + done)
@@ -145,7 +150,7 @@ def _groups(sharding: NamedSharding, shape: tuple[int, ...]) -> dict[tuple, tupl
     """This process's devices grouped by the slice they hold (replicas share one read)."""
     groups: dict[tuple, tuple[Index, list]] = {}
     for device, index in sharding.addressable_devices_indices_map(shape).items():
-        full = tuple(s if isinstance(s, slice) else slice(None) for s in index)
+        full = tuple(s if isinstance(s, slice) else slice(None) for s in index or ())
         key = tuple(s.indices(d) for s, d in zip(full, shape, strict=True))
         groups.setdefault(key, (full, []))[1].append(device)
     return groups

@@ -102,9 +102,10 @@ def generate(
     st = model.load_stats
     if primary and not json_out:
         shape = model.mesh.shape
-        who = f"process 0 of {distributed.process_count()} read " if multi else ""
+        who = f"process 0 of {distributed.process_count()}: " if multi else ""
+        mine = " (this process's shards)" if multi else ""
         info(
-            f"[dim]loaded {who}{human_bytes(st.bytes_read)} in {st.seconds:.1f}s "
+            f"[dim]{who}loaded {human_bytes(st.bytes_read)}{mine} in {st.seconds:.2f}s "
             f"({st.gb_per_s:.2f} GB/s) onto a {shape['data']}x{shape['model']} mesh "
             f"(data x model); ready in {time.perf_counter() - start:.1f}s[/]"
         )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from grokctl.cli import options
@@ -13,13 +17,36 @@ from grokctl.cli.output import emit_json, out
 from grokctl.config import Settings
 from grokctl.errors import UsageError
 
+_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
 
 def _shape(shape: Any) -> str:
     return "x".join(str(d) for d in shape) if shape else "scalar"
 
 
 def _gib(n: float) -> str:
-    return f"{n / (1 << 30):,.2f} GiB"
+    """Binary units (device memory is sold in GiB): 37.06 GiB, 192.00 MiB, 512 B."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):,.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _emit(table: Table) -> None:
+    """A table on stdout; piped to a file or a pager it keeps its natural width (no folding)."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    wide = out.options.update(max_width=1000)
+    width = max(out.width, Measurement.get(out, wide, table).maximum)
+    Console(file=sys.stdout, width=width, highlight=False, soft_wrap=True).print(table)
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return str(n)
 
 
 def _size(n: float) -> str:
@@ -34,6 +61,7 @@ def inspect(
         Path | None,
         typer.Argument(
             help="Checkpoint directory (holding ckpt-0/). Env: GROKCTL_CHECKPOINT.",
+            metavar="DIR",
             show_default=False,
         ),
     ] = None,
@@ -95,6 +123,7 @@ def inspect(
     if mesh_text is None or mem_text is None:
         detected = lib.detect_device_memory()
     shape = parse_mesh_shape(mesh_text) if mesh_text else (1, detected[2])  # type: ignore[index]
+    mem: int | None
     if mem_text is not None:
         mem, source = lib.parse_memory(str(mem_text)), f"--device-memory {mem_text}"
     else:
@@ -146,7 +175,7 @@ def _print_rules(
                 else ""
             )
         table.add_row(*cells)
-    out.print(table)
+    _emit(table)
 
 
 def _print_report(report: Any) -> None:
@@ -160,44 +189,50 @@ def _print_report(report: Any) -> None:
         title=f"Tensors ({totals['selected_tensors']} of {totals['tensors']}) on a "
         f"{plan.data}x{plan.model} mesh (data x model), layout {report.layout}",
         title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
     )
-    for col in ("parameter", "file", "shape", "dtype", "int8 scales", "on disk", "spec"):
+    for col in ("parameter", "file", "shape", "dtype", "scales", "on disk", "spec"):
         table.add_column(
-            col, justify="right" if col == "on disk" else "left", no_wrap=col == "parameter"
+            col,
+            justify="right" if col == "on disk" else "left",
+            no_wrap=col != "parameter",  # on a narrow terminal the path folds, numbers stay whole
+            overflow="fold",
         )
-    table.add_column("shard / device")
-    table.add_column("bytes / device", justify="right")
+    table.add_column("shard", no_wrap=True)
+    table.add_column("per device", justify="right", no_wrap=True)
     for t in report.selected:
         scales = f"bf16 {_shape(t.scales_shape)}" if t.quantized else ""
         if t.quantized and t.scales_spec != t.spec:
             scales += f" ({t.scales_spec})"  # e.g. 8 scale blocks kept whole over 16 devices
         table.add_row(
             t.name,
-            t.file,
+            t.file.rsplit("/", 1)[-1],
             _shape(t.shape),
-            t.dtype,
+            _DTYPES.get(t.dtype, t.dtype),
             scales,
             f"{t.file_bytes:,}",
             t.spec,
             _shape(t.shard_shape),
             _size(t.device_bytes),
         )
-    out.print(table)
+    _emit(table)
 
     summary = Table(title="Totals", title_justify="left", show_header=False)
     summary.add_column(justify="left")
     summary.add_column(justify="right")
     summary.add_row("tensors (int8)", f"{totals['tensors']} ({totals['int8_tensors']})")
-    summary.add_row("parameters", f"{totals['parameters']:,} ({totals['parameters'] / 1e9:.1f} B)")
+    summary.add_row("parameters", f"{totals['parameters']:,} ({_count(totals['parameters'])})")
     active = totals["active_parameters_per_token"]
-    summary.add_row("active parameters per token", f"{active:,} ({active / 1e9:.1f} B)")
+    summary.add_row("active parameters per token", f"{active:,} ({_count(active)})")
     summary.add_row(
         "bytes on disk", f"{totals['bytes_on_disk']:,} ({_size(totals['bytes_on_disk'])})"
     )
     if totals["selected_tensors"] != totals["tensors"]:
         summary.add_row("selected: on disk", f"{totals['selected_bytes_on_disk']:,}")
         summary.add_row("selected: per device", _size(totals["selected_device_bytes"]))
-    out.print(summary)
+    _emit(summary)
 
     mem = Table(
         title=f"Memory per device: {plan.data}x{plan.model} mesh, batch {plan.batch}"
@@ -227,7 +262,7 @@ def _print_report(report: Any) -> None:
         _gib(plan.device_memory) if plan.device_memory else "unknown",
         plan.device_memory_source,
     )
-    out.print(mem)
+    _emit(mem)
     if plan.fits is None:
         out.print("verdict: unknown (pass --device-memory SIZE)")
     elif plan.fits:
