@@ -70,7 +70,7 @@ class GrokModel:
 
     def generate(
         self,
-        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        prompts: str | Sequence[str | Sequence[int]],
         max_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,

@@ -11,6 +11,7 @@ persistent compilation cache keeps them across runs.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,11 @@ class Engine:
         self._apply = transformed(cfg, self.opts).apply
         # XLA:CPU materialises dequantized weights per call; chunking them is faster on one device.
         self.chunked_qmatmul = jax.default_backend() == "cpu" and mesh.devices.size == 1
-        self._forward = jax.jit(self._forward_impl, static_argnames=("all_logits",), donate_argnums=(2,))
+        self._forward_jit = jax.jit(
+            self._forward_impl, static_argnames=("all_logits",), donate_argnums=(2,)
+        )
+        self._executables: dict[Any, Any] = {}
+        self.compile_seconds = 0.0  # time spent compiling (or loading from the persistent cache)
         # Sampled tokens come back replicated: every process of a multi-host run can read them.
         self._sample = jax.jit(
             sample, static_argnames=("vocab_limit",), out_shardings=shd.replicated(mesh)
@@ -79,11 +84,7 @@ class Engine:
         return -(-batch // d) * d
 
     def _spec(self, shape: tuple[int, ...], spec: tuple[str | None, ...]) -> Any:
-        """Activation specs degrade to replication on axes the mesh does not divide."""
-        fixed = tuple(
-            a if a is None or dim % self.sizes[a] == 0 else None for dim, a in zip(shape, spec)
-        )
-        return shd.named(self.mesh, fixed)
+        return shd.named(self.mesh, shd.fit_spec(shape, spec, self.sizes))
 
     def cache_sharding(self, batch: int, length: int) -> KVCache:
         shapes = cache_shapes(self.cfg, batch, length)
@@ -101,7 +102,7 @@ class Engine:
             lambda: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
             out_shardings=self.cache_sharding(batch, length),
         )
-        return make()
+        return self._run(f"cache{batch}x{length}", make, ())  # type: ignore[no-any-return]
 
     def put_tokens(self, tokens: np.ndarray) -> jax.Array:
         tokens = np.asarray(tokens, np.int32)
@@ -125,11 +126,41 @@ class Engine:
         out.cache.pos = start + advance
         return out._replace(logits=out.logits.astype(jnp.float32))
 
-    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def _run(
+        self, name: str, jitted: Any, args: tuple[Any, ...], skip: int = 0, **static: Any
+    ) -> Any:
+        """Run `jitted`, compiled ahead of time once per input signature, so that compile time
+        (`compile_seconds`) is measured apart from run time. `skip` leading args (the params)
+        do not change between calls and are left out of the key."""
+        leaves = jax.tree_util.tree_leaves(args[skip:])
+        key = (
+            name,
+            *sorted(static.items()),
+            *(
+                (np.shape(a), getattr(a, "dtype", type(a)), getattr(a, "sharding", None))
+                for a in leaves
+            ),
+        )
+        exe = self._executables.get(key)
+        if exe is None:
+            start = time.perf_counter()
+            exe = jitted.lower(*args, **static).compile()
+            self.compile_seconds += time.perf_counter() - start
+            self._executables[key] = exe
+        return exe(*args)
+
+    def _forward(self, *args: Any, all_logits: bool) -> ForwardOut:
+        return self._run("forward", self._forward_jit, args, skip=1, all_logits=all_logits)  # type: ignore[no-any-return]
+
+    def prefill(
+        self, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
         """Right-padded prompts [B, T] with true `lengths` [B] -> (last logits [B, V] f32, cache)."""
         lengths = np.asarray(lengths, np.int32)
         last, adv = self.put_tokens(np.maximum(lengths - 1, 0)), self.put_tokens(lengths)
-        out = self._forward(self.params, self.put_tokens(tokens), cache, last, adv, all_logits=False)
+        out = self._forward(
+            self.params, self.put_tokens(tokens), cache, last, adv, all_logits=False
+        )
         return out.logits[:, 0, :], out.cache
 
     def decode(self, tokens: np.ndarray | jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -169,12 +200,12 @@ class Engine:
     ) -> jax.Array:
         # numpy arguments (not single-device arrays): identical on every process, they enter
         # the program replicated, as a multi-process jit requires.
-        return self._sample(
+        args = (
             logits,
             np.asarray(row_seeds, np.int32),
             np.asarray(step, np.int32),
             np.asarray(temperature, np.float32),
             np.asarray(top_p, np.float32),
             np.asarray(top_k, np.int32),
-            vocab_limit=int(vocab_limit),
         )
+        return self._run("sample", self._sample, args, vocab_limit=int(vocab_limit))  # type: ignore[no-any-return]

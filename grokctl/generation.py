@@ -56,6 +56,7 @@ class Completion:
     prompt: str | None = None
     prefill_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0
+    compile_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +68,7 @@ class Completion:
             "generated_tokens": len(self.token_ids),
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+            "compile_seconds": round(self.compile_seconds, 3),
         }
 
 
@@ -129,12 +131,14 @@ def generate(
     top_k = np.full(b, params.top_k, np.int32)
     limit = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
 
+    compile0 = engine.compile_seconds
     t0 = time.perf_counter()
     cache = engine.new_cache(b, cache_len)
     logits, cache = engine.prefill(tokens, lengths, cache)
     next_tok = engine.sample(logits, np.array(seeds), 0, temp, top_p, top_k, limit)
     host_tok = np.asarray(jax.device_get(next_tok))
-    t_prefill = time.perf_counter() - t0
+    t_prefill = time.perf_counter() - t0 - (engine.compile_seconds - compile0)
+    compile1 = engine.compile_seconds
 
     out: list[list[int]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
@@ -172,7 +176,8 @@ def generate(
         logits, cache = engine.decode(next_tok, cache)
         next_tok = engine.sample(logits, np.array(seeds), step, temp, top_p, top_k, limit)
         host_tok = np.asarray(jax.device_get(next_tok))
-    t_decode = time.perf_counter() - t1
+    t_decode = time.perf_counter() - t1 - (engine.compile_seconds - compile1)
+    compile_s = engine.compile_seconds - compile0
 
     results = []
     for i, p in enumerate(prompts):
@@ -185,8 +190,9 @@ def generate(
                 token_ids=out[i],
                 finish_reason=finish[i] or FINISH_LENGTH,
                 text=final,
-                prefill_tokens_per_s=float(lengths[:n].sum()) / t_prefill if t_prefill else 0.0,
-                decode_tokens_per_s=(step * n) / t_decode if t_decode and step else 0.0,
+                prefill_tokens_per_s=float(lengths[:n].sum()) / t_prefill if t_prefill > 0 else 0.0,
+                decode_tokens_per_s=(step * n) / t_decode if t_decode > 0 and step else 0.0,
+                compile_seconds=compile_s,
             )
         )
     return results

@@ -273,7 +273,7 @@ def test_memory_plan_against_xla_memory_analysis(grok_tiny: Path) -> None:
         cache = eng.new_cache(batch, seq)
         tokens = eng.put_tokens(np.ones((batch, seq), np.int32))
         lengths = eng.put_tokens(np.full(batch, seq, np.int32))
-        compiled = eng._forward.lower(
+        compiled = eng._forward_jit.lower(
             eng.params, tokens, cache, lengths, lengths, all_logits=False
         ).compile()
         stats = compiled.memory_analysis()

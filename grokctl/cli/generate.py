@@ -20,7 +20,9 @@ def parse_token_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
     except ValueError:
-        raise UsageError(f"--token-ids {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
+        raise UsageError(
+            f"--token-ids {text!r}: expected comma-separated integers, e.g. 1,2,3"
+        ) from None
     if not ids:
         raise UsageError("--token-ids is empty")
     return ids
@@ -38,18 +40,49 @@ def read_prompts_file(path: Path) -> list[str]:
 
 
 def generate(
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt text; repeat for a batch.")] = None,
-    prompts_file: Annotated[Optional[Path], typer.Option("--prompts-file", help="One prompt per line ('-' = stdin).")] = None,
-    token_ids: Annotated[Optional[list[str]], typer.Option("--token-ids", help="A prompt as token ids, e.g. 1,2,3 (no tokenizer needed); repeatable.")] = None,
+    prompt: Annotated[
+        Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt text; repeat for a batch.")
+    ] = None,
+    prompts_file: Annotated[
+        Optional[Path], typer.Option("--prompts-file", help="One prompt per line ('-' = stdin).")
+    ] = None,
+    token_ids: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--token-ids",
+            help="A prompt as token ids, e.g. 1,2,3 (no tokenizer needed); repeatable.",
+        ),
+    ] = None,
     checkpoint: options.Checkpoint = None,
-    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="SentencePiece model (default: <checkpoint>/tokenizer.model).")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="New tokens per prompt at most.")] = 64,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
-    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0 = off).")] = 0,
+    tokenizer: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--tokenizer", help="SentencePiece model (default: <checkpoint>/tokenizer.model)."
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", "-n", min=1, help="New tokens per prompt at most.")
+    ] = 64,
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")
+    ] = 0.0,
+    top_p: Annotated[
+        float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")
+    ] = 1.0,
+    top_k: Annotated[
+        int, typer.Option("--top-k", min=0, help="Keep the k most likely tokens (0 = off).")
+    ] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears (repeatable).")] = None,
-    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Stream tokens (default: single prompt on a terminal).")] = None,
+    stop: Annotated[
+        Optional[list[str]],
+        typer.Option("--stop", help="Stop when this text appears (repeatable)."),
+    ] = None,
+    stream: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--stream/--no-stream", help="Stream tokens (default: single prompt on a terminal)."
+        ),
+    ] = None,
     preset: options.Preset = None,
     mesh: options.Mesh = None,
     moe: options.MoeKernel = None,
@@ -144,7 +177,8 @@ def generate(
             sys.stdout.flush()
         info(
             f"[dim]{len(r.token_ids)} tokens, finish: {r.finish_reason}, prefill "
-            f"{r.prefill_tokens_per_s:.1f} tok/s, decode {r.decode_tokens_per_s:.1f} tok/s[/]"
+            f"{r.prefill_tokens_per_s:.1f} tok/s, decode {r.decode_tokens_per_s:.1f} tok/s, "
+            f"compile {r.compile_seconds:.1f}s[/]"
         )
 
 

@@ -59,7 +59,7 @@ def random_checkpoint(
         emit_json(result)
     else:
         info(
-            f"wrote {result['tensors']} tensors ({human_bytes(result['bytes'])}, "
+            f"wrote {result['tensors']} tensors ({human_bytes(index.file_bytes)}, "
             f"{cfg.param_count() / 1e6:.1f} M parameters) to {path}"
         )
 
