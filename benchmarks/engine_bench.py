@@ -57,11 +57,16 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--no-chunk", action="store_true", help="disable the chunked int8 matmul (A/B against it)"
+    )
     a = ap.parse_args()
     d, m = (int(x) for x in a.mesh.split("x"))
     mesh = make_mesh(a.mesh, jax.devices()[: d * m])
     model = grokctl.load_model(a.checkpoint, mesh=mesh, moe=a.moe)
     eng, cfg = model.engine, model.config
+    if a.no_chunk:
+        eng.chunked_qmatmul = False
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, cfg.vocab_size, (a.batch, a.prompt)).astype(np.int32)
     lengths = np.full(a.batch, a.prompt, np.int32)
@@ -89,6 +94,7 @@ def main() -> None:
     result = {
         "checkpoint": a.checkpoint,
         "moe": a.moe,
+        "chunked_qmatmul": eng.chunked_qmatmul,
         "mesh": a.mesh,
         "batch": a.batch,
         f"pp{a.prompt}_tok_s": [round(statistics.mean(pre), 1), round(statistics.pstdev(pre), 1)],
