@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from grokctl.config import ModelConfig
 from grokctl.engine import Engine, bucket
 from grokctl.errors import UsageError
 from grokctl.sampling import row_seed
@@ -81,22 +82,11 @@ def _stop_cut(text: str, stops: Sequence[str]) -> int | None:
     return min(cuts) if cuts else None
 
 
-def generate(
-    engine: Engine,
-    prompts: Sequence[Sequence[int]],
-    params: SamplingParams,
-    decode_text: Decoder | None = None,
-    vocab_limit: int | None = None,
-    on_token: OnToken | None = None,
-) -> list[Completion]:
-    params.validate()
-    cfg = engine.cfg
+def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]]) -> None:
+    """Refuse empty prompts, ids outside the vocabulary and prompts that fill the context
+    (never truncated silently); cheap, so callers run it before loading weights."""
     if not prompts:
         raise UsageError("no prompt given")
-    if params.stop and decode_text is None:
-        raise UsageError(
-            "--stop needs a tokenizer to compare text (not available with --token-ids alone)"
-        )
     ctx = cfg.sequence_len
     for i, p in enumerate(prompts):
         if len(p) == 0:
@@ -111,6 +101,24 @@ def generate(
             raise UsageError(
                 f"prompt {i}: token id {bad[0]} outside the vocabulary 0..{cfg.vocab_size - 1}"
             )
+
+
+def generate(
+    engine: Engine,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    decode_text: Decoder | None = None,
+    vocab_limit: int | None = None,
+    on_token: OnToken | None = None,
+) -> list[Completion]:
+    params.validate()
+    cfg = engine.cfg
+    if params.stop and decode_text is None:
+        raise UsageError(
+            "--stop needs a tokenizer to compare text (not available with --token-ids alone)"
+        )
+    check_prompts(cfg, prompts)
+    ctx = cfg.sequence_len
 
     n = len(prompts)
     b = engine.padded_batch(n)

@@ -145,6 +145,7 @@ def test_prompt_longer_than_context_is_an_error_not_truncation(demo_ckpt: Path) 
     assert run.code == 2
     line = one_line_error(run)
     assert "1024 tokens" in line and "never truncated" in line
+    assert "loaded" not in run.err  # refused before any weight was loaded
 
 
 def test_missing_tokenizer_is_reported(demo_ckpt: Path, tmp_path: Path) -> None:

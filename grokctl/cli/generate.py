@@ -117,6 +117,19 @@ def generate(
     )
     primary = distributed.is_primary() if multi else True
 
+    # Everything that can be refused is refused before minutes of weight loading.
+    from grokctl.checkpoint.index import checkpoint_root
+    from grokctl.config import load_model_config
+    from grokctl.generation import SamplingParams, check_prompts
+    from grokctl.tokenizer import Tokenizer, resolve_tokenizer_path
+
+    root = checkpoint_root(ckpt)
+    tokenizer_path = s.get("tokenizer", tokenizer, kind=Path)
+    early = Tokenizer(resolve_tokenizer_path(tokenizer_path, root)) if texts else None
+    encoded = [early.encode(t) for t in texts] if early else []
+    check_prompts(load_model_config(root, s.get("preset", preset)), [*encoded, *id_prompts])
+    SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop or ())).validate()
+
     from grokctl.api import load_model
 
     start = time.perf_counter()
@@ -128,7 +141,7 @@ def generate(
             moe=moe_kernel,
             layout=s.get("layout", layout, "tensor"),
             preset=s.get("preset", preset),
-            tokenizer=s.get("tokenizer", tokenizer, kind=Path),
+            tokenizer=tokenizer_path,
             require_tokenizer=bool(texts),
             on_progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
