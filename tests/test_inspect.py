@@ -15,7 +15,6 @@ import pytest
 
 import grokctl
 from grokctl import inspect as lib
-from grokctl.checkpoint.layout import param_specs, tensor_filename
 from grokctl.cli.app import main
 from grokctl.config import preset
 from grokctl.model import sharding as shd
@@ -295,36 +294,12 @@ def test_memory_plan_against_xla_memory_analysis(grok_tiny: Path) -> None:
 # --- a full-size stand-in of the release: 770 sparse files, read by the real index -------------
 
 
-def _write_sparse_release(ckpt: Path) -> None:
-    """The released files byte for byte except that array payloads are holes (no disk used)."""
-    from grokctl import release_layout as rl
-
-    class SparsePickler(rl._SizingPickler):
-        dispatch = dict(rl._SizingPickler.dispatch)
-
-        def __init__(self, fh: Any):
-            super().__init__(fh)
-            self.fh = fh
-
-        def save_payload(self, obj: Any) -> None:
-            rl._SizingPickler.save_payload(self, obj)  # the BINBYTES header
-            self.fh.seek(obj.n, os.SEEK_CUR)  # ... then a hole where the data would be
-
-        dispatch[rl._Payload] = save_payload
-
-    ckpt.mkdir(parents=True)
-    for i, spec in enumerate(param_specs(preset("grok-1"))):
-        with open(ckpt / tensor_filename(i), "wb") as fh:
-            SparsePickler(fh).dump(rl._stand_in(spec))
-            fh.truncate()
-        if i == 0 and os.stat(ckpt / tensor_filename(0)).st_blocks * 512 > 1 << 20:
-            pytest.skip("this filesystem has no sparse files")
-
-
 def test_inspect_a_full_size_release_reads_headers_only(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _write_sparse_release(tmp_path / "grok-1" / "ckpt-0")
+    from grokctl.release_layout import write_sparse_checkpoint
+
+    write_sparse_checkpoint(tmp_path / "grok-1", preset("grok-1"))
     start = time.perf_counter()
     r = run_json(capsys, str(tmp_path / "grok-1"), "--mesh", "1x8", "--device-memory", "80")
     assert time.perf_counter() - start < 30
