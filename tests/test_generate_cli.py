@@ -157,3 +157,13 @@ def test_missing_tokenizer_is_reported(demo_ckpt: Path, tmp_path: Path) -> None:
     assert "--tokenizer" in one_line_error(run)
     ok = grokctl("generate", "-c", str(ckpt), "--token-ids", "5,6", "-n", "2", "--json")
     assert ok.code == 0 and ok.json_lines()[0]["text"] is None
+
+
+def test_streaming_never_prints_the_stop_string(demo_ckpt: Path, greedy: dict) -> None:
+    text = greedy["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    run = grokctl(
+        "generate", "-c", str(demo_ckpt), "-p", PROMPT, "-n", "12", "--stop", stop, "--stream"
+    )
+    assert run.code == 0, run.err
+    assert run.out == text[: text.find(stop)] + "\n"

@@ -159,7 +159,8 @@ def generate(
     all_prompts: list[str | list[int]] = [*texts, *id_prompts]
     streaming = stream if stream is not None else (len(all_prompts) == 1 and sys.stdout.isatty())
     streaming = streaming and not json_out and primary and model.tokenizer is not None
-    on_token = _Streamer(model.tokenizer.decode) if streaming and model.tokenizer else None
+    stops = tuple(stop or ())
+    on_token = _Streamer(model.tokenizer.decode, stops) if streaming and model.tokenizer else None
 
     if on_token is not None and texts:
         err.print(texts[0], style="dim", end="")  # the prompt, then the completion streams on
@@ -196,10 +197,13 @@ def generate(
 
 
 class _Streamer:
-    """Prints the growing text of row 0 as tokens arrive (whole characters only)."""
+    """Prints the growing text of row 0 as tokens arrive: whole characters only, and holding
+    back a tail that could still turn into a stop string (which is never printed)."""
 
-    def __init__(self, decode: Callable[[list[int]], str]):
+    def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...] = ()):
         self.decode = decode
+        self.stops = tuple(s for s in stops if s)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.ids: list[int] = []
         self.shown = ""
 
@@ -208,10 +212,14 @@ class _Streamer:
             return
         self.ids.append(token)
         text = self.decode(self.ids)
-        if text.startswith(self.shown) and not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(self.shown) :])
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return
+        cuts = [text.find(s) for s in self.stops if s in text]
+        ready = text[: min(cuts)] if cuts else text[: len(text) - self.hold]
+        if ready.startswith(self.shown) and len(ready) > len(self.shown):
+            sys.stdout.write(ready[len(self.shown) :])
             sys.stdout.flush()
-            self.shown = text
+            self.shown = ready
 
     def finish(self, final: str) -> None:
         if final.startswith(self.shown):
