@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import ml_dtypes
@@ -391,11 +390,3 @@ def _parse(r: _Reader) -> Any:  # noqa: C901 - one opcode table, read top to bot
             target.build(state)
         else:
             raise _refuse(path, f"opcode {op!r}", pos)
-
-
-def read_tensor(path: str | Path) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Memory-mapped view of a tensor file: an array, or (weight, scales) for int8 weights."""
-    ref = parse_tensor_file(path)
-    if isinstance(ref, QuantRef):
-        return ref.weight.memmap(), ref.scales.memmap()
-    return ref.memmap()

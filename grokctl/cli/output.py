@@ -32,10 +32,6 @@ def info(msg: str) -> None:
     err.print(msg)
 
 
-def warn(msg: str) -> None:
-    err.print(f"[yellow]warning:[/] {msg}")
-
-
 def emit_json(obj: Any) -> None:
     """One JSON document on stdout (one line, so `jq` and line readers both work)."""
     sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
@@ -48,10 +44,6 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "__fspath__"):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def progress_enabled(json_mode: bool = False) -> bool:
-    return not json_mode and err.is_terminal
 
 
 class _NoProgress:

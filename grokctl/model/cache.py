@@ -45,13 +45,3 @@ def cache_shapes(cfg: ModelConfig, batch: int, length: int) -> KVCache:
         pos=jax.ShapeDtypeStruct((batch,), jnp.int32),
         valid=jax.ShapeDtypeStruct((batch, length), jnp.bool_),
     )
-
-
-def new_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
-    zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
-    return jax.tree_util.tree_map(zeros, cache_shapes(cfg, batch, length))
-
-
-def cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
-    per_layer = 2 * batch * length * cfg.num_kv_heads * cfg.key_size * 2
-    return cfg.num_layers * per_layer + batch * (length + 4)

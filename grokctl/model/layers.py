@@ -11,7 +11,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grokctl.model.quant import QuantizedWeight8bit, qmatmul
+from grokctl.model.quant import qmatmul
 
 BF16 = jnp.bfloat16
 F32 = jnp.float32
@@ -47,7 +47,3 @@ def rms_norm_apply(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(F32)
     ms = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
     return (scale.astype(F32) * (xf * jax.lax.rsqrt(ms + eps))).astype(x.dtype)
-
-
-def is_quantized(w: Any) -> bool:
-    return isinstance(w, QuantizedWeight8bit)
