@@ -106,23 +106,29 @@ def load_model(
     moe: str = "sparse",
     layout: str = "tensor",
     preset: str | None = None,
-    tokenizer: str | os.PathLike[str] | None = None,
+    tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
     require_tokenizer: bool = False,
     on_progress: Any = None,
 ) -> GrokModel:
-    """Index the checkpoint, place its weights on `mesh` (default: all devices on 'model')."""
+    """Index the checkpoint, place its weights on `mesh` (default: all devices on 'model').
+
+    `tokenizer`: a path, an already loaded Tokenizer, or None for <checkpoint>/tokenizer.model
+    (optional unless `require_tokenizer`). It is resolved before any weight is loaded."""
     enable_compilation_cache()
     index = CheckpointIndex.open(path, preset=preset)
+    tok = None
+    if isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    else:
+        try:
+            tok = Tokenizer(resolve_tokenizer_path(tokenizer, checkpoint_root(path)))
+        except Exception:
+            if require_tokenizer or tokenizer is not None:
+                raise
     if not isinstance(mesh, Mesh):
         mesh = make_mesh(mesh)
     params, stats = load_params(index, mesh, layout, on_progress)
     engine = Engine(index.config, params, mesh, moe_kernel=moe)
-    tok = None
-    try:
-        tok = Tokenizer(resolve_tokenizer_path(tokenizer, checkpoint_root(path)))
-    except Exception:
-        if require_tokenizer or tokenizer is not None:
-            raise
     return GrokModel(index, engine, stats, tok)
 
 

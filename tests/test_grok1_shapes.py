@@ -43,18 +43,22 @@ def _abstract_params(cfg, mesh):  # type: ignore[no-untyped-def]
     return params
 
 
+def _abstract_cache(engine: Engine, batch: int, length: int):  # type: ignore[no-untyped-def]
+    """The KV cache as ShapeDtypeStructs with the engine's shardings."""
+    return jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        cache_shapes(engine.cfg, batch, length),
+        engine.cache_sharding(batch, length),
+    )
+
+
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
 def test_grok1_program_lowers_on_1x8(phase: str) -> None:
     cfg = preset("grok-1")
     mesh = make_mesh("1x8", jax.devices()[:8])
     engine = Engine(cfg, _abstract_params(cfg, mesh), mesh)
     batch, length, t = 1, 1024, (128 if phase == "prefill" else 1)
-    cache_sharding = engine.cache_sharding(batch, length)
-    cache = jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        cache_shapes(cfg, batch, length),
-        cache_sharding,
-    )
+    cache = _abstract_cache(engine, batch, length)
     rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
     tokens = jax.ShapeDtypeStruct((batch, t), jnp.int32)
     start = time.perf_counter()
@@ -86,11 +90,7 @@ def test_grok1_decode_compiles_and_fits_the_inspect_plan() -> None:
     mesh = make_mesh("1x8", jax.devices()[:8])
     engine = Engine(cfg, _abstract_params(cfg, mesh), mesh)
     batch, length = 1, 1024
-    cache = jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        cache_shapes(cfg, batch, length),
-        engine.cache_sharding(batch, length),
-    )
+    cache = _abstract_cache(engine, batch, length)
     rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
     tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
     compiled = engine._forward_jit.lower(

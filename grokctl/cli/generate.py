@@ -141,7 +141,7 @@ def generate(
             moe=moe_kernel,
             layout=s.get("layout", layout, "tensor"),
             preset=s.get("preset", preset),
-            tokenizer=tokenizer_path,
+            tokenizer=early or tokenizer_path,  # the tokenizer already loaded, if any
             require_tokenizer=bool(texts),
             on_progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
@@ -156,7 +156,7 @@ def generate(
             f"(data x model); ready in {time.perf_counter() - start:.1f}s[/]"
         )
 
-    all_prompts: list[str | list[int]] = [*texts, *id_prompts]
+    all_prompts: list[list[int]] = [*encoded, *id_prompts]  # texts encoded once, above
     streaming = stream if stream is not None else (len(all_prompts) == 1 and sys.stdout.isatty())
     streaming = streaming and not json_out and primary and model.tokenizer is not None
     stops = tuple(stop or ())
@@ -174,6 +174,8 @@ def generate(
         stop=tuple(stop or ()),
         on_token=on_token,
     )
+    for r, text in zip(results, texts):  # label the text prompts (they went in as ids)
+        r.prompt = text
     if not primary:
         return
     if json_out:
