@@ -30,7 +30,7 @@ from typing import Any
 
 from grokctl.checkpoint.index import CKPT_SUBDIR, CheckpointIndex
 from grokctl.checkpoint.layout import BF16, INT8, param_specs, tensor_filename
-from grokctl.checkpoint.safe_pickle import QuantRef
+from grokctl.checkpoint.refs import QuantRef
 from grokctl.config import ModelConfig
 from grokctl.errors import UsageError
 from grokctl.model import sharding as shd

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from grokctl.checkpoint.index import CheckpointIndex, IndexEntry
-from grokctl.checkpoint.safe_pickle import ArrayRef, QuantRef
+from grokctl.checkpoint.refs import ArrayRef, QuantRef
 from grokctl.errors import IntegrityError
 from grokctl.model.quant import QuantizedWeight8bit
 from grokctl.model.sharding import mesh_shape, named, param_spec

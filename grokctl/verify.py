@@ -25,14 +25,15 @@ from typing import Any
 import numpy as np
 
 from grokctl.checkpoint.index import CKPT_SUBDIR, check_entry
-from grokctl.checkpoint.safe_pickle import ArrayRef, QuantRef, parse_tensor_file
-from grokctl.cli.output import human_bytes
+from grokctl.checkpoint.refs import ArrayRef, QuantRef
+from grokctl.checkpoint.safe_pickle import parse_tensor_file
 from grokctl.config import CONFIG_FILENAME, load_model_config
 from grokctl.errors import IntegrityError, MissingResourceError, UsageError
 from grokctl.fetch.common import PARTIAL_DIR, sha256_file
 from grokctl.fetch.manifest import MANIFEST_NAME, Manifest
 from grokctl.release_layout import expected_files, expected_specs
 from grokctl.tokenizer import GROK1_TOKENIZER_BYTES, GROK1_TOKENIZER_SHA256, TOKENIZER_FILENAME
+from grokctl.units import human_bytes
 
 # on_phase(description, total_bytes) -> callback receiving bytes done (progress bars).
 PhaseCallback = Callable[[str, int], Callable[[int], None]]

@@ -15,7 +15,8 @@ import pytest
 
 from grokctl.checkpoint.index import CheckpointIndex
 from grokctl.checkpoint.layout import param_specs
-from grokctl.checkpoint.safe_pickle import QuantRef, parse_tensor_file
+from grokctl.checkpoint.refs import QuantRef
+from grokctl.checkpoint.safe_pickle import parse_tensor_file
 from grokctl.checkpoint.writer import QuantizedWeight8bit, dumps_tensor
 from grokctl.config import preset
 from grokctl.errors import IntegrityError, UnsafePickleError

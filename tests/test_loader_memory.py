@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from grokctl.checkpoint.index import CheckpointIndex
-from grokctl.checkpoint.safe_pickle import QuantRef, parse_tensor_file
+from grokctl.checkpoint.refs import QuantRef
+from grokctl.checkpoint.safe_pickle import parse_tensor_file
 from grokctl.checkpoint.writer import QuantizedWeight8bit, dump_tensor, write_checkpoint
 from grokctl.config import preset
 from grokctl.loader import load_params, read_slice

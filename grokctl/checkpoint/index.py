@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from grokctl.checkpoint.layout import ParamSpec, param_specs, tensor_filename
-from grokctl.checkpoint.safe_pickle import ArrayRef, QuantRef, TensorRef, parse_tensor_file
+from grokctl.checkpoint.refs import ArrayRef, QuantRef, TensorRef
+from grokctl.checkpoint.safe_pickle import parse_tensor_file
 from grokctl.config import ModelConfig, load_model_config
 from grokctl.errors import IntegrityError, MissingResourceError
 

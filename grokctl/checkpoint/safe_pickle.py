@@ -23,54 +23,8 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
+from grokctl.checkpoint.refs import ArrayRef, QuantRef, TensorRef
 from grokctl.errors import IntegrityError, UnsafePickleError
-
-
-@dataclasses.dataclass(frozen=True)
-class ArrayRef:
-    """Where one array's raw bytes sit in a file."""
-
-    path: str
-    offset: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    fortran_order: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-    def memmap(self) -> np.ndarray:
-        """Read-only memory map of the array (no copy)."""
-        if self.nbytes == 0:
-            return np.zeros(self.shape, self.dtype)
-        return np.memmap(
-            self.path,
-            dtype=self.dtype,
-            mode="r",
-            offset=self.offset,
-            shape=self.shape,
-            order="F" if self.fortran_order else "C",
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantRef:
-    """A `QuantizedWeight8bit`: int8 `weight` [..., K, N] and bf16 `scales` [..., G, N]."""
-
-    weight: ArrayRef
-    scales: ArrayRef
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.nbytes + self.scales.nbytes
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.weight.shape
-
-
-TensorRef = ArrayRef | QuantRef
 
 # --- the allow-list ----------------------------------------------------------------------------
 

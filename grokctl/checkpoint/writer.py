@@ -10,11 +10,8 @@ gets its `config.json` last, so a half-written one never looks complete.
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from grokctl.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
 from grokctl.checkpoint.index import CKPT_SUBDIR
 from grokctl.checkpoint.layout import ParamSpec, param_specs, tensor_filename
 from grokctl.config import CONFIG_FILENAME, ModelConfig
@@ -62,26 +60,6 @@ def dumps_tensor(obj: np.ndarray | QuantizedWeight8bit) -> bytes:
     buf = io.BytesIO()
     _ReleasePickler(buf, protocol=4).dump(obj)
     return buf.getvalue()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write to a temporary name beside `path`, then rename: never a partial file under it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is shared data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def dump_tensor(path: str | os.PathLike[str], obj: np.ndarray | QuantizedWeight8bit) -> None:
@@ -133,10 +111,7 @@ def write_checkpoint(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"{out} exists and is not empty (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
+    with atomic_dir(out) as tmp:
         ckpt = tmp / CKPT_SUBDIR
         ckpt.mkdir()
         specs = param_specs(cfg)
@@ -146,13 +121,7 @@ def write_checkpoint(
                 on_tensor(i + 1, len(specs))
         for name, data in (extra_files or {}).items():
             atomic_write_bytes(tmp / name, data)
-        atomic_write_bytes(tmp / CONFIG_FILENAME, json.dumps(cfg.to_json_dict(), indent=1).encode())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / CONFIG_FILENAME, cfg.to_json_dict())
     return out
 
 

@@ -24,6 +24,10 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from grokctl.units import human_bytes
+
+__all__ = ["emit_json", "err", "human_bytes", "info", "out", "progress"]
+
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
@@ -82,11 +86,3 @@ def progress(kind: str = "items", enabled: bool = True) -> Iterator[Any]:
         )
     with Progress(*columns, console=err, transient=True) as bar:
         yield bar
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"

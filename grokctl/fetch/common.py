@@ -11,8 +11,8 @@ import shutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from grokctl.cli.output import human_bytes
 from grokctl.errors import GrokctlError, MissingResourceError
+from grokctl.units import human_bytes
 
 DEFAULT_INCLUDE = ("ckpt-0/*",)
 PARTIAL_DIR = ".grokctl-partial"
@@ -103,14 +103,6 @@ def git_blob_sha1(path: str | os.PathLike[str]) -> str:
     """Git's object id of a file (what the hub reports for files not stored in LFS)."""
     h = hashlib.sha1(f"blob {os.path.getsize(path)}\0".encode())
     return sha256_file(path, hasher=h)
-
-
-def replace_into(tmp: Path, dest: Path) -> None:
-    """Flush `tmp` to disk and rename it to `dest` (the only way a file gets a final name)."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, dest)
 
 
 def prune_partial(root: Path) -> None:

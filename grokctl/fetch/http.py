@@ -22,9 +22,10 @@ from typing import Any
 
 import httpx2
 
-from grokctl.cli.output import human_bytes
+from grokctl.atomic import replace_into
 from grokctl.errors import GrokctlError, IntegrityError, MissingResourceError
-from grokctl.fetch.common import replace_into, sha256_file
+from grokctl.fetch.common import sha256_file
+from grokctl.units import human_bytes
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}

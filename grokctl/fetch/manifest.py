@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from grokctl.checkpoint.writer import atomic_write_bytes
+from grokctl.atomic import atomic_write_json
 from grokctl.errors import IntegrityError
 
 MANIFEST_NAME = "grokctl-manifest.json"
@@ -130,9 +130,8 @@ class Manifest:
                 return
             self._last_save = now
             self.updated = now_iso()
-            data = json.dumps(self.to_json(), indent=1).encode()
             self.root.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.path, data)
+            atomic_write_json(self.path, self.to_json())
 
 
 _RECORD_FIELDS = {f.name for f in dataclasses.fields(FileRecord)}

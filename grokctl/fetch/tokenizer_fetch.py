@@ -13,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from grokctl.atomic import replace_into
 from grokctl.errors import IntegrityError, MissingResourceError
-from grokctl.fetch.common import partial_dir, prune_partial, replace_into, sha256_file
+from grokctl.fetch.common import partial_dir, prune_partial, sha256_file
 from grokctl.fetch.http import Transfer, part_path, transfer
 from grokctl.fetch.manifest import FileRecord, Manifest
 from grokctl.tokenizer import GROK1_TOKENIZER_BYTES, GROK1_TOKENIZER_SHA256, TOKENIZER_FILENAME

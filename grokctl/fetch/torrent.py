@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from grokctl.checkpoint.writer import atomic_write_bytes
+from grokctl.atomic import atomic_write_bytes
 from grokctl.errors import GrokctlError, UsageError
 from grokctl.fetch.common import check_disk_space, partial_dir, prune_partial, select, sha256_file
 from grokctl.fetch.manifest import FileRecord, Manifest
