@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grokctl.checkpoint.writer import quantize_int8
 from grokctl.model.quant import QuantizedWeight8bit, chunked_qmatmul, qmatmul
+from grokctl.quantizers.int8 import quantize_int8
 
 
 def median_ms(fn, *args, reps: int = 20) -> float:  # type: ignore[no-untyped-def]

@@ -26,11 +26,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from pathlib import Path
 from typing import Any
 
-from grokctl.checkpoint.index import CKPT_SUBDIR, CheckpointIndex
-from grokctl.checkpoint.layout import BF16, INT8, param_specs, tensor_filename
+from grokctl.checkpoint.index import CheckpointIndex
+from grokctl.checkpoint.layout import BF16, INT8, param_specs
 from grokctl.checkpoint.refs import QuantRef
+from grokctl.checkpoint.xai.files import CKPT_SUBDIR, tensor_filename
 from grokctl.config import ModelConfig
 from grokctl.errors import UsageError
 from grokctl.model import sharding as shd
@@ -83,7 +85,7 @@ def tensors_from_index(index: CheckpointIndex) -> list[TensorInfo]:
     """Every leaf of an opened checkpoint, as its files hold it (headers only)."""
     out = []
     for e in index:
-        rel = f"{CKPT_SUBDIR}/{e.path.rsplit('/', 1)[-1]}"
+        rel = Path(e.path).relative_to(index.root).as_posix()
         if isinstance(e.ref, QuantRef):
             w, s = e.ref.weight, e.ref.scales
             out.append(
@@ -103,7 +105,7 @@ def tensors_from_index(index: CheckpointIndex) -> list[TensorInfo]:
 
 def tensors_from_config(cfg: ModelConfig) -> list[TensorInfo]:
     """Every leaf the released format writes for `cfg`, with exact file sizes, from shapes."""
-    from grokctl.release_layout import tensor_file_size
+    from grokctl.checkpoint.xai.sizes import tensor_file_size
 
     out = []
     for i, spec in enumerate(param_specs(cfg)):

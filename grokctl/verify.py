@@ -2,10 +2,10 @@
 
 Checks, cheapest first:
 - sizes: every expected file is there with its exact size. Expected = the files of
-  `grokctl-manifest.json`, or without one the released layout (`release_layout`: 770 files with
+  `grokctl-manifest.json`, or without one the released layout (`checkpoint.xai.sizes`: 770 files with
   their exact sizes for grok-1, computed from the model config for other checkpoints);
 - structure: every tensor file parses with the safe reader and holds the shape and dtype the
-  model config says (`checkpoint.index.check_entry`); `deep` also scans floats for NaN/Inf;
+  model config says (`checkpoint.xai.reader.check_entry`); `deep` also scans floats for NaN/Inf;
 - sha256 of every file the manifest gives one for, in parallel over the cores;
 - `torrent`: every piece re-hashed against the torrent's piece hashes.
 The result is a `VerifyReport` (missing / corrupt / unexpected files); nothing raises for a bad
@@ -24,14 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from grokctl.checkpoint.index import CKPT_SUBDIR, check_entry
 from grokctl.checkpoint.refs import ArrayRef, QuantRef
-from grokctl.checkpoint.safe_pickle import parse_tensor_file
+from grokctl.checkpoint.xai.files import CKPT_SUBDIR
+from grokctl.checkpoint.xai.reader import check_entry
+from grokctl.checkpoint.xai.safe_pickle import parse_tensor_file
+from grokctl.checkpoint.xai.sizes import expected_files, expected_specs
 from grokctl.config import CONFIG_FILENAME, load_model_config
 from grokctl.errors import IntegrityError, MissingResourceError, UsageError
 from grokctl.fetch.common import PARTIAL_DIR, sha256_file
 from grokctl.fetch.manifest import MANIFEST_NAME, Manifest
-from grokctl.release_layout import expected_files, expected_specs
 from grokctl.tokenizer import GROK1_TOKENIZER_BYTES, GROK1_TOKENIZER_SHA256, TOKENIZER_FILENAME
 from grokctl.units import human_bytes
 

@@ -38,7 +38,7 @@ def demo_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small random-weight checkpoint (grok-demo preset, 2 layers) in the released format."""
     import dataclasses
 
-    from grokctl.checkpoint.writer import write_random_checkpoint
+    from grokctl.checkpoint.xai.writer import write_random_checkpoint
     from grokctl.config import preset
 
     cfg = dataclasses.replace(preset("grok-demo"), num_layers=2)

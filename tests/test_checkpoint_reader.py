@@ -16,12 +16,12 @@ import pytest
 from grokctl.checkpoint.index import CheckpointIndex
 from grokctl.checkpoint.layout import param_specs
 from grokctl.checkpoint.refs import QuantRef
-from grokctl.checkpoint.safe_pickle import parse_tensor_file
-from grokctl.checkpoint.writer import QuantizedWeight8bit, dumps_tensor
+from grokctl.checkpoint.xai.safe_pickle import parse_tensor_file
+from grokctl.checkpoint.xai.sizes import write_sparse_checkpoint
+from grokctl.checkpoint.xai.writer import ReleaseQuantWeight, dumps_tensor
 from grokctl.config import preset
 from grokctl.errors import IntegrityError, UnsafePickleError
 from grokctl.model.transformer import param_shapes
-from grokctl.release_layout import write_sparse_checkpoint
 from tests.helpers import grokctl, one_line_error
 
 GROK1_BYTES = 318_239_886_140
@@ -64,7 +64,7 @@ def test_redump_is_byte_identical_to_release(grok_tiny: Path) -> None:
     for entry, m in zip(CheckpointIndex.open(grok_tiny), _manifest(grok_tiny)):
         arr = entry.load()
         obj = (
-            QuantizedWeight8bit(np.asarray(arr[0]), np.asarray(arr[1]))
+            ReleaseQuantWeight(np.asarray(arr[0]), np.asarray(arr[1]))
             if isinstance(arr, tuple)
             else np.asarray(arr)
         )

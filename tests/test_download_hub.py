@@ -26,7 +26,7 @@ BIG = "ckpt-0/tensor00000_000"  # the embeddings: the largest file of the tiny c
 @pytest.fixture(scope="module")
 def repo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small checkpoint in the released format, laid out as the hub repo holds it."""
-    from grokctl.checkpoint.writer import write_random_checkpoint
+    from grokctl.checkpoint.xai.writer import write_random_checkpoint
     from grokctl.config import preset
 
     return write_random_checkpoint(

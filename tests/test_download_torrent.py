@@ -29,7 +29,7 @@ lt = pytest.importorskip("libtorrent")
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The checkpoint the torrent carries: `grok-1/{ckpt-0/..., config.json}`."""
-    from grokctl.checkpoint.writer import write_random_checkpoint
+    from grokctl.checkpoint.xai.writer import write_random_checkpoint
     from grokctl.config import preset
 
     return write_random_checkpoint(

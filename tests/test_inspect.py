@@ -297,7 +297,7 @@ def test_memory_plan_against_xla_memory_analysis(grok_tiny: Path) -> None:
 def test_inspect_a_full_size_release_reads_headers_only(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from grokctl.release_layout import write_sparse_checkpoint
+    from grokctl.checkpoint.xai.sizes import write_sparse_checkpoint
 
     write_sparse_checkpoint(tmp_path / "grok-1", preset("grok-1"))
     start = time.perf_counter()

@@ -16,8 +16,8 @@ import pytest
 
 from grokctl.checkpoint.index import CheckpointIndex
 from grokctl.checkpoint.refs import QuantRef
-from grokctl.checkpoint.safe_pickle import parse_tensor_file
-from grokctl.checkpoint.writer import QuantizedWeight8bit, dump_tensor, write_checkpoint
+from grokctl.checkpoint.xai.safe_pickle import parse_tensor_file
+from grokctl.checkpoint.xai.writer import ReleaseQuantWeight, dump_tensor, write_checkpoint
 from grokctl.config import preset
 from grokctl.loader import load_params, read_slice
 from grokctl.model.sharding import make_mesh
@@ -122,7 +122,7 @@ def _big_checkpoint(path: Path) -> Path:
     def make(spec):  # cheap but non-constant content
         if spec.quantized:
             weight = np.resize(block, int(np.prod(spec.shape))).reshape(spec.shape)
-            return QuantizedWeight8bit(weight, np.full(spec.scales_shape, 0.01, ml_dtypes.bfloat16))
+            return ReleaseQuantWeight(weight, np.full(spec.scales_shape, 0.01, ml_dtypes.bfloat16))
         return (rng.standard_normal(spec.shape) * 0.02).astype(np.float32)
 
     return write_checkpoint(path, cfg, make)

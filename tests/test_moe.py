@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grokctl.checkpoint.writer import quantize_int8
 from grokctl.model.moe import block_size, moe_dense, moe_sparse, route
 from grokctl.model.quant import QuantizedWeight8bit
+from grokctl.quantizers.int8 import quantize_int8
 
 E, D, F, K = 8, 64, 96, 2
 

@@ -11,12 +11,7 @@ import numpy as np
 import pytest
 
 from grokctl.checkpoint.layout import param_specs
-from grokctl.checkpoint.writer import dumps_tensor
-from grokctl.cli.app import main
-from grokctl.config import preset
-from grokctl.fetch.common import sha256_file
-from grokctl.fetch.manifest import FileRecord, Manifest
-from grokctl.release_layout import (
+from grokctl.checkpoint.xai.sizes import (
     GROK1_FILE_COUNT,
     GROK1_SIZES,
     GROK1_TOTAL_BYTES,
@@ -24,6 +19,11 @@ from grokctl.release_layout import (
     tensor_file_size,
     write_sparse_checkpoint,
 )
+from grokctl.checkpoint.xai.writer import dumps_tensor
+from grokctl.cli.app import main
+from grokctl.config import preset
+from grokctl.fetch.common import sha256_file
+from grokctl.fetch.manifest import FileRecord, Manifest
 from grokctl.verify import verify_checkpoint
 
 NORM = "ckpt-0/tensor00001_000"  # language_model/rms_norm/scale: float32 [emb]
@@ -32,7 +32,7 @@ EMB = "ckpt-0/tensor00000_000"
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from grokctl.checkpoint.writer import write_random_checkpoint
+    from grokctl.checkpoint.xai.writer import write_random_checkpoint
 
     return write_random_checkpoint(
         tmp_path_factory.mktemp("v") / "ck", preset("grok-tiny"), seed=0, tokenizer=False
@@ -90,7 +90,7 @@ def test_grok1_layout_is_the_published_one() -> None:
 
 @pytest.mark.parametrize("name", ["grok-tiny", "grok-demo"])
 def test_layout_sizes_match_the_writer(name: str, tmp_path: Path) -> None:
-    from grokctl.checkpoint.writer import write_random_checkpoint
+    from grokctl.checkpoint.xai.writer import write_random_checkpoint
 
     root = write_random_checkpoint(tmp_path / name, preset(name), seed=3, tokenizer=False)
     sizes = expected_files(preset(name))

@@ -1,26 +1,41 @@
 """Checkpoint index: parameter path, shape, dtype, quantization, file and byte offset.
 
-Built from the pickle headers alone (no tensor data read), so it takes seconds on the real
-770-file checkpoint. `inspect`, `verify`, `quantize` and the loader all start here.
+Built from file headers alone (no tensor data read), so it takes seconds on the real 770-file
+checkpoint. `inspect`, `verify`, `quantize` and the loader all start here. `CheckpointIndex.open`
+asks each known format (`FORMATS`) whether it recognises the directory, and lets that format's
+reader list the tensors as format-neutral references (`checkpoint.refs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from grokctl.checkpoint.layout import ParamSpec, param_specs, tensor_filename
-from grokctl.checkpoint.refs import ArrayRef, QuantRef, TensorRef
-from grokctl.checkpoint.safe_pickle import parse_tensor_file
+from grokctl.checkpoint.layout import ParamSpec
+from grokctl.checkpoint.refs import QuantRef, TensorRef
+from grokctl.checkpoint.xai import reader as xai_reader
 from grokctl.config import ModelConfig, load_model_config
-from grokctl.errors import IntegrityError, MissingResourceError
+from grokctl.errors import MissingResourceError
 
-CKPT_SUBDIR = "ckpt-0"
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointFormat:
+    """One on-disk format: `detect(path)` -> the checkpoint root, or None when `path` is not in
+    this format; `read(root, cfg, workers)` -> (spec, file, ref) per parameter, in order."""
+
+    name: str
+    what: str  # what `detect` looks for (named in the error when no format matches)
+    detect: Callable[[Path], Path | None]
+    read: Callable[[Path, ModelConfig, int], list[tuple[ParamSpec, Path, TensorRef]]]
+
+
+FORMATS: list[CheckpointFormat] = [
+    CheckpointFormat(xai_reader.NAME, xai_reader.WHAT, xai_reader.detect, xai_reader.read),
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,65 +70,26 @@ class IndexEntry:
         return self.ref.memmap()
 
 
-def find_ckpt_dir(checkpoint: str | os.PathLike[str]) -> Path:
-    """Accept the download directory (holding ckpt-0/) or ckpt-0/ itself."""
-    root = Path(checkpoint)
-    if not root.exists():
-        raise MissingResourceError(f"checkpoint directory not found: {root}")
-    if (root / CKPT_SUBDIR).is_dir():
-        return root / CKPT_SUBDIR
-    if root.name == CKPT_SUBDIR or any(root.glob("tensor00000_*")):
-        return root
-    raise MissingResourceError(f"{root}: no {CKPT_SUBDIR}/ with tensor files found")
+def detect_format(checkpoint: str | os.PathLike[str]) -> tuple[CheckpointFormat, Path]:
+    """The format of `checkpoint` and its root directory; MissingResourceError when none fits."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise MissingResourceError(f"checkpoint directory not found: {path}")
+    for fmt in FORMATS:
+        root = fmt.detect(path)
+        if root is not None:
+            return fmt, root
+    raise MissingResourceError(f"{path}: no {' or '.join(f.what for f in FORMATS)} found")
 
 
 def checkpoint_root(checkpoint: str | os.PathLike[str]) -> Path:
-    ckpt = find_ckpt_dir(checkpoint)
-    return ckpt.parent if ckpt.name == CKPT_SUBDIR else ckpt
-
-
-def check_entry(entry_spec: ParamSpec, ref: TensorRef, path: str) -> None:
-    """Raise IntegrityError when a parsed tensor file does not hold what `entry_spec` says."""
-    if entry_spec.quantized:
-        if not isinstance(ref, QuantRef):
-            raise IntegrityError(f"{path}: {entry_spec.name} should be an int8 QuantizedWeight8bit")
-        w, s = ref.weight, ref.scales
-        if w.shape != entry_spec.shape or w.dtype != np.int8:
-            raise IntegrityError(
-                f"{path}: {entry_spec.name} weight is {w.dtype}{list(w.shape)}, "
-                f"expected int8{list(entry_spec.shape)}"
-            )
-        g = s.shape[-2] if len(s.shape) >= 2 else 0
-        if (
-            len(s.shape) != len(w.shape)
-            or s.shape[:-2] != w.shape[:-2]
-            or s.shape[-1] != w.shape[-1]
-            or g == 0
-            or w.shape[-2] % g
-        ):
-            raise IntegrityError(
-                f"{path}: {entry_spec.name} scales {list(s.shape)} do not fit weight {list(w.shape)}"
-            )
-        if s.dtype.name not in ("bfloat16", "float32", "float16"):
-            raise IntegrityError(f"{path}: {entry_spec.name} scales have dtype {s.dtype}")
-    else:
-        if not isinstance(ref, ArrayRef):
-            raise IntegrityError(f"{path}: {entry_spec.name} should be a plain array")
-        if ref.shape != entry_spec.shape:
-            raise IntegrityError(
-                f"{path}: {entry_spec.name} has shape {list(ref.shape)}, expected {list(entry_spec.shape)}"
-            )
-        if ref.dtype.kind != "f":
-            raise IntegrityError(f"{path}: {entry_spec.name} has dtype {ref.dtype}, expected float")
-
-
-_check = check_entry
+    return detect_format(checkpoint)[1]
 
 
 @dataclasses.dataclass
 class CheckpointIndex:
     root: Path
-    ckpt_dir: Path
+    format: str
     config: ModelConfig
     entries: list[IndexEntry]
 
@@ -125,25 +101,13 @@ class CheckpointIndex:
         config: ModelConfig | None = None,
         workers: int = 8,
     ) -> CheckpointIndex:
-        ckpt = find_ckpt_dir(checkpoint)
-        root = ckpt.parent if ckpt.name == CKPT_SUBDIR else ckpt
+        fmt, root = detect_format(checkpoint)
         cfg = config or load_model_config(root, preset)
-        specs = param_specs(cfg)
-        paths = [ckpt / tensor_filename(i) for i in range(len(specs))]
-        missing = [p.name for p in paths if not p.is_file()]
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise IntegrityError(
-                f"{ckpt}: {len(missing)} of {len(specs)} tensor files missing "
-                f"({', '.join(missing[:3])}{more})"
-            )
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            refs = list(pool.map(parse_tensor_file, paths))
-        entries = []
-        for i, (spec, path, ref) in enumerate(zip(specs, paths, refs)):
-            _check(spec, ref, str(path))
-            entries.append(IndexEntry(i, spec, str(path), ref, path.stat().st_size))
-        return cls(root, ckpt, cfg, entries)
+        entries = [
+            IndexEntry(i, spec, str(path), ref, path.stat().st_size)
+            for i, (spec, path, ref) in enumerate(fmt.read(root, cfg, workers))
+        ]
+        return cls(root, fmt.name, cfg, entries)
 
     def __iter__(self) -> Iterator[IndexEntry]:
         return iter(self.entries)

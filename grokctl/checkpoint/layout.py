@@ -1,7 +1,7 @@
-"""The released parameter layout: which tensor file holds which parameter, and its shape.
+"""The model's parameter layout, whatever the file format: every leaf's path, shape and quantization.
 
-The reference saves one file per leaf of the flattened haiku parameter tree. Haiku params are
-`{module_path: {param_name: leaf}}` and JAX flattens dicts in sorted key order, so the file index
+The order is the reference's: it saves one file per leaf of the flattened haiku parameter tree. Haiku params are
+`{module_path: {param_name: leaf}}` and JAX flattens dicts in sorted key order, so the order
 follows *string* order of module paths: `decoder_layer_10` sorts before `decoder_layer_2`. A
 numeric mapping silently scrambles the real 64-layer checkpoint.
 """
@@ -87,7 +87,3 @@ def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
         specs.extend(layer_specs(cfg, i))
     # Sort exactly as jax.tree_util sorts a {module: {param: leaf}} dict: module, then param.
     return sorted(specs, key=lambda s: (s.module, s.leaf))
-
-
-def tensor_filename(index: int, shard: int = 0) -> str:
-    return f"tensor{index:05d}_{shard:03d}"

@@ -29,7 +29,7 @@ def random_checkpoint(
     import dataclasses
 
     from grokctl.checkpoint.index import CheckpointIndex
-    from grokctl.checkpoint.writer import write_random_checkpoint
+    from grokctl.checkpoint.xai.writer import write_random_checkpoint
     from grokctl.config import preset as get_preset
 
     cfg = get_preset(preset)

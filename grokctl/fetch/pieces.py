@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from grokctl.checkpoint.index import CKPT_SUBDIR
+from grokctl.checkpoint.xai.files import CKPT_SUBDIR
 from grokctl.errors import UsageError
 
 

@@ -16,18 +16,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from grokctl.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
-from grokctl.checkpoint.index import CKPT_SUBDIR
-from grokctl.checkpoint.layout import ParamSpec, param_specs, tensor_filename
+from grokctl.checkpoint.layout import ParamSpec, param_specs
+from grokctl.checkpoint.xai.files import CKPT_SUBDIR, tensor_filename
 from grokctl.config import CONFIG_FILENAME, ModelConfig
 from grokctl.errors import UsageError
+from grokctl.quantizers.int8 import quantize_int8
 
 
-class QuantizedWeight8bit:
-    """Pickles as `__main__.QuantizedWeight8bit` with state {'weight', 'scales'}, as released."""
+class ReleaseQuantWeight:
+    """An int8 weight as the release pickles it: `__main__.QuantizedWeight8bit` with state
+    {'weight', 'scales'} (the model's pytree class of that name is `model.quant`'s)."""
 
     def __init__(self, weight: np.ndarray, scales: np.ndarray):
         self.weight = weight
@@ -36,7 +37,7 @@ class QuantizedWeight8bit:
 
 _ALIASES: dict[int, tuple[str, str]] = {
     id(np.ndarray.__reduce__(np.zeros(0))[0]): ("numpy.core.multiarray", "_reconstruct"),
-    id(QuantizedWeight8bit): ("__main__", "QuantizedWeight8bit"),
+    id(ReleaseQuantWeight): ("__main__", "QuantizedWeight8bit"),
 }
 
 
@@ -55,28 +56,15 @@ class _ReleasePickler(pickle._Pickler):  # type: ignore[name-defined,misc]
         this.memoize(obj)
 
 
-def dumps_tensor(obj: np.ndarray | QuantizedWeight8bit) -> bytes:
+def dumps_tensor(obj: np.ndarray | ReleaseQuantWeight) -> bytes:
     """The release's exact bytes for one tensor file."""
     buf = io.BytesIO()
     _ReleasePickler(buf, protocol=4).dump(obj)
     return buf.getvalue()
 
 
-def dump_tensor(path: str | os.PathLike[str], obj: np.ndarray | QuantizedWeight8bit) -> None:
+def dump_tensor(path: str | os.PathLike[str], obj: np.ndarray | ReleaseQuantWeight) -> None:
     atomic_write_bytes(path, dumps_tensor(obj))
-
-
-def quantize_int8(w: np.ndarray, blocks: int = 1) -> QuantizedWeight8bit:
-    """Symmetric int8 with one bf16 scale per column per row block (G = `blocks`)."""
-    *lead, k, n = w.shape
-    if k % blocks:
-        raise UsageError(f"{k} rows do not split into {blocks} scale blocks")
-    wb = w.astype(np.float32).reshape(*lead, blocks, k // blocks, n)
-    amax = np.abs(wb).max(axis=-2)  # [..., G, N]
-    scales = (np.maximum(amax, 1e-12) / 127.0).astype(ml_dtypes.bfloat16)
-    q = np.rint(wb / scales.astype(np.float32)[..., :, None, :])
-    q = np.clip(q, -127, 127).astype(np.int8).reshape(w.shape)
-    return QuantizedWeight8bit(q, scales)
 
 
 def random_param(spec: ParamSpec, cfg: ModelConfig, rng: np.random.Generator) -> Any:
@@ -92,7 +80,7 @@ def random_param(spec: ParamSpec, cfg: ModelConfig, rng: np.random.Generator) ->
     w = rng.standard_normal(spec.shape, dtype=np.float32) / np.sqrt(fan_in)
     if spec.name.endswith("router/w"):
         return (w * 4.0).astype(np.float32)  # peaked routing, like a trained router
-    return quantize_int8(w, spec.scale_blocks)
+    return ReleaseQuantWeight(*quantize_int8(w, spec.scale_blocks))
 
 
 def write_checkpoint(

@@ -2,7 +2,7 @@
 
 The byte size of a tensor pickle depends only on the parameter's shape and dtype (the pickle
 header around the raw array bytes), so it is computed, not tabulated: the release pickler
-(`checkpoint.writer._ReleasePickler`) is run over stand-ins that carry the shape and dtype and
+(`checkpoint.xai.writer._ReleasePickler`) is run over stand-ins that carry the shape and dtype and
 account for the array payload by length, so no tensor memory is touched. For the `grok-1`
 preset this yields the 770 files of the release (318,239,886,140 bytes in all); the numbers of
 the release are pinned below and checked by the tests.
@@ -20,9 +20,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from grokctl.checkpoint.index import CKPT_SUBDIR
-from grokctl.checkpoint.layout import ParamSpec, param_specs, tensor_filename
-from grokctl.checkpoint.writer import QuantizedWeight8bit, _ReleasePickler
+from grokctl.checkpoint.layout import ParamSpec, param_specs
+from grokctl.checkpoint.xai.files import CKPT_SUBDIR, tensor_filename
+from grokctl.checkpoint.xai.writer import ReleaseQuantWeight, _ReleasePickler
 from grokctl.config import ModelConfig
 
 # The release, as published (xai-org/grok-1, ckpt-0/).
@@ -97,7 +97,7 @@ def _stand_in(spec: ParamSpec) -> Any:
     if spec.quantized:
         import ml_dtypes
 
-        return QuantizedWeight8bit(
+        return ReleaseQuantWeight(
             _ArrayStandIn(spec.shape, np.dtype(np.int8)),  # type: ignore[arg-type]
             _ArrayStandIn(spec.scales_shape, np.dtype(ml_dtypes.bfloat16)),  # type: ignore[arg-type]
         )
