@@ -260,6 +260,7 @@ def _magnet(
     json_out: bool,
 ) -> dict[str, Any]:
     from grokctl.fetch.torrent import download_magnet
+    from grokctl.paths import shown
 
     with progress("bytes", enabled=not json_out) as bar:
         task = bar.add_task("magnet: fetching metadata", total=None)
@@ -281,7 +282,7 @@ def _magnet(
             if not json_out:
                 rate = res.bytes_fetched / res.seconds / 1e6 if res.seconds else 0.0
                 _note(
-                    f"magnet {res.info_hash[:12]} ({res.name}): {len(res.files)} files "
+                    f"magnet {res.info_hash[:12]} ({shown(res.name)}): {len(res.files)} files "
                     f"({human_bytes(res.bytes_total)}), {human_bytes(res.bytes_fetched)} fetched "
                     f"in {res.seconds:.1f} s ({rate:.1f} MB/s, {res.hash_failures} failed piece "
                     f"checks) into {root}; manifest {manifest.path.name}"

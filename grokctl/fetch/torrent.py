@@ -25,6 +25,7 @@ from grokctl.errors import GrokctlError, UsageError
 from grokctl.fetch.common import check_disk_space, partial_dir, prune_partial, select, sha256_file
 from grokctl.fetch.manifest import FileRecord, Manifest
 from grokctl.fetch.pieces import torrent_files
+from grokctl.paths import check_relative_path, shown
 
 OFFICIAL_MAGNET = (
     "magnet:?xt=urn:btih:5f96d43576e3d386c9ba65b883210a393b68210e"
@@ -191,7 +192,7 @@ class _Run:
 
     def check_errors(self) -> None:
         if self.errors:
-            raise GrokctlError(f"libtorrent: {self.errors[0]}")
+            raise GrokctlError(f"libtorrent: {shown(self.errors[0], 300)}")
 
     def save_resume(self, wait: float = 10.0) -> None:
         if self.handle is None or self.resume_path is None or not self.metadata:
@@ -300,6 +301,8 @@ def _phase2(
     lt = _lt()
     root, manifest = run.root, run.manifest
     files = torrent_files(ti)
+    for _, p, _ in files:  # every name, before anything is selected or written
+        check_relative_path(p, root, "torrent file")
     chosen = set(select([p for _, p, _ in files], opts.include, opts.exclude))
     if not chosen:
         raise UsageError("no file of the torrent matches --include/--exclude")
