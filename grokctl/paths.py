@@ -2,7 +2,8 @@
 safely in messages, and validated before one is used as a path under a directory.
 
 `shown(name)` is the one way an untrusted name enters a message: control characters and ANSI
-escapes are written out (`\\x1b`, `\\n`), never interpreted, and the name is cut to a sane length.
+escapes are written out (`\\x1b`, `\\x0a`), never interpreted (and escaping twice changes
+nothing), and the name is cut to a sane length.
 `check_relative_path(name, root)` is the one gate before such a name becomes a file: it refuses
 absolute paths, `..`, `.` and empty components, backslashes and drive letters, control and
 invisible formatting characters, over-long names, and any path that resolves (through symlinks
@@ -38,9 +39,7 @@ def shown(name: object, limit: int = SHOWN_MAX) -> str:
         cut = False
     out = []
     for c in text:
-        if c == "\\":
-            out.append("\\\\")
-        elif _unsafe_char(c):
+        if _unsafe_char(c):
             code = ord(c)
             width = 2 if code < 0x100 else 4 if code < 0x10000 else 8
             out.append(f"\\{'xuU'[width // 3]}{code:0{width}x}")
