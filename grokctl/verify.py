@@ -54,6 +54,7 @@ class VerifyReport:
     bytes: int = 0
     missing: list[Finding] = dataclasses.field(default_factory=list)
     corrupt: list[Finding] = dataclasses.field(default_factory=list)
+    unverified: list[Finding] = dataclasses.field(default_factory=list)
     unexpected: list[Finding] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     checks: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -65,7 +66,7 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.corrupt
+        return not self.missing and not self.corrupt and not self.unverified
 
     @property
     def hash_gb_per_s(self) -> float:
@@ -101,30 +102,48 @@ def verify_checkpoint(
         raise MissingResourceError(f"checkpoint directory not found: {base}")
     if base.name == CKPT_SUBDIR and not (base / MANIFEST_NAME).exists():
         base = base.parent
-    manifest = Manifest.load(base)
     cfg = load_model_config(base, preset)
     has_config = (base / CONFIG_FILENAME).is_file()
     model = CONFIG_FILENAME if has_config else (preset or "grok-1")
+    manifest, manifest_error = _load_manifest(base)
     report = VerifyReport(str(base), "manifest" if manifest else "layout", model)
+    if manifest_error:
+        report.corrupt.append(Finding(MANIFEST_NAME, "manifest", manifest_error))
+        report.checks["manifest"] = "FAILED (refused: checked against the layout only)"
     workers = workers or os.cpu_count() or 1
 
-    # What should be there: path -> (size, sha256 or None).
+    # What should be there: path -> (size, sha256 or None). The layout decides which files
+    # matter; the manifest adds its other files and the checksums.
+    layout = expected_files(cfg)
+    expected: dict[str, tuple[int, str | None]] = {p: (s, None) for p, s in layout.items()}
     if manifest is not None:
-        expected = {p: (r.size, r.sha256) for p, r in manifest.files.items()}
-    else:
-        expected = {p: (s, None) for p, s in expected_files(cfg).items()}
-        tok = base / TOKENIZER_FILENAME
-        if tok.is_file() and not has_config:
-            expected[TOKENIZER_FILENAME] = (GROK1_TOKENIZER_BYTES, GROK1_TOKENIZER_SHA256)
-        elif not tok.is_file():
-            report.warnings.append(f"no {TOKENIZER_FILENAME} (grokctl download fetches it)")
+        for path, rec in manifest.files.items():
+            if path in layout and rec.size != layout[path]:
+                report.corrupt.append(
+                    Finding(
+                        path,
+                        "manifest",
+                        f"{MANIFEST_NAME} says {rec.size} bytes, the layout of {model} "
+                        f"{layout[path]}: the manifest does not describe this checkpoint",
+                    )
+                )
+            else:
+                expected[path] = (rec.size, rec.sha256)
+    tok = base / TOKENIZER_FILENAME
+    if tok.is_file() and not has_config and not expected.get(TOKENIZER_FILENAME, (0, None))[1]:
+        expected[TOKENIZER_FILENAME] = (GROK1_TOKENIZER_BYTES, GROK1_TOKENIZER_SHA256)
+    elif not tok.is_file() and TOKENIZER_FILENAME not in expected:
+        report.warnings.append(f"no {TOKENIZER_FILENAME} (grokctl download fetches it)")
     report.files, report.bytes = len(expected), sum(s for s, _ in expected.values())
 
     intact: list[str] = []  # present with the right size
     for path, (size, _) in sorted(expected.items()):
         full = base / path
         if not full.is_file():
-            report.missing.append(Finding(path, "missing", "not found"))
+            if os.path.lexists(full):
+                report.corrupt.append(Finding(path, "size", "not a regular file"))
+            else:
+                report.missing.append(Finding(path, "missing", "not found"))
         elif (actual := full.stat().st_size) != size:
             what = "truncated" if actual < size else "too long"
             report.corrupt.append(Finding(path, "size", f"{what}: {actual} bytes, expected {size}"))
@@ -142,15 +161,41 @@ def verify_checkpoint(
         report.checks["nan_inf"] = "skipped (use --deep)"
 
     to_hash = [p for p in intact if expected[p][1]]
-    if quick or not to_hash:
-        report.checks["sha256"] = "skipped (--quick)" if quick else "no checksums (no manifest)"
+    if quick:
+        report.checks["sha256"] = "skipped (--quick)"
     else:
-        _hash(base, to_hash, expected, report, workers, on_phase)
+        if manifest is not None:  # a manifest vouches for every file of the layout, or fails
+            reported = {f.path for f in report.corrupt}
+            for path in sorted(set(intact) & set(layout) - set(to_hash) - reported):
+                why = "no sha256" if path in manifest.files else "no entry"
+                report.unverified.append(
+                    Finding(path, "unverified", f"{why} in {MANIFEST_NAME}: content not checked")
+                )
+        if to_hash:
+            _hash(base, to_hash, expected, report, workers, on_phase)
+        else:
+            report.checks["sha256"] = (
+                "no checksums (no manifest)" if manifest is None else "no checksums"
+            )
+        if report.unverified:
+            report.checks["sha256"] += (
+                f"; UNVERIFIED ({len(report.unverified)} of {len(layout)} tensor files have no "
+                f"sha256 in {MANIFEST_NAME})"
+            )
 
     if torrent or torrent_file:
         _pieces(base, torrent_file, manifest, report, workers, on_phase)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _load_manifest(base: Path) -> tuple[Manifest | None, str | None]:
+    """The manifest, or (None, why it was refused): a bad manifest is a finding, and the
+    checkpoint is still checked against its layout."""
+    try:
+        return Manifest.load(base), None
+    except IntegrityError as exc:
+        return None, str(exc).removeprefix(f"{base / MANIFEST_NAME}: ")
 
 
 def _verdict(report: VerifyReport, n: int, kinds: tuple[str, ...] = ("missing", "size")) -> str:
