@@ -153,6 +153,7 @@ def verify_checkpoint(
     _unexpected(base, expected, report)
 
     specs = expected_specs(cfg)
+    _explain_sizes(base, specs, report)
     tensors = [p for p in intact if p.startswith(CKPT_SUBDIR + "/")]
     refs = _structure(base, tensors, specs, model, report, workers)
     if deep:
@@ -201,6 +202,22 @@ def _load_manifest(base: Path) -> tuple[Manifest | None, str | None]:
 def _verdict(report: VerifyReport, n: int, kinds: tuple[str, ...] = ("missing", "size")) -> str:
     bad = [f for f in report.missing + report.corrupt if f.kind in kinds]
     return f"ok ({n} files)" if not bad else f"FAILED ({len(bad)} of {n})"
+
+
+def _explain_sizes(base: Path, specs: dict[str, Any], report: VerifyReport) -> None:
+    """A tensor file of the wrong size that the reader refuses for another reason than its
+    length (a wrong shape or dtype, a big-endian array, an unsafe pickle) is reported with that
+    reason: the same words `inspect` and `generate` use for it."""
+    for i, f in enumerate(report.corrupt):
+        spec = specs.get(f.path)
+        if f.kind != "size" or spec is None or not (base / f.path).is_file():
+            continue
+        try:
+            check_entry(spec, parse_tensor_file(base / f.path), f.path)
+        except IntegrityError as exc:
+            why = str(exc).removeprefix(f"{base / f.path}: ").removeprefix(f"{f.path}: ")
+            if "truncated" not in why:
+                report.corrupt[i] = Finding(f.path, "structure", why)
 
 
 def _unexpected(base: Path, expected: dict[str, Any], report: VerifyReport) -> None:
