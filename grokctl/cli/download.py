@@ -184,6 +184,7 @@ def _hub(
 ) -> dict[str, Any]:
     from grokctl.fetch.common import check_disk_space
     from grokctl.fetch.hub import download_hub, hub_headers, plan_hub
+    from grokctl.paths import shown
 
     plan = plan_hub(root, repo, revision, inc, exc, manifest)
     tok_needed = 0 if tok["skip"] or (root / "tokenizer.model").is_file() else 2_229_219
@@ -227,7 +228,7 @@ def _hub(
             else "all already present"
         )
         _note(
-            f"{repo}@{plan.commit[:12]}: {n} files ({human_bytes(plan.bytes_total)}), {got} "
+            f"{repo}@{shown(plan.commit[:12])}: {n} files ({human_bytes(plan.bytes_total)}), {got} "
             f"in {root}; manifest {manifest.path.name}"
         )
     tokr = _tokenizer(root, manifest, tok, url, headers, plan.offline, common, json_out)

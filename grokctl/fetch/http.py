@@ -25,6 +25,7 @@ import httpx2
 from grokctl.cli.output import human_bytes
 from grokctl.errors import GrokctlError, IntegrityError, MissingResourceError
 from grokctl.fetch.common import replace_into, sha256_file
+from grokctl.paths import shown
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -115,7 +116,7 @@ def transfer(
             if failures > retries:
                 raise GrokctlError(
                     f"{t.name}: transfer interrupted after {human_bytes(st.done)} of "
-                    f"{human_bytes(t.size)} ({type(exc).__name__}: {exc}); "
+                    f"{human_bytes(t.size)} ({type(exc).__name__}: {shown(str(exc), 300)}); "
                     "run the same command again to resume"
                 ) from None
             _sleep(min(retry_wait * 2 ** (failures - 1), 30.0), cancel)
@@ -170,7 +171,8 @@ def _get(
             m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
             if not m or int(m.group(1)) != st.done:
                 raise IntegrityError(
-                    f"{t.name}: asked for bytes {st.done}- and got {resp.headers.get('Content-Range')}"
+                    f"{t.name}: asked for bytes {st.done}- and got "
+                    f"{shown(resp.headers.get('Content-Range'))}"
                 )
             mode = "ab"
         else:  # 200: the whole file (a server that ignores Range restarts us from 0)
@@ -198,7 +200,7 @@ def _raise_for_status(resp: httpx2.Response, t: Transfer) -> None:
     if status < 400:
         return
     resp.read()
-    where = f"{t.name} ({resp.url})"
+    where = f"{t.name} ({shown(str(resp.url), 300)})"
     if status in (401, 403):
         raise GrokctlError(
             f"{where}: access denied (HTTP {status}); set HF_TOKEN to a token that can read it"

@@ -158,6 +158,8 @@ def plan_hub(
     api = HfApi(endpoint=endpoint)
     with _hub_errors(repo, revision, endpoint):
         commit = api.model_info(repo, revision=revision).sha or revision
+        if commit != revision and not _HEX.fullmatch(str(commit)):
+            raise IntegrityError(f"{repo}@{revision}: the hub's commit {shown(commit)} is not hex")
         entries = [
             e
             for e in api.list_repo_tree(repo, revision=commit, recursive=True)
