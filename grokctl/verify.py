@@ -176,7 +176,11 @@ def verify_checkpoint(
             _hash(base, to_hash, expected, report, workers, on_phase)
         else:
             report.checks["sha256"] = (
-                "no checksums (no manifest)" if manifest is None else "no checksums"
+                "no checksums (manifest refused)"
+                if manifest_error
+                else "no checksums (no manifest)"
+                if manifest is None
+                else "no checksums"
             )
         if report.unverified:
             report.checks["sha256"] += (
@@ -196,7 +200,7 @@ def _load_manifest(base: Path) -> tuple[Manifest | None, str | None]:
     try:
         return Manifest.load(base), None
     except IntegrityError as exc:
-        return None, str(exc).removeprefix(f"{base / MANIFEST_NAME}: ")
+        return None, str(exc).removeprefix(f"{base / MANIFEST_NAME}: ").removeprefix(f"{base}: ")
 
 
 def _verdict(report: VerifyReport, n: int, kinds: tuple[str, ...] = ("missing", "size")) -> str:
