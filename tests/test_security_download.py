@@ -194,4 +194,4 @@ def test_a_torrent_name_outside_the_directory_is_refused(tmp_path: Path) -> None
     with pytest.raises(IntegrityError, match="refused torrent file .*resolves outside"):
         download_magnet(str(good), dest, Manifest(dest), opts)
     assert files_under(tmp_path / "elsewhere") == set()
-    assert Manifest.load(dest) is None
+    assert Manifest.load(dest) is None and not (dest / "grokctl.torrent").exists()

@@ -271,11 +271,18 @@ def download_magnet(
             _wait_for(run, lambda: run.metadata, "fetching the torrent's metadata")
             ti = run.handle.torrent_file()
             run.remove()
+        _check_names(ti, root)  # before the torrent is saved or any file is written
         if not saved.is_file() or _load_ti(saved, info_hash) is None:
             atomic_write_bytes(saved, b"d4:info" + bytes(ti.info_section()) + b"e")
         return _phase2(run, ti, info_hash, source, opts, start, on_complete)
     finally:
         run.close()
+
+
+def _check_names(ti: Any, root: Path) -> None:
+    """Every file name of the torrent, selected or not, must be a safe path under `root`."""
+    for _, p, _ in torrent_files(ti):
+        check_relative_path(p, root, "torrent file")
 
 
 def _load_ti(path: Path, info_hash: str) -> Any:
@@ -301,8 +308,6 @@ def _phase2(
     lt = _lt()
     root, manifest = run.root, run.manifest
     files = torrent_files(ti)
-    for _, p, _ in files:  # every name, before anything is selected or written
-        check_relative_path(p, root, "torrent file")
     chosen = set(select([p for _, p, _ in files], opts.include, opts.exclude))
     if not chosen:
         raise UsageError("no file of the torrent matches --include/--exclude")
