@@ -1,15 +1,19 @@
 """Prove a checkpoint directory complete and intact before GPU time is spent on it.
 
 Checks, cheapest first:
-- sizes: every expected file is there with its exact size. Expected = the files of
-  `grokctl-manifest.json`, or without one the released layout (`release_layout`: 770 files with
-  their exact sizes for grok-1, computed from the model config for other checkpoints);
+- sizes: every expected file is there with its exact size. Expected = always the files of the
+  model's layout (`release_layout`: 770 files with their exact sizes for grok-1, computed from
+  the model config for other checkpoints), plus the other files `grokctl-manifest.json` lists.
+  The manifest says how files look, not which files matter: a manifest that is malformed or
+  names a path outside the checkpoint is refused (a finding), and one whose size for a layout
+  file disagrees with the layout is reported;
 - structure: every tensor file parses with the safe reader and holds the shape and dtype the
   model config says (`checkpoint.index.check_entry`); `deep` also scans floats for NaN/Inf;
-- sha256 of every file the manifest gives one for, in parallel over the cores;
+- sha256 of every file the manifest gives one for, in parallel over the cores; with a manifest,
+  a tensor file of the layout it gives no sha256 for is `unverified` (not ok);
 - `torrent`: every piece re-hashed against the torrent's piece hashes.
-The result is a `VerifyReport` (missing / corrupt / unexpected files); nothing raises for a bad
-file, so one run reports them all.
+The result is a `VerifyReport` (missing / corrupt / unverified / unexpected files); nothing
+raises for a bad file, so one run reports them all.
 """
 
 from __future__ import annotations

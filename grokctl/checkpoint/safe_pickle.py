@@ -11,6 +11,12 @@ the globals `numpy.core.multiarray._reconstruct` (numpy 1 spelling, as released)
 called). Any other global, opcode or call is refused with `UnsafePickleError` (exit 3). Array
 payloads are not read: the parser records the byte offset of each array's data so the caller
 can memory-map it.
+
+Every malformed file is an `IntegrityError` (exit 3) naming it: a path that is not, after its
+symlinks, a regular file outside /proc and /sys is refused before it is opened (no FIFO can
+hang a command); shapes are checked with Python integers against the bytes the file holds
+(no overflow); containers nest at most `MAX_DEPTH` deep (no recursion later); big-endian arrays
+are refused, for every command alike. Names from the file appear in messages escaped.
 """
 
 from __future__ import annotations
