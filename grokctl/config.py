@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from grokctl.errors import UsageError
+from grokctl.errors import IntegrityError, UsageError
+from grokctl.paths import shown
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,6 +66,24 @@ class ModelConfig:
         return ffn_size(self.emb_size, self.widening_factor)
 
     def validate(self) -> ModelConfig:
+        """Types, sane ranges and consistency (UsageError naming the key); a config.json that
+        fails is an IntegrityError naming the file (`load_model_config`)."""
+        for name, value in dataclasses.asdict(self).items():
+            _check_field(name, value)
+        for name in ("pad_token", "eos_token"):
+            if getattr(self, name) >= self.vocab_size:
+                raise UsageError(
+                    f"{name} = {getattr(self, name)} is not below vocab_size = {self.vocab_size}"
+                )
+        if self.num_kv_heads > self.num_q_heads:
+            raise UsageError(
+                f"num_kv_heads = {self.num_kv_heads} exceeds num_q_heads = {self.num_q_heads}"
+            )
+        if self.ffn_size <= 0:
+            raise UsageError(
+                f"widening_factor = {self.widening_factor} gives an expert size of 0 "
+                f"for emb_size = {self.emb_size}"
+            )
         if self.num_q_heads % self.num_kv_heads:
             raise UsageError(
                 f"num_q_heads={self.num_q_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -97,6 +118,55 @@ class ModelConfig:
 
 
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+
+# Sane bounds, far beyond any Grok-shaped model yet small enough that nothing derived from them
+# (the layout, its 12 files per layer, the cache) can take minutes or overflow.
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "emb_size": (1, 1 << 16),
+    "key_size": (2, 1024),
+    "num_q_heads": (1, 1024),
+    "num_kv_heads": (1, 1024),
+    "num_layers": (1, 1024),
+    "vocab_size": (1, 1 << 20),
+    "num_experts": (1, 1024),
+    "num_selected_experts": (1, 1024),
+    "pad_token": (0, (1 << 20) - 1),
+    "eos_token": (0, (1 << 20) - 1),
+    "sequence_len": (1, 1 << 20),
+    "row_parallel_scale_blocks": (1, 1024),
+}
+# (exclusive lower bound, inclusive upper bound)
+_FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "widening_factor": (0.0, 64.0),
+    "attn_output_multiplier": (0.0, 1e6),
+    "embedding_multiplier_scale": (0.0, 1e6),
+    "output_multiplier_scale": (0.0, 1e6),
+    "rms_norm_eps": (0.0, 1.0),
+    "rope_base": (1.0, 1e12),
+    "attn_logit_softcap": (0.0, 1e6),
+}
+
+
+def _check_field(name: str, value: Any) -> None:
+    """UsageError naming `name` unless `value` has its type (an int is an int: not a float, a
+    string or a bool) and lies in its range."""
+    if name in _INT_RANGES:
+        lo, hi = _INT_RANGES[name]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UsageError(f"{name} = {_shown(value)}: expected an integer in {lo}..{hi}")
+        if not lo <= value <= hi:
+            raise UsageError(f"{name} = {value}: out of range {lo}..{hi}")
+    elif name in _FLOAT_RANGES:
+        lo_f, hi_f = _FLOAT_RANGES[name]
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise UsageError(f"{name} = {_shown(value)}: expected a number")
+        if not (math.isfinite(value) and lo_f < value <= hi_f):
+            raise UsageError(f"{name} = {value!r}: out of range ({lo_f:g}, {hi_f:g}]")
+
+
+def _shown(value: Any) -> str:
+    return shown(json.dumps(value) if isinstance(value, str) else repr(value), 60)
+
 
 PRESETS: dict[str, ModelConfig] = {
     # The released Grok-1 (xai-org/grok-1 run.py).
@@ -191,15 +261,27 @@ def load_model_config(
     if checkpoint_dir is None:
         return base.validate()
     path = Path(checkpoint_dir) / CONFIG_FILENAME
-    if not path.exists():
-        return base.validate()
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: not a readable JSON config ({exc})") from None
+        st = path.stat()
+    except FileNotFoundError:
+        return base.validate()
+    except OSError as exc:
+        raise IntegrityError(f"{path}: cannot read ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > _CONFIG_MAX_BYTES:
+        raise IntegrityError(f"{path}: not a regular file of at most {_CONFIG_MAX_BYTES} bytes")
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise IntegrityError(f"{path}: not a readable JSON config ({_shown(str(exc))})") from None
     if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object")
-    return model_config_from_dict(data, base)
+        raise IntegrityError(f"{path}: expected a JSON object")
+    try:
+        return model_config_from_dict(data, base)
+    except UsageError as exc:
+        raise IntegrityError(f"{path}: {exc}") from None
+
+
+_CONFIG_MAX_BYTES = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,15 +1,19 @@
 """Prove a checkpoint directory complete and intact before GPU time is spent on it.
 
 Checks, cheapest first:
-- sizes: every expected file is there with its exact size. Expected = the files of
-  `grokctl-manifest.json`, or without one the released layout (`checkpoint.xai.sizes`: 770 files with
-  their exact sizes for grok-1, computed from the model config for other checkpoints);
+- sizes: every expected file is there with its exact size. Expected = always the files of the
+  model's layout (`checkpoint.xai.sizes`: 770 files with their exact sizes for grok-1, computed from
+  the model config for other checkpoints), plus the other files `grokctl-manifest.json` lists.
+  The manifest says how files look, not which files matter: a manifest that is malformed or
+  names a path outside the checkpoint is refused (a finding), and one whose size for a layout
+  file disagrees with the layout is reported;
 - structure: every tensor file parses with the safe reader and holds the shape and dtype the
   model config says (`checkpoint.xai.reader.check_entry`); `deep` also scans floats for NaN/Inf;
-- sha256 of every file the manifest gives one for, in parallel over the cores;
+- sha256 of every file the manifest gives one for, in parallel over the cores; with a manifest,
+  a tensor file of the layout it gives no sha256 for is `unverified` (not ok);
 - `torrent`: every piece re-hashed against the torrent's piece hashes.
-The result is a `VerifyReport` (missing / corrupt / unexpected files); nothing raises for a bad
-file, so one run reports them all.
+The result is a `VerifyReport` (missing / corrupt / unverified / unexpected files); nothing
+raises for a bad file, so one run reports them all.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class VerifyReport:
     bytes: int = 0
     missing: list[Finding] = dataclasses.field(default_factory=list)
     corrupt: list[Finding] = dataclasses.field(default_factory=list)
+    unverified: list[Finding] = dataclasses.field(default_factory=list)
     unexpected: list[Finding] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     checks: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -67,7 +72,7 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.corrupt
+        return not self.missing and not self.corrupt and not self.unverified
 
     @property
     def hash_gb_per_s(self) -> float:
@@ -103,30 +108,48 @@ def verify_checkpoint(
         raise MissingResourceError(f"checkpoint directory not found: {base}")
     if base.name == CKPT_SUBDIR and not (base / MANIFEST_NAME).exists():
         base = base.parent
-    manifest = Manifest.load(base)
     cfg = load_model_config(base, preset)
     has_config = (base / CONFIG_FILENAME).is_file()
     model = CONFIG_FILENAME if has_config else (preset or "grok-1")
+    manifest, manifest_error = _load_manifest(base)
     report = VerifyReport(str(base), "manifest" if manifest else "layout", model)
+    if manifest_error:
+        report.corrupt.append(Finding(MANIFEST_NAME, "manifest", manifest_error))
+        report.checks["manifest"] = "FAILED (refused: checked against the layout only)"
     workers = workers or os.cpu_count() or 1
 
-    # What should be there: path -> (size, sha256 or None).
+    # What should be there: path -> (size, sha256 or None). The layout decides which files
+    # matter; the manifest adds its other files and the checksums.
+    layout = expected_files(cfg)
+    expected: dict[str, tuple[int, str | None]] = {p: (s, None) for p, s in layout.items()}
     if manifest is not None:
-        expected = {p: (r.size, r.sha256) for p, r in manifest.files.items()}
-    else:
-        expected = {p: (s, None) for p, s in expected_files(cfg).items()}
-        tok = base / TOKENIZER_FILENAME
-        if tok.is_file() and not has_config:
-            expected[TOKENIZER_FILENAME] = (GROK1_TOKENIZER_BYTES, GROK1_TOKENIZER_SHA256)
-        elif not tok.is_file():
-            report.warnings.append(f"no {TOKENIZER_FILENAME} (grokctl download fetches it)")
+        for path, rec in manifest.files.items():
+            if path in layout and rec.size != layout[path]:
+                report.corrupt.append(
+                    Finding(
+                        path,
+                        "manifest",
+                        f"{MANIFEST_NAME} says {rec.size} bytes, the layout of {model} "
+                        f"{layout[path]}: the manifest does not describe this checkpoint",
+                    )
+                )
+            else:
+                expected[path] = (rec.size, rec.sha256)
+    tok = base / TOKENIZER_FILENAME
+    if tok.is_file() and not has_config and not expected.get(TOKENIZER_FILENAME, (0, None))[1]:
+        expected[TOKENIZER_FILENAME] = (GROK1_TOKENIZER_BYTES, GROK1_TOKENIZER_SHA256)
+    elif not tok.is_file() and TOKENIZER_FILENAME not in expected:
+        report.warnings.append(f"no {TOKENIZER_FILENAME} (grokctl download fetches it)")
     report.files, report.bytes = len(expected), sum(s for s, _ in expected.values())
 
     intact: list[str] = []  # present with the right size
     for path, (size, _) in sorted(expected.items()):
         full = base / path
         if not full.is_file():
-            report.missing.append(Finding(path, "missing", "not found"))
+            if os.path.lexists(full):
+                report.corrupt.append(Finding(path, "size", "not a regular file"))
+            else:
+                report.missing.append(Finding(path, "missing", "not found"))
         elif (actual := full.stat().st_size) != size:
             what = "truncated" if actual < size else "too long"
             report.corrupt.append(Finding(path, "size", f"{what}: {actual} bytes, expected {size}"))
@@ -136,6 +159,7 @@ def verify_checkpoint(
     _unexpected(base, expected, report)
 
     specs = expected_specs(cfg)
+    _explain_sizes(base, specs, report)
     tensors = [p for p in intact if p.startswith(CKPT_SUBDIR + "/")]
     refs = _structure(base, tensors, specs, model, report, workers)
     if deep:
@@ -144,10 +168,31 @@ def verify_checkpoint(
         report.checks["nan_inf"] = "skipped (use --deep)"
 
     to_hash = [p for p in intact if expected[p][1]]
-    if quick or not to_hash:
-        report.checks["sha256"] = "skipped (--quick)" if quick else "no checksums (no manifest)"
+    if quick:
+        report.checks["sha256"] = "skipped (--quick)"
     else:
-        _hash(base, to_hash, expected, report, workers, on_phase)
+        if manifest is not None:  # a manifest vouches for every file of the layout, or fails
+            reported = {f.path for f in report.corrupt}
+            for path in sorted(set(intact) & set(layout) - set(to_hash) - reported):
+                why = "no sha256" if path in manifest.files else "no entry"
+                report.unverified.append(
+                    Finding(path, "unverified", f"{why} in {MANIFEST_NAME}: content not checked")
+                )
+        if to_hash:
+            _hash(base, to_hash, expected, report, workers, on_phase)
+        else:
+            report.checks["sha256"] = (
+                "no checksums (manifest refused)"
+                if manifest_error
+                else "no checksums (no manifest)"
+                if manifest is None
+                else "no checksums"
+            )
+        if report.unverified:
+            report.checks["sha256"] += (
+                f"; UNVERIFIED ({len(report.unverified)} of {len(layout)} tensor files have no "
+                f"sha256 in {MANIFEST_NAME})"
+            )
 
     if torrent or torrent_file:
         _pieces(base, torrent_file, manifest, report, workers, on_phase)
@@ -155,9 +200,34 @@ def verify_checkpoint(
     return report
 
 
+def _load_manifest(base: Path) -> tuple[Manifest | None, str | None]:
+    """The manifest, or (None, why it was refused): a bad manifest is a finding, and the
+    checkpoint is still checked against its layout."""
+    try:
+        return Manifest.load(base), None
+    except IntegrityError as exc:
+        return None, str(exc).removeprefix(f"{base / MANIFEST_NAME}: ").removeprefix(f"{base}: ")
+
+
 def _verdict(report: VerifyReport, n: int, kinds: tuple[str, ...] = ("missing", "size")) -> str:
     bad = [f for f in report.missing + report.corrupt if f.kind in kinds]
     return f"ok ({n} files)" if not bad else f"FAILED ({len(bad)} of {n})"
+
+
+def _explain_sizes(base: Path, specs: dict[str, Any], report: VerifyReport) -> None:
+    """A tensor file of the wrong size that the reader refuses for another reason than its
+    length (a wrong shape or dtype, a big-endian array, an unsafe pickle) is reported with that
+    reason: the same words `inspect` and `generate` use for it."""
+    for i, f in enumerate(report.corrupt):
+        spec = specs.get(f.path)
+        if f.kind != "size" or spec is None or not (base / f.path).is_file():
+            continue
+        try:
+            check_entry(spec, parse_tensor_file(base / f.path), f.path)
+        except IntegrityError as exc:
+            why = str(exc).removeprefix(f"{base / f.path}: ").removeprefix(f"{f.path}: ")
+            if "truncated" not in why:
+                report.corrupt[i] = Finding(f.path, "structure", why)
 
 
 def _unexpected(base: Path, expected: dict[str, Any], report: VerifyReport) -> None:

@@ -12,13 +12,17 @@ and `grokctl download` use, serving the files of a local directory as one model 
 Test hooks: `cut[path] = offset` closes the connection once a response reaches byte `offset` of
 the file (every time while set, or once with `cut_once`); `stall[path] = offset` stops sending there until the server
 stops; `token` requires `Authorization: Bearer <token>`; `virtual[path] = size` lists a file
-that is never served; `requests` records (method, path, Range) of every request.
+that is never served; `extra[name] = bytes` lists and serves a file under any name, however
+hostile (`ckpt-0/../../x`, an absolute path, control characters), also at the URL a client
+reaches after normalising the name's `..`; `requests` records (method, path, Range) of every
+request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 import socket
 import threading
@@ -42,6 +46,7 @@ class HubServer:
         self.cut_once = False
         self.stall: dict[str, int] = {}
         self.virtual: dict[str, int] = {}
+        self.extra: dict[str, bytes] = {}
         self.raw: dict[str, bytes] = {}
         self.token: str | None = None
         self.requests: list[tuple[str, str, str | None]] = []
@@ -104,7 +109,18 @@ class HubServer:
                     "lfs": {"oid": "e" * 64, "size": size, "pointerSize": 134},
                 }
             )
+        for path, data in self.extra.items():
+            entries.append({"type": "file", "oid": git_oid(data), "size": len(data), "path": path})
         return entries
+
+    def extra_for(self, url_path: str) -> str | None:
+        """The `extra` name a resolve URL asks for (as sent, or with its `..` normalised)."""
+        for name in self.extra:
+            for rev in ("main", self.commit):
+                url = f"/{self.repo}/resolve/{rev}/{name}"
+                if url_path in (url, posixpath.normpath(url), url.replace("//", "/")):
+                    return name
+        return None
 
 
 def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
@@ -158,6 +174,9 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 sub = (m.group(2) or "").strip("/")
                 entries = [e for e in hub.tree() if not sub or e["path"].startswith(sub + "/")]
                 return self._json(entries)
+            if (name := hub.extra_for(path)) is not None:
+                headers = {"X-Repo-Commit": hub.commit, "ETag": f'"{git_oid(hub.extra[name])}"'}
+                return self._send_bytes(name, hub.extra[name], head, headers)
             if m := re.fullmatch(rf"/{repo}/resolve/([^/]+)/(.+)", path):
                 meta = hub._files.get(m.group(2))
                 if meta is None or m.group(1) not in ("main", hub.commit):

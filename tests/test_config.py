@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from grokctl.config import PRESETS, Settings, ffn_size, load_model_config, preset
-from grokctl.errors import UsageError
+from grokctl.errors import IntegrityError, UsageError
 
 
 def test_grok1_preset_is_the_release() -> None:
@@ -51,9 +51,9 @@ def test_fixture_config_matches_tiny_preset(grok_tiny: Path) -> None:
     assert load_model_config(grok_tiny) == preset("grok-tiny")
 
 
-def test_bad_config_json_is_a_usage_error(tmp_path: Path) -> None:
+def test_bad_config_json_is_an_integrity_error(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(UsageError, match="config.json"):
+    with pytest.raises(IntegrityError, match="config.json"):
         load_model_config(tmp_path)
 
 

@@ -184,6 +184,7 @@ def _hub(
 ) -> dict[str, Any]:
     from grokctl.fetch.common import check_disk_space
     from grokctl.fetch.hub import download_hub, hub_headers, plan_hub
+    from grokctl.paths import shown
 
     plan = plan_hub(root, repo, revision, inc, exc, manifest)
     tok_needed = 0 if tok["skip"] or (root / "tokenizer.model").is_file() else 2_229_219
@@ -227,7 +228,7 @@ def _hub(
             else "all already present"
         )
         _note(
-            f"{repo}@{plan.commit[:12]}: {n} files ({human_bytes(plan.bytes_total)}), {got} "
+            f"{repo}@{shown(plan.commit[:12])}: {n} files ({human_bytes(plan.bytes_total)}), {got} "
             f"in {root}; manifest {manifest.path.name}"
         )
     tokr = _tokenizer(root, manifest, tok, url, headers, plan.offline, common, json_out)
@@ -260,6 +261,7 @@ def _magnet(
     json_out: bool,
 ) -> dict[str, Any]:
     from grokctl.fetch.torrent import download_magnet
+    from grokctl.paths import shown
 
     with progress("bytes", enabled=not json_out) as bar:
         task = bar.add_task("magnet: fetching metadata", total=None)
@@ -281,7 +283,7 @@ def _magnet(
             if not json_out:
                 rate = res.bytes_fetched / res.seconds / 1e6 if res.seconds else 0.0
                 _note(
-                    f"magnet {res.info_hash[:12]} ({res.name}): {len(res.files)} files "
+                    f"magnet {res.info_hash[:12]} ({shown(res.name)}): {len(res.files)} files "
                     f"({human_bytes(res.bytes_total)}), {human_bytes(res.bytes_fetched)} fetched "
                     f"in {res.seconds:.1f} s ({rate:.1f} MB/s, {res.hash_failures} failed piece "
                     f"checks) into {root}; manifest {manifest.path.name}"

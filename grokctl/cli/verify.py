@@ -12,6 +12,7 @@ from grokctl.cli import options
 from grokctl.cli.output import emit_json, human_bytes, out, progress
 from grokctl.config import Settings
 from grokctl.errors import IntegrityError
+from grokctl.paths import shown
 
 
 def verify(
@@ -77,30 +78,36 @@ def verify(
     else:
         _print(report)
     if not report.ok:
+        unverified = f", {len(report.unverified)} unverified" if report.unverified else ""
         raise IntegrityError(
-            f"{report.root}: {len(report.missing)} missing, {len(report.corrupt)} corrupt file(s)"
+            f"{report.root}: {len(report.missing)} missing, {len(report.corrupt)} corrupt"
+            f"{unverified} file(s)"
         )
 
 
 def _print(report: Any) -> None:
-    against = (
-        "grokctl-manifest.json" if report.mode == "manifest" else f"the layout of {report.model}"
+    against = f"the layout of {report.model}" + (
+        " and grokctl-manifest.json" if report.mode == "manifest" else ""
     )
     _line(
         f"{report.root}: {report.files} files, {human_bytes(report.bytes)}, checked against {against}"
     )
-    for name in ("sizes", "structure", "nan_inf", "sha256", "torrent"):
+    for name in ("manifest", "sizes", "structure", "nan_inf", "sha256", "torrent"):
         if name in report.checks:
             _line(f"  {name:<10} {report.checks[name]}")
     for f in report.missing:
-        _line(f"missing     {f.path}")
+        _line(f"missing     {shown(f.path)}")
     for f in report.corrupt:
-        _line(f"corrupt     {f.path}: {f.detail}")
+        _line(f"corrupt     {shown(f.path)}: {shown(f.detail, 400)}")
+    for f in report.unverified:
+        _line(f"unverified  {shown(f.path)}: {f.detail}")
     for f in report.unexpected:
-        _line(f"unexpected  {f.path} ({f.detail})")
+        _line(f"unexpected  {shown(f.path)} ({f.detail})")
     for w in report.warnings:
         _line(f"note        {w}")
-    verdict = "OK" if report.ok else "FAILED"
+    verdict = (
+        "OK" if report.ok else "UNVERIFIED" if not report.missing + report.corrupt else "FAILED"
+    )
     _line(f"{verdict} in {report.seconds:.1f} s")
 
 

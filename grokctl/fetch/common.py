@@ -4,9 +4,10 @@ partial area, free-space checks and file hashing."""
 from __future__ import annotations
 
 import contextlib
-import fnmatch
+import functools
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -38,10 +39,41 @@ def split_patterns(patterns: Iterable[str] | None) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A glob as a regex where `*`, `?` and `[...]` never cross `/` and `**` does."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        c = pattern[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and (end := pattern.find("]", i + 2)) != -1:
+            body = pattern[i + 1 : end]
+            neg = body.startswith("!")
+            body = re.escape(body[1:] if neg else body).replace("\\-", "-")
+            out.append(f"(?!/)[^{body}]" if neg else f"(?!/)[{body}]")
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
 def matches(path: str, pattern: str) -> bool:
-    """fnmatch (`*` crosses `/`), and a bare directory name selects everything under it, so
-    `--include ckpt-0` works without the quoting `ckpt-0/*` needs in zsh."""
-    if fnmatch.fnmatchcase(path, pattern):
+    """A glob whose `*` stops at `/` (`**` crosses it): `ckpt-0/*` is the files of `ckpt-0/`,
+    never `ckpt-0/../x`. A pattern without `/` matches the last component at any depth (`*.json`,
+    `*9_000`), and a bare directory name selects everything under it, so `--include ckpt-0` works
+    without the quoting `ckpt-0/*` needs in zsh."""
+    if _glob_regex(pattern).match(path):
+        return True
+    if "/" not in pattern and _glob_regex(pattern).match(path.rsplit("/", 1)[-1]):
         return True
     if not (_GLOB_CHARS & set(pattern)):
         stem = pattern.rstrip("/")

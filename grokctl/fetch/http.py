@@ -25,6 +25,7 @@ import httpx2
 from grokctl.atomic import replace_into
 from grokctl.errors import GrokctlError, IntegrityError, MissingResourceError
 from grokctl.fetch.common import sha256_file
+from grokctl.paths import shown
 from grokctl.units import human_bytes
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -116,7 +117,7 @@ def transfer(
             if failures > retries:
                 raise GrokctlError(
                     f"{t.name}: transfer interrupted after {human_bytes(st.done)} of "
-                    f"{human_bytes(t.size)} ({type(exc).__name__}: {exc}); "
+                    f"{human_bytes(t.size)} ({type(exc).__name__}: {shown(str(exc), 300)}); "
                     "run the same command again to resume"
                 ) from None
             _sleep(min(retry_wait * 2 ** (failures - 1), 30.0), cancel)
@@ -171,7 +172,8 @@ def _get(
             m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
             if not m or int(m.group(1)) != st.done:
                 raise IntegrityError(
-                    f"{t.name}: asked for bytes {st.done}- and got {resp.headers.get('Content-Range')}"
+                    f"{t.name}: asked for bytes {st.done}- and got "
+                    f"{shown(resp.headers.get('Content-Range'))}"
                 )
             mode = "ab"
         else:  # 200: the whole file (a server that ignores Range restarts us from 0)
@@ -199,7 +201,7 @@ def _raise_for_status(resp: httpx2.Response, t: Transfer) -> None:
     if status < 400:
         return
     resp.read()
-    where = f"{t.name} ({resp.url})"
+    where = f"{t.name} ({shown(str(resp.url), 300)})"
     if status in (401, 403):
         raise GrokctlError(
             f"{where}: access denied (HTTP {status}); set HF_TOKEN to a token that can read it"

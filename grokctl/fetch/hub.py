@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import contextlib
 import dataclasses
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,10 +21,11 @@ from typing import Any
 
 import httpx2
 
-from grokctl.errors import GrokctlError, MissingResourceError, UsageError
+from grokctl.errors import GrokctlError, IntegrityError, MissingResourceError, UsageError
 from grokctl.fetch.common import git_blob_sha1, partial_dir, prune_partial, select, sha256_file
 from grokctl.fetch.http import Cancelled, Transfer, part_path, transfer
 from grokctl.fetch.manifest import FileRecord, Manifest
+from grokctl.paths import check_relative_path, shown
 
 DEFAULT_REPO = "xai-org/grok-1"
 DEFAULT_REVISION = "main"
@@ -124,11 +126,14 @@ def _hub_errors(repo: str, revision: str, endpoint: str) -> Iterator[None]:
     except hf.RevisionNotFoundError:
         raise MissingResourceError(f"{repo}: revision {revision!r} not found") from None
     except hf.EntryNotFoundError as exc:
-        raise MissingResourceError(f"{repo}@{revision}: {str(exc).splitlines()[-1]}") from None
+        last = (str(exc).splitlines() or [""])[-1]
+        raise MissingResourceError(f"{repo}@{revision}: {shown(last, 300)}") from None
     except hf.OfflineModeIsEnabled:
         raise MissingResourceError("HF_HUB_OFFLINE is set: the hub cannot be contacted") from None
     except hf.HfHubHTTPError as exc:
-        raise GrokctlError(f"{endpoint}: {str(exc).splitlines()[0]}") from None
+        raise GrokctlError(
+            f"{endpoint}: {shown((str(exc).splitlines() or [''])[0], 300)}"
+        ) from None
     except httpx2.TransportError as exc:
         raise GrokctlError(f"cannot reach {endpoint} ({type(exc).__name__}: {exc})") from None
 
@@ -153,23 +158,24 @@ def plan_hub(
     api = HfApi(endpoint=endpoint)
     with _hub_errors(repo, revision, endpoint):
         commit = api.model_info(repo, revision=revision).sha or revision
+        if commit != revision and not _HEX.fullmatch(str(commit)):
+            raise IntegrityError(f"{repo}@{revision}: the hub's commit {shown(commit)} is not hex")
         entries = [
             e
             for e in api.list_repo_tree(repo, revision=commit, recursive=True)
             if isinstance(e, RepoFile)
         ]
-    by_path = {
-        e.path: HubFile(
-            e.path,
-            e.lfs.size if e.lfs else e.size,
-            e.lfs.sha256 if e.lfs else None,
-            # the git object id is the content's only for files kept in git itself (for LFS
-            # and Xet files it is the pointer's)
-            e.blob_id if not e.lfs and not getattr(e, "xet_hash", None) else None,
-            hf_hub_url(repo, e.path, revision=commit, endpoint=endpoint),
-        )
-        for e in entries
-    }
+    by_path = {}
+    for e in entries:  # the whole listing is checked: one unsafe name means a hostile mirror
+        check_relative_path(e.path, root, f"hub entry of {repo}")
+        size = e.lfs.size if e.lfs else e.size
+        sha256 = e.lfs.sha256 if e.lfs else None
+        # the git object id is the content's only for files kept in git itself (for LFS and
+        # Xet files it is the pointer's)
+        blob_id = e.blob_id if not e.lfs and not getattr(e, "xet_hash", None) else None
+        _check_listed(e.path, size, sha256, blob_id, repo)
+        url = hf_hub_url(repo, e.path, revision=commit, endpoint=endpoint)
+        by_path[e.path] = HubFile(e.path, size, sha256, blob_id, url)
     chosen = select(sorted(by_path), include or [], exclude or [])
     if not chosen:
         raise UsageError(f"no file of {repo}@{revision} matches --include/--exclude")
@@ -192,6 +198,23 @@ def plan_hub(
         if part.is_file():
             plan.partial_bytes[f.path] = min(part.stat().st_size, f.size)
     return plan
+
+
+_HEX = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+def _check_listed(path: str, size: object, sha256: object, blob_id: object, repo: str) -> None:
+    """The listing's size and checksums become file and part-file names and byte counts:
+    a size is a non-negative integer, a checksum plain lowercase hex."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise IntegrityError(f"hub entry {shown(path)} of {repo}: size {shown(size)} is invalid")
+    for what, value, width in (("sha256", sha256, 64), ("git object id", blob_id, 0)):
+        if value is not None and not (
+            isinstance(value, str) and _HEX.fullmatch(value) and (not width or len(value) == width)
+        ):
+            raise IntegrityError(
+                f"hub entry {shown(path)} of {repo}: {what} {shown(value)} is not a hex digest"
+            )
 
 
 def _plan_offline(

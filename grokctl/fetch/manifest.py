@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import re
+import stat
 import threading
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any
 
 from grokctl.atomic import atomic_write_json
 from grokctl.errors import IntegrityError
+from grokctl.paths import check_relative_path, shown
 
 MANIFEST_NAME = "grokctl-manifest.json"
 FORMAT = "grokctl-manifest/1"
@@ -68,28 +71,38 @@ class Manifest:
 
     @classmethod
     def load(cls, root: str | Path) -> Manifest | None:
-        """The manifest in `root`, or None when there is none."""
+        """The manifest in `root`, or None when there is none. Every entry is checked (a safe
+        relative path under `root`, a non-negative integer size, hex checksums): a manifest
+        that fails is refused whole (IntegrityError, exit 3), never partly used."""
         root = Path(root)
         path = root / MANIFEST_NAME
-        if not path.is_file():
-            return None
         try:
-            data = json.loads(path.read_text())
-            if data.get("format") != FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
-            files = {
-                str(name): FileRecord(**{k: v for k, v in rec.items() if k in _RECORD_FIELDS})
-                for name, rec in data["files"].items()
-            }
-            return cls(
-                root,
-                files,
-                dict(data.get("sources", {})),
-                data.get("created", now_iso()),
-                data.get("updated"),
-            )
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise IntegrityError(f"{path}: not a readable grokctl manifest ({exc})") from None
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise IntegrityError(f"{path}: cannot read the manifest ({exc.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise IntegrityError(f"{path}: the manifest is not a regular file")
+        if st.st_size > _MAX_BYTES:
+            raise IntegrityError(f"{path}: {st.st_size} bytes, too large for a manifest")
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError) as exc:
+            raise IntegrityError(
+                f"{path}: not a readable grokctl manifest ({shown(str(exc))})"
+            ) from None
+        problem = _problem(data)
+        if problem:
+            raise IntegrityError(f"{path}: not a valid grokctl manifest: {problem}")
+        for name in data["files"]:
+            check_relative_path(name, root, f"{MANIFEST_NAME} entry")
+        files = {
+            name: FileRecord(**{k: v for k, v in rec.items() if k in _RECORD_FIELDS})
+            for name, rec in data["files"].items()
+        }
+        sources = data.get("sources", {})
+        return cls(root, files, sources, str(data.get("created") or now_iso()), data.get("updated"))
 
     @classmethod
     def load_or_new(cls, root: str | Path) -> Manifest:
@@ -101,6 +114,7 @@ class Manifest:
         return key
 
     def record(self, name: str, rec: FileRecord) -> None:
+        check_relative_path(name, self.root, f"{MANIFEST_NAME} entry")
         with self._lock:
             self.files[name] = rec
 
@@ -135,3 +149,35 @@ class Manifest:
 
 
 _RECORD_FIELDS = {f.name for f in dataclasses.fields(FileRecord)}
+_MAX_BYTES = 64 << 20
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+def _problem(data: Any) -> str | None:
+    """What is wrong with a parsed manifest, in words (None when it is well formed)."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    if data.get("format") != FORMAT:
+        return f"format {shown(data.get('format'))}, expected {FORMAT!r}"
+    files, sources = data.get("files"), data.get("sources", {})
+    if not isinstance(files, dict):
+        return "`files` is not an object"
+    if not isinstance(sources, dict) or not all(isinstance(v, dict) for v in sources.values()):
+        return "`sources` is not an object of objects"
+    for name, rec in files.items():
+        where = f"entry {shown(name)}"
+        if not isinstance(rec, dict):
+            return f"{where} is not an object"
+        size = rec.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return f"{where}: size {shown(size)} is not a non-negative integer"
+        for key, width in (("sha256", (64,)), ("blob_id", (40, 64))):
+            value = rec.get(key)
+            if value is not None and not (
+                isinstance(value, str) and len(value) in width and _HEX.fullmatch(value)
+            ):
+                return f"{where}: {key} {shown(value)} is not a lowercase hex digest"
+        for key in ("sha256_from", "source", "downloaded"):
+            if not isinstance(rec.get(key), str | None):
+                return f"{where}: {key} {shown(rec.get(key))} is not a string"
+    return None

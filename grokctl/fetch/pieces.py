@@ -13,6 +13,7 @@ from typing import Any
 
 from grokctl.checkpoint.xai.files import CKPT_SUBDIR
 from grokctl.errors import UsageError
+from grokctl.paths import check_relative_path
 
 
 def relative_path(torrent_path: str) -> str:
@@ -64,6 +65,8 @@ def check_pieces(
     fs = ti.layout()
     pad = {i for i in range(fs.num_files()) if fs.file_flags(i) & lt.file_storage.flag_pad_file}
     rel = {i: relative_path(fs.file_path(i)) for i in range(fs.num_files()) if i not in pad}
+    for p in rel.values():  # never read outside the checkpoint
+        check_relative_path(p, root, f"file of {torrent.name}")
     usable = {
         i
         for i, p in rel.items()

@@ -25,6 +25,7 @@ from grokctl.errors import GrokctlError, UsageError
 from grokctl.fetch.common import check_disk_space, partial_dir, prune_partial, select, sha256_file
 from grokctl.fetch.manifest import FileRecord, Manifest
 from grokctl.fetch.pieces import torrent_files
+from grokctl.paths import check_relative_path, shown
 
 OFFICIAL_MAGNET = (
     "magnet:?xt=urn:btih:5f96d43576e3d386c9ba65b883210a393b68210e"
@@ -191,7 +192,7 @@ class _Run:
 
     def check_errors(self) -> None:
         if self.errors:
-            raise GrokctlError(f"libtorrent: {self.errors[0]}")
+            raise GrokctlError(f"libtorrent: {shown(self.errors[0], 300)}")
 
     def save_resume(self, wait: float = 10.0) -> None:
         if self.handle is None or self.resume_path is None or not self.metadata:
@@ -270,11 +271,18 @@ def download_magnet(
             _wait_for(run, lambda: run.metadata, "fetching the torrent's metadata")
             ti = run.handle.torrent_file()
             run.remove()
+        _check_names(ti, root)  # before the torrent is saved or any file is written
         if not saved.is_file() or _load_ti(saved, info_hash) is None:
             atomic_write_bytes(saved, b"d4:info" + bytes(ti.info_section()) + b"e")
         return _phase2(run, ti, info_hash, source, opts, start, on_complete)
     finally:
         run.close()
+
+
+def _check_names(ti: Any, root: Path) -> None:
+    """Every file name of the torrent, selected or not, must be a safe path under `root`."""
+    for _, p, _ in torrent_files(ti):
+        check_relative_path(p, root, "torrent file")
 
 
 def _load_ti(path: Path, info_hash: str) -> Any:

@@ -32,7 +32,11 @@ def detect(path: Path) -> Path | None:
 
 
 def check_entry(entry_spec: ParamSpec, ref: TensorRef, path: str) -> None:
-    """Raise IntegrityError when a parsed tensor file does not hold what `entry_spec` says."""
+    """Raise IntegrityError when a parsed tensor file does not hold what `entry_spec` says: its
+    shapes, and exactly the release's dtypes (int8 weights with bf16 scales, float32 arrays).
+    One judgement for every command (`inspect`, `verify`, `generate` all call this): another
+    float dtype, say a float64 norm scale, is refused, never cast; the reader has already
+    refused big-endian arrays."""
     if entry_spec.quantized:
         if not isinstance(ref, QuantRef):
             raise IntegrityError(f"{path}: {entry_spec.name} should be an int8 QuantizedWeight8bit")
@@ -53,8 +57,10 @@ def check_entry(entry_spec: ParamSpec, ref: TensorRef, path: str) -> None:
             raise IntegrityError(
                 f"{path}: {entry_spec.name} scales {list(s.shape)} do not fit weight {list(w.shape)}"
             )
-        if s.dtype.name not in ("bfloat16", "float32", "float16"):
-            raise IntegrityError(f"{path}: {entry_spec.name} scales have dtype {s.dtype}")
+        if s.dtype.name != "bfloat16":
+            raise IntegrityError(
+                f"{path}: {entry_spec.name} scales have dtype {s.dtype}, expected bfloat16"
+            )
     else:
         if not isinstance(ref, ArrayRef):
             raise IntegrityError(f"{path}: {entry_spec.name} should be a plain array")
@@ -62,8 +68,10 @@ def check_entry(entry_spec: ParamSpec, ref: TensorRef, path: str) -> None:
             raise IntegrityError(
                 f"{path}: {entry_spec.name} has shape {list(ref.shape)}, expected {list(entry_spec.shape)}"
             )
-        if ref.dtype.kind != "f":
-            raise IntegrityError(f"{path}: {entry_spec.name} has dtype {ref.dtype}, expected float")
+        if ref.dtype != np.dtype(entry_spec.dtype):  # exactly the release's: never cast
+            raise IntegrityError(
+                f"{path}: {entry_spec.name} has dtype {ref.dtype}, expected {entry_spec.dtype}"
+            )
 
 
 def read(root: Path, cfg: ModelConfig, workers: int = 8) -> list[tuple[ParamSpec, Path, TensorRef]]:

@@ -11,12 +11,20 @@ the globals `numpy.core.multiarray._reconstruct` (numpy 1 spelling, as released)
 called). Any other global, opcode or call is refused with `UnsafePickleError` (exit 3). Array
 payloads are not read: the parser records the byte offset of each array's data so the caller
 can memory-map it.
+
+Every malformed file is an `IntegrityError` (exit 3) naming it: a path that is not, after its
+symlinks, a regular file outside /proc and /sys is refused before it is opened (no FIFO can
+hang a command); shapes are checked with Python integers against the bytes the file holds
+(no overflow); containers nest at most `MAX_DEPTH` deep (no recursion later); big-endian arrays
+are refused, for every command alike. Names from the file appear in messages escaped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import stat
 import struct
 from typing import Any, BinaryIO
 
@@ -25,6 +33,7 @@ import numpy as np
 
 from grokctl.checkpoint.refs import ArrayRef, QuantRef, TensorRef
 from grokctl.errors import IntegrityError, UnsafePickleError
+from grokctl.paths import shown
 
 # --- the allow-list ----------------------------------------------------------------------------
 
@@ -75,17 +84,22 @@ class _DtypeStub:
         elif isinstance(spec, str) and spec in _DTYPE_CODES:
             self.base = np.dtype(spec)
         else:
-            raise ValueError(f"dtype {spec!r} is not an array dtype this reader accepts")
+            raise ValueError(f"dtype {shown(spec)} is not an array dtype this reader accepts")
         self.byteorder = "="
 
     def build(self, state: Any) -> None:
         if not (isinstance(state, tuple) and len(state) >= 2 and state[1] in ("<", "|", "=", ">")):
-            raise ValueError(f"unexpected dtype state {state!r}")
+            raise ValueError(f"unexpected dtype state {shown(state)}")
         self.byteorder = state[1]
 
     def dtype(self) -> np.dtype:
+        """The release is little-endian; a big-endian array is refused here, once, for every
+        command (byte-swapping it would hand `generate` what `verify` never saw)."""
         if self.byteorder == ">" and self.base.itemsize > 1:
-            return self.base.newbyteorder(">")
+            raise ValueError(
+                f"big-endian array ({self.base.newbyteorder('>').str}): the checkpoint format "
+                "is little-endian"
+            )
         return self.base
 
 
@@ -97,8 +111,12 @@ class _ArrayStub:
         if not (isinstance(state, tuple) and len(state) == 5):
             raise ValueError("unexpected ndarray state")
         version, shape, dtype, fortran, data = state
-        if not isinstance(shape, tuple) or not all(isinstance(s, int) and s >= 0 for s in shape):
-            raise ValueError(f"bad array shape {shape!r}")
+        if (
+            not isinstance(shape, tuple)
+            or len(shape) > MAX_NDIM
+            or not all(_is_dim(s) for s in shape)
+        ):
+            raise ValueError(f"bad array shape {shown(shape)}")
         if not isinstance(dtype, _DtypeStub) or not isinstance(fortran, bool):
             raise ValueError("bad array dtype or order")
         if not isinstance(data, _BytesRef):
@@ -118,6 +136,15 @@ class _QW8Stub:
         self.fields = state
 
 
+MAX_NDIM = 32  # numpy allows 64; a checkpoint array has at most 3
+MAX_DEPTH = 16  # nesting of tuples/lists/dicts; an array pickle needs 3
+_DIM_MAX = 1 << 62
+
+
+def _is_dim(s: Any) -> bool:
+    return isinstance(s, int) and not isinstance(s, bool) and 0 <= s < _DIM_MAX
+
+
 # --- the parser -----------------------------------------------------------------------------
 
 
@@ -128,6 +155,8 @@ class _Reader:
         self.path = path
 
     def read(self, n: int) -> bytes:
+        if n > self.size - self.fh.tell():
+            raise IntegrityError(f"{self.path}: truncated tensor file (ends at byte {self.size})")
         data = self.fh.read(n)
         if len(data) != n:
             raise IntegrityError(f"{self.path}: truncated tensor file (ends at byte {self.size})")
@@ -157,22 +186,68 @@ def _unpack(fmt: str, data: bytes) -> int:
 def parse_tensor_file(path: str | os.PathLike[str]) -> TensorRef:
     """Parse one tensor pickle; return where its array bytes are. Reads no array data."""
     path = str(path)
-    try:
-        size = os.path.getsize(path)
-        fh = open(path, "rb")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise IntegrityError(f"{path}: cannot read ({exc.strerror})") from None
+    fh, size = _open_regular(path)
     with fh:
         try:
             result = _parse(_Reader(fh, size, path))
         except (UnsafePickleError, IntegrityError):
             raise
-        except (ValueError, TypeError, IndexError, KeyError, struct.error) as exc:
-            raise IntegrityError(f"{path}: not a valid tensor pickle ({exc})") from None
+        except (
+            ValueError,
+            TypeError,
+            IndexError,
+            KeyError,
+            struct.error,
+            OverflowError,
+            RecursionError,
+            MemoryError,
+        ) as exc:
+            why = shown(str(exc), 300) or type(exc).__name__
+            raise IntegrityError(f"{path}: not a valid tensor pickle ({why})") from None
         end = fh.tell()
     if end != size:
         raise IntegrityError(f"{path}: {size - end} unexpected bytes after the pickle's end")
     return _to_ref(result, path)
+
+
+_SPECIAL_ROOTS = ("/proc", "/sys")  # kernel files (/dev/shm holds real files: allowed)
+
+
+def _open_regular(path: str) -> tuple[BinaryIO, int]:
+    """Open `path` for reading only when it is (after its symlinks) a regular file outside
+    /proc and /sys: a device, FIFO, socket or kernel file is refused before opening."""
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+    except OSError as exc:
+        raise IntegrityError(f"{path}: cannot read ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode) or any(
+        real == root or real.startswith(root + "/") for root in _SPECIAL_ROOTS
+    ):
+        kind = _file_kind(st.st_mode)
+        raise IntegrityError(f"{path}: not a regular file ({kind} {shown(real)}); refused")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise IntegrityError(f"{path}: cannot read ({exc.strerror})") from None
+    opened = os.fstat(fd)
+    if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise IntegrityError(f"{path}: changed while being opened; refused")
+    return os.fdopen(fd, "rb"), opened.st_size
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISDIR, "directory"),
+    ):
+        if test(mode):
+            return name
+    return "kernel file"
 
 
 def _to_ref(obj: Any, path: str) -> TensorRef:
@@ -190,12 +265,12 @@ def _array_ref(stub: _ArrayStub, path: str) -> ArrayRef:
     if stub.state is None:
         raise IntegrityError(f"{path}: array was never filled in")
     shape, dtype, fortran, data = stub.state
-    ref = ArrayRef(path, data.offset, tuple(shape), dtype, fortran)
-    if ref.nbytes != data.length:
+    nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow before the check
+    if nbytes != data.length:
         raise IntegrityError(
-            f"{path}: array {shape} {dtype} needs {ref.nbytes} bytes, pickle holds {data.length}"
+            f"{path}: array {shown(shape)} {dtype} needs {nbytes} bytes, pickle holds {data.length}"
         )
-    return ref
+    return ArrayRef(path, data.offset, tuple(shape), dtype, fortran)
 
 
 def _refuse(path: str, what: str, pos: int) -> UnsafePickleError:
@@ -209,6 +284,17 @@ def _parse(r: _Reader) -> Any:  # noqa: C901 - one opcode table, read top to bot
     marks: list[int] = []
     memo: dict[int, Any] = {}
     path = r.path
+
+    depth: dict[int, tuple[Any, int]] = {}  # id -> (the container, kept alive; its nesting)
+
+    def nested(obj: Any, items: Any, at_least: int = 1) -> Any:
+        """Record a container's nesting; refuse beyond MAX_DEPTH (no structure the parser
+        builds can then make a later repr or comparison recurse deeply)."""
+        d = max(at_least, 1 + max((depth.get(id(x), (None, 0))[1] for x in items), default=0))
+        if d > MAX_DEPTH:
+            raise ValueError(f"containers nested deeper than {MAX_DEPTH} levels")
+        depth[id(obj)] = (obj, d)
+        return obj
 
     def pop_mark() -> list[Any]:
         if not marks:
@@ -270,7 +356,7 @@ def _parse(r: _Reader) -> Any:  # noqa: C901 - one opcode table, read top to bot
                     raise ValueError("STACK_GLOBAL on non-strings")
             glob = ALLOWED_GLOBALS.get((module, name))
             if glob is None:
-                raise _refuse(path, f"global {module}.{name}", pos)
+                raise _refuse(path, f"global {shown(f'{module}.{name}')}", pos)
             stack.append(glob)
         elif op == b"J":  # BININT
             stack.append(_unpack("<i", r.read(4)))
@@ -290,16 +376,19 @@ def _parse(r: _Reader) -> Any:  # noqa: C901 - one opcode table, read top to bot
         elif op == b")":
             stack.append(())
         elif op == b"t":
-            stack.append(tuple(pop_mark()))
+            items = pop_mark()
+            stack.append(nested(tuple(items), items))
         elif op in (b"\x85", b"\x86", b"\x87"):  # TUPLE1..3
             n = op[0] - 0x84
+            if len(stack) < n:
+                raise ValueError("stack underflow")
             top = tuple(stack[-n:])
             del stack[-n:]
-            stack.append(top)
+            stack.append(nested(top, top))
         elif op == b"}":
-            stack.append({})
+            stack.append(nested({}, ()))
         elif op == b"]":
-            stack.append([])
+            stack.append(nested([], ()))
         elif op in (b"s", b"u"):  # SETITEM, SETITEMS
             if op == b"s":
                 items = [stack.pop(-2), stack.pop()]
@@ -312,11 +401,13 @@ def _parse(r: _Reader) -> Any:  # noqa: C901 - one opcode table, read top to bot
                 if not isinstance(k, str):
                     raise ValueError("non-string dict key")
                 target[k] = v
+            nested(target, items, depth.get(id(target), (None, 1))[1])
         elif op in (b"a", b"e"):  # APPEND, APPENDS
             items = [stack.pop()] if op == b"a" else pop_mark()
             if not isinstance(stack[-1], list):
                 raise ValueError("APPEND on a non-list")
             stack[-1].extend(items)
+            nested(stack[-1], items, depth.get(id(stack[-1]), (None, 1))[1])
         elif op == b"R":  # REDUCE: only the two array constructors
             args = stack.pop()
             func = stack.pop()
@@ -329,12 +420,12 @@ def _parse(r: _Reader) -> Any:  # noqa: C901 - one opcode table, read top to bot
                     raise ValueError("bad dtype arguments")
                 stack.append(_DtypeStub(args[0]))
             else:
-                raise _refuse(path, f"call of {func!r}", pos)
+                raise _refuse(path, f"call of {shown(func)}", pos)
         elif op == b"\x81":  # NEWOBJ: only the QuantizedWeight8bit name, never instantiated
             args = stack.pop()
             cls = stack.pop()
             if cls is not _QW8 or args != ():
-                raise _refuse(path, f"construction of {cls!r}", pos)
+                raise _refuse(path, f"construction of {shown(cls)}", pos)
             stack.append(_QW8Stub())
         elif op == b"b":  # BUILD
             state = stack.pop()
