@@ -90,3 +90,8 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} TB"
+
+
+def warn(msg: str) -> None:
+    """One `grokctl: warning:` line on stderr (plain text, never markup)."""
+    err.print(f"grokctl: warning: {msg}", markup=False, highlight=False)
