@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from grokctl.cli import options
-from grokctl.cli.output import emit_json, err, human_bytes, info, progress, warn
+from grokctl.cli.output import emit_json, err, human_bytes, info, mark_mid_line, progress, warn
 from grokctl.config import Settings, help_suffix
 from grokctl.errors import GrokctlError, MissingResourceError, UsageError
 
@@ -408,6 +408,7 @@ class _Streamer:
         if ready.startswith(self.shown) and len(ready) > len(self.shown):
             sys.stdout.write(ready[len(self.shown) :])
             sys.stdout.flush()
+            mark_mid_line("stdout", True)
             self.shown = ready
 
     def finish(self, final: str) -> None:
@@ -415,6 +416,7 @@ class _Streamer:
             sys.stdout.write(final[len(self.shown) :])
         sys.stdout.write("\n")  # the terminal is left on a clean line, also after Ctrl-C
         sys.stdout.flush()
+        mark_mid_line("stdout", False)
 
 
 def register(app: typer.Typer) -> None:

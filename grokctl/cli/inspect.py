@@ -13,7 +13,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from grokctl.cli import options
-from grokctl.cli.output import emit_json, out
+from grokctl.cli.output import emit_json, out, warn
 from grokctl.config import Settings
 from grokctl.errors import UsageError
 
@@ -117,6 +117,14 @@ def inspect(
     if ckpt is None and preset_name is None:
         raise UsageError("nothing to inspect: give a checkpoint DIR or --preset NAME (e.g. grok-1)")
 
+    if ckpt is not None:
+        from grokctl.checkpoint.index import checkpoint_root
+        from grokctl.config import assumed_preset
+
+        root = checkpoint_root(ckpt)
+        assumed = assumed_preset(root, preset_name)
+        if assumed is not None and preset_name is None:
+            warn(f"{root} has no config.json: assuming preset {assumed} (--preset chooses another)")
     mesh_text = s.get("mesh", mesh)
     mem_text = s.get("device_memory", device_memory)
     detected: tuple[int | None, str, int] | None = None

@@ -42,9 +42,7 @@ Mesh = Annotated[
         show_default=False,
     ),
 ]
-Seed = Annotated[
-    Optional[int], typer.Option("--seed", help=f"Random seed. {help_suffix('seed')}")
-]
+Seed = Annotated[Optional[int], typer.Option("--seed", help=f"Random seed. {help_suffix('seed')}")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 Coordinator = Annotated[
     Optional[str],
