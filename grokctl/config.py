@@ -237,7 +237,7 @@ def assumed_preset(root: str | Path, preset_name: str | None) -> str | None:
     want = len(param_specs(preset(name)))
     if found != want:
         fits = [p for p, c in PRESETS.items() if len(param_specs(c)) == found]
-        hint = f" (as {' or '.join(fits)} has)" if fits else ""
+        hint = f" ({' or '.join(fits)} has {found})" if fits else ""
         raise IntegrityError(
             f"{root}: no config.json; assumed preset {name} ({want} tensors) but found {found} "
             f"tensor files{hint}; pass --preset NAME, add config.json, or finish the download"
