@@ -76,7 +76,7 @@ class Completion:
     logprobs: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {
             "prompt": self.prompt,
             "text": self.text,
             "token_ids": self.token_ids,
