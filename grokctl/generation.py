@@ -215,13 +215,15 @@ def generate(
     limit = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
 
     def choose(logits: jax.Array, step: int) -> tuple[jax.Array, np.ndarray]:
-        adjusted = (
-            _adjust(logits, rows.recent(), penalty, min_p) if params.adjusts_logits else logits
-        )
+        adjusted = logits
+        if params.adjusts_logits:  # through the engine: its compile time is counted apart
+            adjusted = engine._run("adjust", _adjust, (logits, rows.recent(), penalty, min_p))
         tok = engine.sample(adjusted, np.array(seeds), step, temp, top_p, top_k, limit)
         host = np.asarray(jax.device_get(tok))
         if rows.logprobs is not None:
-            lp = _top_logprobs(logits, tok, n=params.logprobs, vocab_limit=limit)
+            lp = engine._run(
+                "logprobs", _top_logprobs, (logits, tok), n=params.logprobs, vocab_limit=limit
+            )
             chosen, ids, top = (engine.fetch(x) for x in lp)
             for i in range(n):
                 if rows.finish[i] is None:
