@@ -371,3 +371,61 @@ def test_cancel_wakes_a_transfer_blocked_on_a_stalled_server(
     assert not worker.is_alive(), "the transfer did not notice the cancellation"
     assert len(outcome) == 1 and isinstance(outcome[0], Cancelled)
     assert part.stat().st_size == server.stall[name] and not (tmp_path / "x").exists()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, **kw: Any) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        **kw,
+    )
+
+
+def test_ctrl_c_during_start_up_is_one_line() -> None:
+    """Ctrl-C while `python -m grokctl` imports its modules: one line, exit 130, no traceback."""
+    code = (
+        "import builtins, runpy, sys\n"
+        "real = builtins.__import__\n"
+        "def imp(name, *a, **k):\n"
+        "    if name == 'typer':\n"
+        "        raise KeyboardInterrupt  # as if Ctrl-C arrived while typer loads\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = imp\n"
+        "sys.argv = ['grokctl', '--help']\n"
+        "runpy.run_module('grokctl', run_name='__main__')\n"
+    )
+    proc = _python(code)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err == "grokctl: error: interrupted\n" and out == ""
+
+
+def test_ctrl_c_while_stuck_in_a_c_call_ends_within_the_grace_time() -> None:
+    """The main thread inside a long call that never returns to Python (as an XLA compile):
+    the watchdog ends the process with one line and exit 130."""
+    code = (
+        "import hashlib\n"
+        "from grokctl.cli.app import _InterruptWatchdog\n"
+        "with _InterruptWatchdog():\n"
+        "    print('ready', flush=True)\n"
+        "    hashlib.pbkdf2_hmac('sha256', b'x', b'y', 2 * 10**9)  # minutes in C, no signal checks\n"
+        "print('not reached')\n"
+    )
+    proc = _python(code)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)  # the C call alone would take minutes
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err.strip() == "grokctl: error: interrupted" and "not reached" not in out

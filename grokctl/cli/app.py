@@ -89,12 +89,17 @@ INTERRUPT_GRACE_S = 1.0
 
 class _InterruptWatchdog:
     """Ctrl-C answers within a second even while the main thread is inside a long call that
-    Python cannot interrupt (an XLA compile, a blocking C read): the signal's wakeup byte reaches
-    this thread, which gives the main thread `INTERRUPT_GRACE_S` to stop by itself (printing what
-    it has) and otherwise ends the process with one line and exit 130."""
+    Python cannot interrupt (an XLA compile, a blocking C read).
+
+    The signal's wakeup byte reaches a watcher thread at once. If within `INTERRUPT_GRACE_S` the
+    main thread has not received its KeyboardInterrupt (it is stuck in C), the watcher ends the
+    process with one line and exit 130. A main thread that did receive it is cleaning up (saving
+    resume data, printing what it has) and is left to finish; a second Ctrl-C ends it at once."""
 
     def __init__(self) -> None:
         self.done = threading.Event()
+        self.seen = threading.Event()  # the main thread has received a KeyboardInterrupt
+        self.count = 0
         self._fds: tuple[int, int] | None = None
         self._old_fd = -1
 
@@ -102,7 +107,7 @@ class _InterruptWatchdog:
         if threading.current_thread() is not threading.main_thread():
             return self
         if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return self  # someone else (a test runner, an embedding app) handles Ctrl-C
+            return self  # someone else (an embedding application) handles Ctrl-C
         r, w = os.pipe()
         os.set_blocking(w, False)
         try:
@@ -111,11 +116,31 @@ class _InterruptWatchdog:
             os.close(r)
             os.close(w)
             return self
+        signal.signal(signal.SIGINT, self._on_sigint)
         self._fds = (r, w)
         threading.Thread(target=self._watch, args=(r,), daemon=True, name="grokctl-sigint").start()
         return self
 
+    def _on_sigint(self, signum: int, frame: object) -> None:  # runs in the main thread
+        self.count += 1
+        if self.count > 1:
+            self._exit()
+        self.seen.set()
+        raise KeyboardInterrupt
+
+    @staticmethod
+    def _exit() -> None:
+        try:
+            from grokctl.cli.output import end_line
+
+            end_line()
+            sys.stderr.write("grokctl: error: interrupted\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(130)
+
     def _watch(self, r: int) -> None:
+        presses = 0
         while True:
             try:
                 data = os.read(r, 64)
@@ -123,22 +148,18 @@ class _InterruptWatchdog:
                 return
             if not data:  # closed: the command is over
                 return
-            if signal.SIGINT not in data:
+            presses += data.count(signal.SIGINT)
+            if presses == 0:
                 continue
-            if self.done.wait(INTERRUPT_GRACE_S):
-                return
-            try:
-                from grokctl.cli.output import end_line
-
-                end_line()
-                sys.stderr.write("grokctl: error: interrupted\n")
-                sys.stderr.flush()
-            finally:
-                os._exit(130)
+            if presses == 1 and (self.seen.wait(INTERRUPT_GRACE_S) or self.done.is_set()):
+                continue  # the main thread has it and is cleaning up
+            if not self.done.is_set():
+                self._exit()  # stuck in C past the grace time, or a second Ctrl-C
 
     def __exit__(self, *exc: object) -> None:
         self.done.set()
         if self._fds is not None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.set_wakeup_fd(self._old_fd)
             os.close(self._fds[1])  # the watcher reads EOF and ends
             self._fds = None
