@@ -429,3 +429,17 @@ def test_ctrl_c_while_stuck_in_a_c_call_ends_within_the_grace_time() -> None:
         proc.kill()
     assert proc.returncode == 130
     assert err.strip() == "grokctl: error: interrupted" and "not reached" not in out
+
+
+def test_compiling_status_on_a_terminal(
+    demo_ckpt: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a terminal (stderr), "compiling..." stands until the first token, not silence."""
+    from grokctl.cli import output
+
+    monkeypatch.setattr(output.err, "_force_terminal", True)  # stderr as a terminal
+    monkeypatch.setattr(output.err, "is_interactive", True)
+    run = cli(capsys, "generate", "-c", str(demo_ckpt), "--token-ids", "5,6", "-n", "2")
+    assert run.code == 0, run.err
+    assert "compiling..." in run.err and "ready" not in run.err
+    assert run.out.strip() == run.out.strip().split("\n")[-1]  # the ids, one line
