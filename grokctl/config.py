@@ -352,7 +352,7 @@ SETTINGS: dict[str, Setting] = {
     "magnet": Setting(str, None, commands=_DL),
     "max_workers": Setting(int, 8, lo=1, commands=_DL),
     "retries": Setting(int, 5, lo=0, commands=_DL),
-    "timeout": Setting(float, None, lo=0, lo_open=True, commands=_DL),
+    "timeout": Setting(float, None, lo=0, commands=_DL),
     "tokenizer_url": Setting(str, None, commands=_DL),
     "listen": Setting(str, None, commands=_DL),
     # random-checkpoint
