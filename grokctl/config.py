@@ -523,7 +523,7 @@ class Settings:
 
     def _lookup(self, key: str, st: Setting) -> tuple[Any, str] | None:
         env_name = ENV_PREFIX + key.upper()
-        if env_name in os.environ:
+        if os.environ.get(env_name, "") != "":  # set and not empty (`export X=` clears it)
             return _convert(os.environ[env_name], st, env_name), env_name
         scopes: list[tuple[str | None, Any]] = []
         if self.command:
