@@ -1,3 +1,5 @@
-from grokctl.cli.app import run
+"""`python -m grokctl`: the `grokctl` command (Ctrl-C during start-up: one line, exit 130)."""
 
-run()
+from grokctl.cli import entry
+
+entry()

@@ -78,8 +78,17 @@ class GrokModel:
         seed: int = 0,
         stop: Sequence[str] = (),
         on_token: OnToken | None = None,
+        min_p: float = 0.0,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        logprobs: int = 0,
     ) -> list[Completion]:
-        """Generate for one or several prompts (text, or lists of token ids), as one batch."""
+        """Generate for one or several prompts (text, or lists of token ids), as one batch.
+
+        Sampling as llama.cpp's: temperature (0 = greedy), top-k, top-p, min-p, and a repeat
+        penalty over the last `repeat_last_n` tokens; `logprobs=N` records the top-N
+        log-probabilities of every generated token. Ctrl-C ends unfinished prompts with finish
+        reason "interrupted" (their tokens so far) instead of raising."""
         if isinstance(prompts, str):
             prompts = [prompts]
         texts: list[str | None] = []
@@ -91,7 +100,18 @@ class GrokModel:
             else:
                 texts.append(None)
                 ids.append([int(t) for t in p])
-        params = SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop))
+        params = SamplingParams(
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            tuple(stop),
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n,
+            logprobs=logprobs,
+        )
         decode = self.tokenizer.decode if self.tokenizer else None
         limit = self.tokenizer.vocab_size if self.tokenizer else None
         results = generate(self.engine, ids, params, decode, limit, on_token)

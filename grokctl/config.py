@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable
@@ -256,7 +257,10 @@ def model_config_from_dict(data: dict[str, Any], base: ModelConfig) -> ModelConf
 def load_model_config(
     checkpoint_dir: str | Path | None, preset_name: str | None = None
 ) -> ModelConfig:
-    """Preset (default `grok-1`) overridden by `<checkpoint_dir>/config.json` when present."""
+    """Preset (default `grok-1`) overridden by `<checkpoint_dir>/config.json` when present.
+
+    An explicit `preset_name` that contradicts config.json (a key of config.json with another
+    value than the preset's) is a UsageError naming both."""
     base = preset(preset_name or "grok-1")
     if checkpoint_dir is None:
         return base.validate()
@@ -275,6 +279,18 @@ def load_model_config(
         raise IntegrityError(f"{path}: not a readable JSON config ({_shown(str(exc))})") from None
     if not isinstance(data, dict):
         raise IntegrityError(f"{path}: expected a JSON object")
+    if preset_name is not None:
+        differ = [
+            f"{k} {data[k]!r} there, {getattr(base, k)!r} in {preset_name}"
+            for k in sorted(_MODEL_FIELDS)
+            if k in data and data[k] != getattr(base, k)
+        ]
+        if differ:
+            raise UsageError(
+                f"--preset {preset_name} contradicts {path} ({'; '.join(differ[:3])}"
+                f"{'; ...' if len(differ) > 3 else ''}): drop --preset, config.json describes "
+                "the checkpoint"
+            )
     try:
         return model_config_from_dict(data, base)
     except UsageError as exc:
@@ -284,12 +300,163 @@ def load_model_config(
 _CONFIG_MAX_BYTES = 1 << 20
 
 
+def assumed_preset(root: str | Path, preset_name: str | None) -> str | None:
+    """For a checkpoint without config.json: the preset assumed (None when config.json exists).
+
+    Without an explicit preset grok-1 is assumed; when the tensor files found do not number the
+    assumed preset's, an IntegrityError says so (rather than "720 of 770 tensor files missing")
+    and names the presets that would match."""
+    root = Path(root)
+    if (root / CONFIG_FILENAME).exists():
+        return None
+    name = preset_name or "grok-1"
+    if preset_name is not None:
+        return name
+    from grokctl.checkpoint.layout import param_specs
+
+    ckpt = root / "ckpt-0" if (root / "ckpt-0").is_dir() else root
+    found = len(list(ckpt.glob("tensor[0-9][0-9][0-9][0-9][0-9]_000")))
+    want = len(param_specs(preset(name)))
+    if found != want:
+        fits = [p for p, c in PRESETS.items() if len(param_specs(c)) == found]
+        hint = f" ({' or '.join(fits)} has {found})" if fits else ""
+        raise IntegrityError(
+            f"{root}: no config.json; assumed preset {name} ({want} tensors) but found {found} "
+            f"tensor files{hint}; pass --preset NAME, add config.json, or finish the download"
+        )
+    return name
+
+
 # --------------------------------------------------------------------------------------------
 # Runtime settings: flag > GROKCTL_* environment > grokctl.toml > default
 # --------------------------------------------------------------------------------------------
 
 ENV_PREFIX = "GROKCTL_"
 TOML_NAME = "grokctl.toml"
+COMMANDS = ("download", "verify", "inspect", "generate", "random-checkpoint")
+MESH_RE = re.compile(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One runtime setting: its type, default, constraint and the commands that read it."""
+
+    kind: type
+    default: Any = None
+    lo: float | None = None  # inclusive lower bound
+    hi: float | None = None  # inclusive upper bound
+    lo_open: bool = False  # lower bound exclusive
+    choices: tuple[str, ...] = ()
+    commands: tuple[str, ...] = COMMANDS
+    many: bool = False  # a list (repeatable flag; a TOML array; one value from the environment)
+    check: Callable[[Any], str | None] | None = None  # extra check: the problem, or None
+
+    @property
+    def constraint(self) -> str:
+        """The constraint in words, as `--help` shows it: ">= 1", "(0, 1]", "sparse|dense"."""
+        if self.choices:
+            return "|".join(self.choices)
+        if self.lo is not None and self.hi is not None:
+            return f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}]"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
+        return ""
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` (already of `kind`) is not allowed, or None."""
+        values = value if self.many else [value]
+        for v in values:
+            if self.choices and v not in self.choices:
+                return f"choose one of: {', '.join(self.choices)}"
+            if self.lo is not None or self.hi is not None:
+                low_bad = self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo)
+                high_bad = self.hi is not None and v > self.hi
+                if low_bad or high_bad or v != v:  # (NaN fails every range)
+                    where = self.constraint
+                    return f"must be in {where}" if self.hi is not None else f"must be {where}"
+            if self.check is not None and (msg := self.check(v)):
+                return msg
+        return None
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _check_mesh(text: str) -> str | None:
+    m = MESH_RE.fullmatch(text)
+    if not m:
+        return "expected DxM (data x model), e.g. 1x8"
+    if int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        return "both sizes must be >= 1"
+    return None
+
+
+_GEN = ("generate",)
+_DL = ("download",)
+_RUN = ("generate", "inspect")
+
+# The one table of runtime settings and their defaults: `--help` texts and Settings read it.
+SETTINGS: dict[str, Setting] = {
+    # every command
+    "checkpoint": Setting(Path, None),
+    "preset": Setting(str, None, choices=tuple(PRESETS), commands=COMMANDS[1:]),
+    "seed": Setting(int, 0, commands=("generate", "random-checkpoint")),
+    # the model on devices
+    "mesh": Setting(str, None, check=_check_mesh, commands=_RUN),
+    "moe": Setting(str, "sparse", choices=("sparse", "dense"), commands=_RUN),
+    "layout": Setting(str, "tensor", choices=("tensor", "expert"), commands=_RUN),
+    # generate
+    "tokenizer": Setting(Path, None, commands=_GEN),
+    "max_tokens": Setting(int, 64, lo=1, commands=_GEN),
+    "temperature": Setting(float, 0.0, lo=0, commands=_GEN),
+    "top_p": Setting(float, 1.0, lo=0, hi=1, lo_open=True, commands=_GEN),
+    "top_k": Setting(int, 0, lo=0, commands=_GEN),
+    "min_p": Setting(float, 0.0, lo=0, hi=1, commands=_GEN),
+    "repeat_penalty": Setting(float, 1.0, lo=0, lo_open=True, commands=_GEN),
+    "repeat_last_n": Setting(int, 64, lo=0, commands=_GEN),
+    "logprobs": Setting(int, 0, lo=0, hi=20, commands=_GEN),
+    "stop": Setting(str, (), many=True, commands=_GEN),
+    "stream": Setting(bool, None, commands=_GEN),
+    "coordinator": Setting(str, None, commands=_GEN),
+    "num_processes": Setting(int, None, lo=1, commands=_GEN),
+    "process_id": Setting(int, None, lo=0, commands=_GEN),
+    "init_timeout": Setting(int, 300, lo=1, commands=_GEN),
+    # inspect
+    "batch": Setting(int, 1, lo=1, commands=("inspect",)),
+    "seq_len": Setting(int, None, lo=1, commands=("inspect",)),
+    "device_memory": Setting(str, None, commands=("inspect",)),
+    # verify
+    "workers": Setting(int, None, lo=1, commands=("verify",)),
+    # download
+    "repo": Setting(str, "xai-org/grok-1", commands=_DL),
+    "revision": Setting(str, "main", commands=_DL),
+    "magnet": Setting(str, None, commands=_DL),
+    "max_workers": Setting(int, 8, lo=1, commands=_DL),
+    "retries": Setting(int, 5, lo=0, commands=_DL),
+    "timeout": Setting(float, None, lo=0, commands=_DL),
+    "tokenizer_url": Setting(str, None, commands=_DL),
+    "listen": Setting(str, None, commands=_DL),
+    # random-checkpoint
+    "layers": Setting(int, None, lo=1, commands=("random-checkpoint",)),
+}
+
+
+def default(name: str) -> Any:
+    return SETTINGS[name].default
+
+
+def help_suffix(name: str, default_text: str | None = None) -> str:
+    """`(default: 64; >= 1; env GROKCTL_MAX_TOKENS)` for a `--help` text, from the table."""
+    st = SETTINGS[name]
+    parts = []
+    shown = default_text if default_text is not None else st.default
+    if shown not in (None, (), ""):
+        parts.append(f"default: {shown}")
+    if st.constraint and not st.choices:
+        parts.append(st.constraint)
+    parts.append(f"env {ENV_PREFIX}{name.upper()}")
+    return f"({'; '.join(parts)})"
 
 
 def toml_paths() -> list[Path]:
@@ -301,58 +468,158 @@ def toml_paths() -> list[Path]:
     return [Path.cwd() / TOML_NAME, xdg / "grokctl" / TOML_NAME]
 
 
-def load_toml() -> dict[str, Any]:
-    for path in toml_paths():
+def load_toml() -> tuple[Path | None, dict[str, Any]]:
+    """The first grokctl.toml found (its path and contents), its keys checked."""
+    paths = toml_paths()
+    explicit = os.environ.get(ENV_PREFIX + "CONFIG")
+    for path in paths:
         if path.is_file():
             try:
                 with path.open("rb") as fh:
-                    return tomllib.load(fh)
-            except (OSError, tomllib.TOMLDecodeError) as exc:
+                    data = tomllib.load(fh)
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
                 raise UsageError(f"{path}: invalid TOML ({exc})") from None
-    return {}
+            check_toml_keys(path, data)
+            return path, data
+    if explicit:
+        raise UsageError(f"GROKCTL_CONFIG={explicit}: no such file")
+    return None, {}
 
 
-def _convert(name: str, raw: Any, kind: Callable[[Any], Any], source: str) -> Any:
-    if kind is bool and isinstance(raw, str):
-        low = raw.strip().lower()
+def _table_name(key: str) -> str | None:
+    name = key.replace("_", "-")
+    return name if name in COMMANDS else None
+
+
+def check_toml_keys(path: Path, data: dict[str, Any]) -> None:
+    """Unknown keys and tables are errors naming the file and the key (a typo is never silent)."""
+    for key, value in data.items():
+        command = _table_name(key)
+        if isinstance(value, dict):
+            if command is None:
+                raise UsageError(
+                    f"{path}: unknown table [{key}]; tables are the commands: {', '.join(COMMANDS)}"
+                )
+            for sub in value:
+                st = SETTINGS.get(sub.replace("-", "_"))
+                if st is None or command not in st.commands:
+                    raise UsageError(f"{path}: [{key}] {sub}: unknown setting for {command}")
+        elif key.replace("-", "_") not in SETTINGS:
+            raise UsageError(f"{path}: {key}: unknown setting")
+
+
+def _convert(raw: Any, st: Setting, source: str) -> Any:
+    """`raw` (a string from the environment, a TOML value) as `st.kind`, checked."""
+    if st.many:
+        items = raw if isinstance(raw, list) else [raw]
+        return tuple(_convert_one(v, st, source) for v in items)
+    return _convert_one(raw, st, source)
+
+
+def _convert_one(raw: Any, st: Setting, source: str) -> Any:
+    kind = st.kind
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        low = str(raw).strip().lower()
         if low in ("1", "true", "yes", "on"):
             return True
-        if low in ("0", "false", "no", "off", ""):
+        if low in ("0", "false", "no", "off"):
             return False
-        raise UsageError(f"{source}: {name} expects a boolean, got {raw!r}")
+        raise UsageError(f"{source}: expected a boolean (true/false), got {raw!r}")
+    if isinstance(raw, (dict, list)) or (isinstance(raw, bool) and kind is not bool):
+        raise UsageError(f"{source}: expected {_KIND_WORDS[kind]}, got {raw!r}")
+    if kind is int and isinstance(raw, float):
+        raise UsageError(f"{source}: expected an integer, got {raw!r}")
+    if kind in (str, Path) and not isinstance(raw, str):
+        raise UsageError(f"{source}: expected {_KIND_WORDS[kind]}, got {raw!r}")
     try:
-        return kind(raw)
+        value = Path(raw).expanduser() if kind is Path else kind(raw)
     except (TypeError, ValueError):
-        raise UsageError(f"{source}: invalid value {raw!r} for {name}") from None
+        raise UsageError(f"{source}: expected {_KIND_WORDS[kind]}, got {raw!r}") from None
+    return value
+
+
+_KIND_WORDS: dict[type, str] = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    Path: "a path",
+    bool: "a boolean",
+}
+
+_UNSET: Any = object()
 
 
 class Settings:
     """Resolves runtime settings for one command invocation.
 
-    `get("mesh", flag_value, default)` returns the flag when given, else GROKCTL_MESH, else the
-    `mesh` key of the command's table or the top level of grokctl.toml, else the default.
+    `get("mesh", flag_value)` returns the flag when given, else $GROKCTL_MESH, else the `mesh`
+    key of the command's table or the top level of grokctl.toml, else the default of SETTINGS.
+    Every value is type- and range-checked; an error names where the value came from (the flag,
+    the variable, or the file and key). `source(name)` says where a resolved value came from.
     """
 
     def __init__(self, command: str | None = None, toml: dict[str, Any] | None = None):
         self.command = command
-        self._toml = load_toml() if toml is None else toml
+        if toml is None:
+            self.toml_path, self._toml = load_toml()
+        else:
+            self.toml_path, self._toml = None, toml
+        self._sources: dict[str, str] = {}
+
+    def _toml_where(self, scope: str | None, key: str) -> str:
+        path = self.toml_path or TOML_NAME
+        return f"{path}: [{scope}] {key}" if scope else f"{path}: {key}"
 
     def get(
         self,
         name: str,
         flag: Any = None,
-        default: Any = None,
+        default: Any = _UNSET,
         kind: Callable[[Any], Any] | None = None,
     ) -> Any:
-        kind = kind or (type(default) if default is not None else str)
-        if flag is not None:
-            return flag
-        env_name = ENV_PREFIX + name.upper().replace("-", "_")
-        if env_name in os.environ:
-            return _convert(name, os.environ[env_name], kind, env_name)
         key = name.replace("-", "_")
-        table = self._toml.get(self.command, {}) if self.command else {}
-        for scope, where in ((table, f"[{self.command}]"), (self._toml, "top level")):
-            if isinstance(scope, dict) and key in scope and not isinstance(scope[key], dict):
-                return _convert(name, scope[key], kind, f"{TOML_NAME} {where}")
-        return default
+        st = SETTINGS.get(key)
+        if st is None:  # not in the table: an ad hoc setting of this kind
+            k = kind or (type(default) if default not in (None, _UNSET) else str)
+            st = Setting(k if isinstance(k, type) else str)
+        if default is _UNSET:
+            default = st.default
+        if flag is not None and not (st.many and len(flag) == 0):
+            value, source = flag, "--" + key.replace("_", "-")
+        else:
+            found = self._lookup(key, st)
+            if found is None:
+                self._sources[key] = "default"
+                return default
+            value, source = found
+        if source.startswith("--") and st.many:
+            value = tuple(value)
+        if (msg := st.problem(value)) is not None:
+            if st.choices:
+                raise UsageError(f"{source}: unknown {key.replace('_', ' ')} {value!r}; {msg}")
+            raise UsageError(f"{source}: {msg}, got {value!r}")
+        self._sources[key] = source
+        return value
+
+    def _lookup(self, key: str, st: Setting) -> tuple[Any, str] | None:
+        env_name = ENV_PREFIX + key.upper()
+        if os.environ.get(env_name, "") != "":  # set and not empty (`export X=` clears it)
+            return _convert(os.environ[env_name], st, env_name), env_name
+        scopes: list[tuple[str | None, Any]] = []
+        if self.command:
+            for table in (self.command, self.command.replace("-", "_")):
+                if isinstance(self._toml.get(table), dict):
+                    scopes.append((table, self._toml[table]))
+        scopes.append((None, self._toml))
+        for scope, values in scopes:
+            for k in (key, key.replace("_", "-")):
+                if k in values and not isinstance(values[k], dict):
+                    where = self._toml_where(scope, k)
+                    return _convert(values[k], st, where), where
+        return None
+
+    def source(self, name: str) -> str:
+        """Where the value of `name` came from: "--mesh", "GROKCTL_MESH", "FILE: key", "default"."""
+        return self._sources.get(name.replace("-", "_"), "--" + name.replace("_", "-"))

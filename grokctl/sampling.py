@@ -47,3 +47,47 @@ def row_seed(seed: int, prompt: list[int], occurrence: int = 0) -> int:
     before it): a prompt samples the same tokens alone or inside any batch."""
     digest = hashlib.blake2b(repr((seed, list(prompt), occurrence)).encode(), digest_size=4)
     return int.from_bytes(digest.digest(), "little") & 0x7FFFFFFF
+
+
+def adjust_logits(
+    logits: jax.Array,  # [B, V] f32
+    recent: jax.Array,  # [B, W] int32: the last W tokens of each row (prompt and output), -1 = none
+    repeat_penalty: jax.Array,  # [B] f32 > 0, 1 = off
+    min_p: jax.Array,  # [B] f32 in [0, 1], 0 = off
+) -> jax.Array:  # [B, V] f32
+    """llama.cpp's repeat penalty, then min-p, as a transformation of the logits.
+
+    Repeat penalty: the logit of every token seen in the last W tokens is divided by the penalty
+    when positive and multiplied by it when negative (llama.cpp `--repeat-penalty`,
+    `--repeat-last-n`). Min-p: tokens whose probability is below `min_p` times the most likely
+    token's are removed (p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p)); the most
+    likely token always stays, so greedy decoding is unaffected by min-p.
+    """
+    b, v = logits.shape
+    logits = logits.astype(jnp.float32)
+    rows = jnp.arange(b)[:, None]
+    seen = (
+        jnp.zeros((b, v), jnp.bool_)
+        .at[rows, jnp.where(recent >= 0, recent, v)]
+        .set(True, mode="drop")
+    )
+    pen = repeat_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / pen, logits * pen), logits)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    floor = top + jnp.log(jnp.maximum(min_p, 1e-30))[:, None]
+    return jnp.where((min_p[:, None] > 0) & (logits < floor), NEG_INF, logits)
+
+
+def top_logprobs(
+    logits: jax.Array,  # [B, V] f32: the model's logits (before any sampling adjustment)
+    chosen: jax.Array,  # [B] int32: the sampled tokens
+    n: int,  # how many alternatives per row
+    vocab_limit: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(log-probability of each chosen token [B], top-n ids [B, n], their log-probabilities)."""
+    v = logits.shape[-1]
+    masked = jnp.where(jnp.arange(v) < vocab_limit, logits.astype(jnp.float32), NEG_INF)
+    lp = jax.nn.log_softmax(masked, axis=-1)
+    chosen_lp = jnp.take_along_axis(lp, chosen[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(lp, n)
+    return chosen_lp, top_ids.astype(jnp.int32), top_lp

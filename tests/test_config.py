@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from grokctl.config import PRESETS, Settings, ffn_size, load_model_config, preset
+from grokctl.config import PRESETS, SETTINGS, Settings, ffn_size, load_model_config, preset
 from grokctl.errors import IntegrityError, UsageError
 
 
@@ -40,11 +40,19 @@ def test_config_json_overrides_preset(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(
         json.dumps({"num_layers": 3, "emb_size": 256, "derived": {"x": 1}})
     )
-    cfg = load_model_config(tmp_path, "grok-demo")
-    assert (
-        cfg.num_layers == 3 and cfg.emb_size == 256 and cfg.key_size == preset("grok-demo").key_size
-    )
+    cfg = load_model_config(tmp_path)
+    assert cfg.num_layers == 3 and cfg.emb_size == 256 and cfg.key_size == preset("grok-1").key_size
     assert load_model_config(tmp_path / "absent").num_layers == 64  # no config.json: grok-1
+
+
+def test_explicit_preset_contradicting_config_json_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"num_layers": 3}))
+    with pytest.raises(
+        UsageError, match=r"--preset grok-demo contradicts .*config.json.*num_layers"
+    ):
+        load_model_config(tmp_path, "grok-demo")
+    (tmp_path / "config.json").write_text(json.dumps({"num_layers": 4}))  # agrees: fine
+    assert load_model_config(tmp_path, "grok-demo") == preset("grok-demo")
 
 
 def test_fixture_config_matches_tiny_preset(grok_tiny: Path) -> None:
@@ -62,21 +70,77 @@ def test_settings_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     toml.write_text('mesh = "1x2"\nseed = 5\n[generate]\nmesh = "2x4"\n')
     monkeypatch.setenv("GROKCTL_CONFIG", str(toml))
     monkeypatch.delenv("GROKCTL_MESH", raising=False)
+    monkeypatch.delenv("GROKCTL_SEED", raising=False)
     assert Settings("generate").get("mesh") == "2x4"  # command table beats top level
     assert Settings("inspect").get("mesh") == "1x2"  # top level
-    assert Settings("inspect").get("seed", None, 0) == 5
-    assert Settings("inspect").get("absent", None, "dflt") == "dflt"
+    assert Settings("generate").get("seed") == 5
+    assert Settings("generate").get("max_tokens") == SETTINGS["max_tokens"].default == 64
     monkeypatch.setenv("GROKCTL_MESH", "1x8")
-    assert Settings("generate").get("mesh") == "1x8"  # env beats toml
-    assert Settings("generate").get("mesh", "4x2") == "4x2"  # flag beats env
+    s = Settings("generate")
+    assert s.get("mesh") == "1x8" and s.source("mesh") == "GROKCTL_MESH"  # env beats toml
+    assert s.get("mesh", "4x2") == "4x2" and s.source("mesh") == "--mesh"  # flag beats env
     monkeypatch.setenv("GROKCTL_SEED", "notanint")
-    with pytest.raises(UsageError, match="GROKCTL_SEED"):
-        Settings("generate").get("seed", None, 0)
+    with pytest.raises(UsageError, match="GROKCTL_SEED: expected an integer"):
+        Settings("generate").get("seed")
+
+
+@pytest.mark.parametrize(
+    "name, env, needle",
+    [
+        ("max_tokens", "0", "GROKCTL_MAX_TOKENS: must be >= 1, got 0"),
+        ("temperature", "-0.5", "GROKCTL_TEMPERATURE: must be >= 0"),
+        ("top_p", "1.5", "GROKCTL_TOP_P: must be in (0, 1]"),
+        ("top_p", "nan", "GROKCTL_TOP_P: must be in (0, 1]"),
+        ("top_k", "2.5", "GROKCTL_TOP_K: expected an integer"),
+        ("min_p", "2", "GROKCTL_MIN_P: must be in [0, 1]"),
+        ("repeat_penalty", "0", "GROKCTL_REPEAT_PENALTY: must be > 0"),
+        ("moe", "magic", "GROKCTL_MOE: unknown moe 'magic'"),
+        ("mesh", "3by5", "GROKCTL_MESH: expected DxM"),
+        ("stream", "maybe", "GROKCTL_STREAM: expected a boolean"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(
+    name: str, env: str, needle: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("GROKCTL_CONFIG", str(tmp_path / "none.toml"))
+    (tmp_path / "none.toml").write_text("")
+    monkeypatch.setenv("GROKCTL_" + name.upper(), env)
+    with pytest.raises(UsageError) as exc:
+        Settings("generate").get(name)
+    assert needle in str(exc.value)
+
+
+def test_bad_toml_values_and_unknown_keys_name_the_file_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    toml = tmp_path / "grokctl.toml"
+    monkeypatch.setenv("GROKCTL_CONFIG", str(toml))
+    monkeypatch.delenv("GROKCTL_TOP_K", raising=False)
+    toml.write_text("[generate]\ntop_k = -1\n")
+    with pytest.raises(UsageError, match=rf"{toml}: \[generate\] top_k: must be >= 0, got -1"):
+        Settings("generate").get("top_k")
+    toml.write_text('[generate]\nstop = ["a", 3]\n')
+    with pytest.raises(UsageError, match=r"\[generate\] stop: expected a string"):
+        Settings("generate").get("stop")
+    toml.write_text('[generate]\nstop = ["\\n\\n", "END"]\n')
+    assert Settings("generate").get("stop") == ("\n\n", "END")
+    for text, needle in (
+        ("max_token = 3\n", f"{toml}: max_token: unknown setting"),
+        ("[generate]\nretries = 3\n", f"{toml}: [generate] retries: unknown setting for generate"),
+        ("[generat]\nseed = 3\n", f"{toml}: unknown table [generat]"),
+    ):
+        toml.write_text(text)
+        with pytest.raises(UsageError) as exc:
+            Settings("generate")
+        assert needle in str(exc.value)
 
 
 def test_invalid_toml_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bad = tmp_path / "grokctl.toml"
     bad.write_text("mesh = = 3")
     monkeypatch.setenv("GROKCTL_CONFIG", str(bad))
+    with pytest.raises(UsageError, match="grokctl.toml"):
+        Settings("generate")
+    bad.write_bytes(b"mesh = '\xff'")
     with pytest.raises(UsageError, match="grokctl.toml"):
         Settings("generate")

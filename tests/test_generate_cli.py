@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_settings_cli import cli  # tests/ is on sys.path under pytest
 
 from tests.helpers import grokctl, one_line_error
 
@@ -132,11 +133,19 @@ def test_environment_supplies_the_checkpoint(demo_ckpt: Path) -> None:
     ],
 )
 def test_user_errors_are_one_line_with_exit_code(
-    demo_ckpt: Path, args: list[str], code: int, needle: str
+    demo_ckpt: Path,
+    args: list[str],
+    code: int,
+    needle: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    run = grokctl("generate", *[a.replace("{ckpt}", str(demo_ckpt)) for a in args])
+    for var in ("GROKCTL_CHECKPOINT", "GROKCTL_CONFIG", "GROKCTL_MESH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(demo_ckpt)  # no grokctl.toml here
+    run = cli(capsys, "generate", *[a.replace("{ckpt}", str(demo_ckpt)) for a in args])
     assert run.code == code, run.err
-    assert needle in one_line_error(run)
+    assert needle in run.error_line()
 
 
 def test_prompt_longer_than_context_is_an_error_not_truncation(demo_ckpt: Path) -> None:

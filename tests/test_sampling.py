@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grokctl.sampling import row_seed, sample
+from grokctl.sampling import adjust_logits, row_seed, sample, top_logprobs
 
 sample_jit = jax.jit(sample, static_argnames=("vocab_limit",))
 
@@ -71,3 +71,42 @@ def test_row_seed_depends_on_prompt_not_batch_position() -> None:
     assert row_seed(1, [5, 6]) != row_seed(2, [5, 6])
     assert row_seed(1, [5, 6], 0) != row_seed(1, [5, 6], 1)  # repeated prompts differ
     assert 0 <= row_seed(123, list(range(100))) < 2**31
+
+
+adjust_jit = jax.jit(adjust_logits)
+
+
+def test_repeat_penalty_has_llama_cpp_semantics() -> None:
+    """Logits of tokens in the window: positive divided by the penalty, negative multiplied."""
+    logits = jnp.asarray([[2.0, -1.0, 3.0, -2.0, 0.5]], jnp.float32)
+    recent = jnp.asarray([[0, 1, 1, -1]], jnp.int32)  # tokens 0 and 1 seen (1 twice), -1 = none
+    out = np.asarray(adjust_jit(logits, recent, jnp.asarray([2.0]), jnp.asarray([0.0])))
+    np.testing.assert_allclose(out, [[1.0, -2.0, 3.0, -2.0, 0.5]])  # each token once, not twice
+    same = adjust_jit(logits, recent, jnp.asarray([1.0]), jnp.asarray([0.0]))
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(logits))
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top_probability() -> None:
+    logits = jnp.asarray(np.log(np.array([[0.5, 0.25, 0.15, 0.1]], np.float32)))
+    none = jnp.full((1, 1), -1, jnp.int32)
+    kept = np.isfinite(np.asarray(adjust_jit(logits, none, jnp.asarray([1.0]), jnp.asarray([0.3]))))
+    assert kept.tolist() == [[True, True, True, False]]  # 0.15 >= 0.3*0.5 > 0.1
+    draws = _draw(
+        np.asarray(adjust_jit(logits, none, jnp.ones(1), jnp.asarray([0.45])))[0], 2000, 1.0
+    )
+    assert set(draws) == {0, 1}
+    freq = np.bincount(draws, minlength=4)[:2] / len(draws)
+    np.testing.assert_allclose(freq, [2 / 3, 1 / 3], atol=0.04)  # renormalised over the kept
+
+
+def test_top_logprobs_are_the_log_softmax() -> None:
+    logits = jnp.asarray([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 0.0, 9.0]], jnp.float32)
+    chosen, ids, top = jax.jit(top_logprobs, static_argnames=("n", "vocab_limit"))(
+        logits, jnp.asarray([2, 0], jnp.int32), n=2, vocab_limit=3
+    )
+    lp0 = np.log(
+        np.exp([1.0, 3.0, 2.0]) / np.exp([1.0, 3.0, 2.0]).sum()
+    )  # id 3 is beyond the limit
+    np.testing.assert_array_equal(np.asarray(ids), [[1, 2], [0, 1]])
+    np.testing.assert_allclose(np.asarray(top)[0], [lp0[1], lp0[2]], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(chosen), [lp0[2], np.log(1 / 3)], rtol=1e-5)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
 
 import typer
 
@@ -17,9 +19,10 @@ from grokctl.errors import EXIT_ERROR, EXIT_USAGE, GrokctlError
 
 app = typer.Typer(
     name="grokctl",
-    help="Download, verify, inspect, quantize and run xAI's Grok-1.",
+    help="Download, verify, inspect and run xAI's Grok-1; write random-weight checkpoints in its "
+    "released format.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -81,8 +84,95 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+INTERRUPT_GRACE_S = 1.0
+
+
+class _InterruptWatchdog:
+    """Ctrl-C answers within a second even while the main thread is inside a long call that
+    Python cannot interrupt (an XLA compile, a blocking C read).
+
+    The signal's wakeup byte reaches a watcher thread at once. If within `INTERRUPT_GRACE_S` the
+    main thread has not received its KeyboardInterrupt (it is stuck in C), the watcher ends the
+    process with one line and exit 130. A main thread that did receive it is cleaning up (saving
+    resume data, printing what it has) and is left to finish; a second Ctrl-C ends it at once."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.seen = threading.Event()  # the main thread has received a KeyboardInterrupt
+        self.count = 0
+        self._fds: tuple[int, int] | None = None
+        self._old_fd = -1
+
+    def __enter__(self) -> _InterruptWatchdog:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return self  # someone else (an embedding application) handles Ctrl-C
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:
+            self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except (ValueError, OSError):  # pragma: no cover - not the main interpreter
+            os.close(r)
+            os.close(w)
+            return self
+        signal.signal(signal.SIGINT, self._on_sigint)
+        self._fds = (r, w)
+        threading.Thread(target=self._watch, args=(r,), daemon=True, name="grokctl-sigint").start()
+        return self
+
+    def _on_sigint(self, signum: int, frame: object) -> None:  # runs in the main thread
+        self.count += 1
+        if self.count > 1:
+            self._exit()
+        self.seen.set()
+        raise KeyboardInterrupt
+
+    @staticmethod
+    def _exit() -> None:
+        try:
+            from grokctl.cli.output import end_line
+
+            end_line()
+            sys.stderr.write("grokctl: error: interrupted\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(130)
+
+    def _watch(self, r: int) -> None:
+        presses = 0
+        while True:
+            try:
+                data = os.read(r, 64)
+            except OSError:
+                return
+            if not data:  # closed: the command is over
+                return
+            presses += data.count(signal.SIGINT)
+            if presses == 0:
+                continue
+            if presses == 1 and (self.seen.wait(INTERRUPT_GRACE_S) or self.done.is_set()):
+                continue  # the main thread has it and is cleaning up
+            if not self.done.is_set():
+                self._exit()  # stuck in C past the grace time, or a second Ctrl-C
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        if self._fds is not None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.set_wakeup_fd(self._old_fd)
+            os.close(self._fds[1])  # the watcher reads EOF and ends
+            self._fds = None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code; user errors print one line, never a traceback."""
+    with _InterruptWatchdog():
+        code = _main(argv)
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("GROKCTL_DEBUG", "") not in ("", "0")
     try:
         rv = app(args=argv, prog_name="grokctl", standalone_mode=False)
@@ -104,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
+        from grokctl.cli.output import end_line
+
+        end_line()
         return _fail("interrupted", 130)
     except BrokenPipeError:
         return 0

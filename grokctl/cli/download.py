@@ -10,6 +10,7 @@ import typer
 from grokctl.cli import options
 from grokctl.cli.output import emit_json, err, human_bytes, out, progress
 from grokctl.config import Settings
+from grokctl.errors import MissingResourceError, UsageError
 
 BT = "BitTorrent (--magnet)"
 
@@ -141,6 +142,8 @@ def download(
         url=s.get("tokenizer_url", tokenizer_url, None, kind=str),
         from_path=tokenizer_from,
     )
+    _check_dir(root, s.source("checkpoint"))
+    _check_tokenizer_source(tok, s.source("tokenizer_url"))
     manifest = Manifest.load_or_new(root)
     bt = magnet or (source or "").startswith("magnet:") or (source or "").endswith(".torrent")
     try:
@@ -167,6 +170,41 @@ def download(
         ) from None
     if json_out:
         emit_json(result)
+
+
+def _check_dir(root: Path, where: str) -> None:
+    """--dir must be a directory (or not exist yet): refused before anything is fetched."""
+    if where in ("--checkpoint", "default"):
+        where = "--dir"
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{where} {root}: exists and is not a directory")
+    parent = next((p for p in (root, *root.parents) if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"{where} {root}: {parent} is not a directory")
+
+
+def _check_tokenizer_source(tok: dict[str, Any], url_where: str) -> None:
+    """The tokenizer's source is checked before any transfer: a missing --tokenizer-from file
+    (exit 4) or a malformed --tokenizer-url (exit 2) fails at once, not after 300 GB."""
+    if tok["skip"]:
+        return
+    src = tok["from_path"]
+    if src is not None and not src.is_file():
+        what = "is not a file" if src.exists() else "no such file"
+        raise MissingResourceError(f"--tokenizer-from {src}: {what}")
+    url = tok["url"]
+    if url is not None and src is None:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise UsageError(f"{url_where} {url!r}: not a URL ({exc})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(
+                f"{url_where} {url!r}: expected an http(s)://HOST/... URL of tokenizer.model"
+            )
 
 
 def _hub(

@@ -13,8 +13,8 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from grokctl.cli import options
-from grokctl.cli.output import emit_json, out
-from grokctl.config import Settings
+from grokctl.cli.output import emit_json, out, warn
+from grokctl.config import Settings, help_suffix
 from grokctl.errors import UsageError
 
 _DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
@@ -71,12 +71,19 @@ def inspect(
     moe: options.MoeKernel = None,
     batch: Annotated[
         int | None,
-        typer.Option("--batch", min=1, help="Sequences per step for the KV-cache plan."),
+        typer.Option(
+            "--batch",
+            help=f"Sequences per step for the KV-cache plan. {help_suffix('batch')}",
+            show_default=False,
+        ),
     ] = None,
     seq_len: Annotated[
         int | None,
         typer.Option(
-            "--seq-len", min=1, help="Context length for the plan (default: the model's)."
+            "--seq-len",
+            help="Context length for the plan. "
+            f"{help_suffix('seq_len', default_text='the model' + chr(39) + 's')}",
+            show_default=False,
         ),
     ] = None,
     device_memory: Annotated[
@@ -104,7 +111,7 @@ def inspect(
     from grokctl.model.sharding import parse_mesh_shape
 
     s = Settings("inspect")
-    layout_name = s.get("layout", layout, "tensor")
+    layout_name = s.get("layout", layout)
     if show_rules and directory is None and preset is None:
         _print_rules(lib.rules_table(layout_name), layout_name, json_out)
         return
@@ -117,6 +124,14 @@ def inspect(
     if ckpt is None and preset_name is None:
         raise UsageError("nothing to inspect: give a checkpoint DIR or --preset NAME (e.g. grok-1)")
 
+    if ckpt is not None:
+        from grokctl.checkpoint.index import checkpoint_root
+        from grokctl.config import assumed_preset
+
+        root = checkpoint_root(ckpt)
+        assumed = assumed_preset(root, preset_name)
+        if assumed is not None and preset_name is None:
+            warn(f"{root} has no config.json: assuming preset {assumed} (--preset chooses another)")
     mesh_text = s.get("mesh", mesh)
     mem_text = s.get("device_memory", device_memory)
     detected: tuple[int | None, str, int] | None = None
@@ -134,13 +149,13 @@ def inspect(
         preset=preset_name,
         mesh=shape,
         layout=layout_name,
-        batch=s.get("batch", batch, 1),
-        seq_len=s.get("seq_len", seq_len, kind=int),
+        batch=s.get("batch", batch),
+        seq_len=s.get("seq_len", seq_len),
         device_memory=mem,
         device_memory_source=source,
         pattern=pattern,
         layer=layer,
-        moe=s.get("moe", moe, "sparse"),
+        moe=s.get("moe", moe),
     )
     if json_out:
         result = report.to_json()

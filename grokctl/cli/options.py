@@ -1,4 +1,9 @@
-"""Shared command-line options (one definition each, reused by every command)."""
+"""Shared command-line options (one definition each, reused by every command).
+
+Defaults and constraints come from the one table, `grokctl.config.SETTINGS`: every option
+defaults to None here so that a value not given on the command line resolves through
+`Settings` (GROKCTL_* environment, then grokctl.toml, then the table's default).
+"""
 
 from __future__ import annotations
 
@@ -7,57 +12,81 @@ from typing import Annotated, Optional
 
 import typer
 
+from grokctl.config import PRESETS, help_suffix
+
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Checkpoint = Annotated[
     Optional[Path],
     typer.Option(
         "--checkpoint",
         "-c",
-        help="Checkpoint directory (holding ckpt-0/). Env: GROKCTL_CHECKPOINT.",
+        help=f"Checkpoint directory (holding ckpt-0/). {help_suffix('checkpoint')}",
         show_default=False,
     ),
 ]
 Preset = Annotated[
     Optional[str],
-    typer.Option("--preset", help="Model preset (grok-1, grok-demo, grok-tiny, grok-bench)."),
+    typer.Option(
+        "--preset",
+        help=f"Model preset: {', '.join(PRESETS)}; without config.json grok-1 is assumed. "
+        f"{help_suffix('preset')}",
+        show_default=False,
+    ),
 ]
 Mesh = Annotated[
     Optional[str],
     typer.Option(
         "--mesh",
-        help="Device mesh DxM (data x model), e.g. 1x8. Default: all local devices on 'model'.",
+        help="Device mesh DxM (data x model), e.g. 1x8. Default: all local devices on 'model'. "
+        f"{help_suffix('mesh')}",
+        show_default=False,
     ),
 ]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help=f"Random seed. {help_suffix('seed')}")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 Coordinator = Annotated[
     Optional[str],
     typer.Option(
         "--coordinator",
-        help="HOST:PORT of process 0 for a multi-host run (jax.distributed). Env: GROKCTL_COORDINATOR.",
+        help="HOST:PORT of process 0 for a multi-host run (jax.distributed). "
+        f"{help_suffix('coordinator')}",
         rich_help_panel="Multi-host",
+        show_default=False,
     ),
 ]
 NumProcesses = Annotated[
     Optional[int],
     typer.Option(
-        "--num-processes", min=1, help="Processes in the run.", rich_help_panel="Multi-host"
+        "--num-processes",
+        help=f"Processes in the run. {help_suffix('num_processes')}",
+        rich_help_panel="Multi-host",
+        show_default=False,
     ),
 ]
 ProcessId = Annotated[
     Optional[int],
-    typer.Option("--process-id", min=0, help="This process's rank.", rich_help_panel="Multi-host"),
+    typer.Option(
+        "--process-id",
+        help=f"This process's rank. {help_suffix('process_id')}",
+        rich_help_panel="Multi-host",
+        show_default=False,
+    ),
 ]
 MoeKernel = Annotated[
     Optional[str],
     typer.Option(
         "--moe",
-        help="MoE kernel: sparse (selected experts only) or dense (the reference's all-experts baseline).",
+        help="MoE kernel: sparse (selected experts only) or dense (the reference's all-experts "
+        f"baseline). {help_suffix('moe')}",
+        show_default=False,
     ),
 ]
 Layout = Annotated[
     Optional[str],
     typer.Option(
-        "--layout", help="MoE weight layout: tensor (shard the FFN dim) or expert (shard experts)."
+        "--layout",
+        help="MoE weight layout: tensor (shard the FFN dim) or expert (shard experts). "
+        f"{help_suffix('layout')}",
+        show_default=False,
     ),
 ]

@@ -86,3 +86,30 @@ def progress(kind: str = "items", enabled: bool = True) -> Iterator[Any]:
         )
     with Progress(*columns, console=err, transient=True) as bar:
         yield bar
+
+
+def warn(msg: str) -> None:
+    """One `grokctl: warning:` line on stderr (plain text, never markup)."""
+    err.print(f"grokctl: warning: {msg}", markup=False, highlight=False)
+
+
+def end_line() -> None:
+    """After Ctrl-C: leave the terminal on a clean line (a streamed text gets its newline, a
+    progress bar or status line on stderr is cleared)."""
+    try:
+        if getattr(sys.stdout, "isatty", lambda: False)() and _mid_line.get("stdout"):
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        if err.is_terminal:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+_mid_line: dict[str, bool] = {}
+
+
+def mark_mid_line(stream: str, mid: bool) -> None:
+    """Record whether `stream` ends in the middle of a line (streamed text)."""
+    _mid_line[stream] = mid

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -10,16 +12,46 @@ import typer
 
 from grokctl.cli import options
 from grokctl.cli.output import emit_json, human_bytes, info, progress
+from grokctl.config import PRESETS, Settings, help_suffix
+from grokctl.errors import MissingResourceError, UsageError
+
+DEFAULT_PRESET = "grok-demo"
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """The output must be a directory or not exist, under a writable directory: refused at
+    once with one line (exit 2 for a file in the way, 4 for a place that cannot be written)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: exists and is not a directory")
+    parent = next((p for p in out_dir.absolute().parents if p.exists()), None)
+    if parent is None:
+        return
+    if not parent.is_dir():
+        raise UsageError(f"{out_dir}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MissingResourceError(f"{out_dir}: cannot write in {parent} (permission denied)")
 
 
 def random_checkpoint(
     out_dir: Annotated[
         Path, typer.Argument(help="Directory to create (ckpt-0/, config.json, tokenizer.model).")
     ],
-    preset: Annotated[str, typer.Option("--preset", help="Architecture preset.")] = "grok-demo",
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset",
+            help=f"Architecture preset: {', '.join(PRESETS)}. {help_suffix('preset', DEFAULT_PRESET)}",
+            show_default=False,
+        ),
+    ] = None,
+    seed: options.Seed = None,
     layers: Annotated[
-        int | None, typer.Option("--layers", min=1, help="Override the preset's layer count.")
+        int | None,
+        typer.Option(
+            "--layers",
+            help=f"Override the preset's layer count. {help_suffix('layers')}",
+            show_default=False,
+        ),
     ] = None,
     force: options.Force = False,
     json_out: options.Json = False,
@@ -32,24 +64,37 @@ def random_checkpoint(
     from grokctl.checkpoint.xai.writer import write_random_checkpoint
     from grokctl.config import preset as get_preset
 
-    cfg = get_preset(preset)
+    st = Settings("random-checkpoint")
+    preset_name = st.get("preset", preset, DEFAULT_PRESET)
+    seed_value = st.get("seed", seed)
+    layers = st.get("layers", layers)
+    cfg = get_preset(preset_name)
     if layers is not None:
         cfg = dataclasses.replace(cfg, num_layers=layers)
     cfg.validate()
+    check_output_dir(out_dir)
     start = time.perf_counter()
-    with progress("items", enabled=not json_out) as bar:
-        task = bar.add_task("writing tensors", total=None)
-        path = write_random_checkpoint(
-            out_dir,
-            cfg,
-            seed=seed,
-            force=force,
-            on_tensor=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+    try:
+        with progress("items", enabled=not json_out) as bar:
+            task = bar.add_task("writing tensors", total=None)
+            path = write_random_checkpoint(
+                out_dir,
+                cfg,
+                seed=seed_value,
+                force=force,
+                on_tensor=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    except OSError as exc:  # one line naming the output, never the temporary name
+        reason = exc.strerror or type(exc).__name__
+        if exc.errno == errno.ENOSPC:
+            raise MissingResourceError(f"{out_dir}: no space left on device") from None
+        raise MissingResourceError(
+            f"{out_dir}: cannot write the checkpoint there ({reason})"
+        ) from None
     index = CheckpointIndex.open(path)
     result = {
         "path": str(path),
-        "preset": preset,
+        "preset": preset_name,
         "tensors": len(index),
         "bytes": index.file_bytes,
         "parameters": cfg.param_count(),
