@@ -6,7 +6,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -91,6 +91,14 @@ def generate(
     num_processes: options.NumProcesses = None,
     process_id: options.ProcessId = None,
     json_out: options.Json = False,
+    routing_report: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--routing-report",
+            metavar="DIR",
+            help="Write routing statistics of this run to DIR (routing.json, heatmaps).",
+        ),
+    ] = None,
 ) -> None:
     """Generate text from a Grok-1 checkpoint (int8 weights, sparse experts, KV cache)."""
     s = Settings("generate")
@@ -129,6 +137,10 @@ def generate(
     encoded = [early.encode(t) for t in texts] if early else []
     check_prompts(load_model_config(root, s.get("preset", preset)), [*encoded, *id_prompts])
     SamplingParams(max_tokens, temperature, top_p, top_k, seed, tuple(stop or ())).validate()
+    if routing_report is not None and primary:  # --routing-report: refuse before loading
+        from grokctl.routing import check_report_dir
+
+        check_report_dir(routing_report)
 
     from grokctl.api import load_model
 
@@ -164,6 +176,8 @@ def generate(
 
     if on_token is not None and texts:
         err.print(texts[0], style="dim", end="")  # the prompt, then the completion streams on
+    # --routing-report: summed inside the same prefill/decode programs (docs/routing.md)
+    routing_rec = model.collect_routing() if routing_report is not None else None
     results = model.generate(
         all_prompts,
         max_tokens=max_tokens,
@@ -176,6 +190,8 @@ def generate(
     )
     for r, text in zip(results, texts):  # label the text prompts (they went in as ids)
         r.prompt = text
+    if routing_rec is not None and routing_report is not None:
+        _write_routing_report(routing_rec.stop(), routing_report, ckpt, primary, json_out)
     if not primary:
         return
     if json_out:
@@ -196,6 +212,20 @@ def generate(
             f"{r.prefill_tokens_per_s:.1f} tok/s, decode {r.decode_tokens_per_s:.1f} tok/s, "
             f"compile {r.compile_seconds:.1f}s[/]"
         )
+
+
+def _write_routing_report(
+    stats: Any, out_dir: Path, ckpt: Path, primary: bool, quiet: bool
+) -> None:
+    from grokctl import routing
+
+    if not primary:
+        return
+    meta = {"command": "generate", "checkpoint": str(ckpt)}
+    paths = routing.write_report(out_dir, stats, meta)
+    if not quiet:
+        err.print(routing.summary_table(stats))
+        info(f"[dim]routing report: {', '.join(str(p) for p in paths.values())}[/]")
 
 
 class _Streamer:
