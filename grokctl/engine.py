@@ -137,11 +137,11 @@ class Engine:
         count: jax.Array | None = None,  # routing == "stats": [B, T] bool tokens to count
         *,
         all_logits: bool,
-        routing: str = "",  # "" (none), "raw" (per-token probs/experts), "stats" (acc + step)
+        routing: str = "",  # "", "raw" (per-token probs/experts), "stats" (acc + step), both
     ) -> ForwardOut:
         start = cache.pos
         opts = dataclasses.replace(
-            self.opts, with_routing=routing == "raw", routing_stats=routing == "stats"
+            self.opts, with_routing="raw" in routing, routing_stats="stats" in routing
         )
         apply = self._applies.get(opts)
         if apply is None:
@@ -188,13 +188,14 @@ class Engine:
             static["routing"] = routing
         return self._run("forward", self._forward_jit, args, skip=1, **static)  # type: ignore[no-any-return]
 
-    def _forward_counted(self, *args: Any, count: Any, all_logits: bool) -> ForwardOut:
+    def _forward_counted(
+        self, *args: Any, count: Any, all_logits: bool, raw: bool = False
+    ) -> ForwardOut:
         """_forward, adding this step's routing statistics when a collection runs."""
         if self._routing_acc is None:
-            return self._forward(*args, all_logits=all_logits)
-        out = self._forward(
-            *args, self._routing_acc, count, all_logits=all_logits, routing="stats"
-        )
+            return self._forward(*args, all_logits=all_logits, routing="raw" if raw else "")
+        mode = "raw+stats" if raw else "stats"
+        out = self._forward(*args, self._routing_acc, count, all_logits=all_logits, routing=mode)
         self._routing_acc = out.routing
         return out
 
@@ -241,9 +242,8 @@ class Engine:
         cache = cache if cache is not None else self.new_cache(b, t)
         adv = self.put_tokens(np.full(b, t, np.int32))
         args = (self.params, self.put_tokens(tokens), cache, adv, adv)
-        if raw_routing:
-            return self._forward(*args, all_logits=True, routing="raw")
-        return self._forward_counted(*args, count=None, all_logits=True)  # counts non-pad ids
+        # While collecting, every non-pad id counts.
+        return self._forward_counted(*args, count=None, all_logits=True, raw=raw_routing)
 
     # --- routing statistics ----------------------------------------------------------------
     def start_routing(self, stop_at_eos: bool = True) -> None:
@@ -262,7 +262,7 @@ class Engine:
         if self._routing_acc is None:
             raise RuntimeError("no routing collection is running (call start_routing first)")
         acc, self._routing_acc, self._routing_alive = self._routing_acc, None, None
-        return RouterStats(*(self.fetch(a) for a in acc))
+        return jax.tree.map(self.fetch, acc)  # type: ignore[no-any-return]
 
     @property
     def collecting_routing(self) -> bool:

@@ -68,9 +68,7 @@ class RoutingStats:
 
     def __add__(self, other: RoutingStats) -> RoutingStats:
         fields = [f.name for f in dataclasses.fields(self) if f.name != "top_k"]
-        return RoutingStats(
-            self.top_k, *(getattr(self, n) + getattr(other, n) for n in fields)
-        )
+        return RoutingStats(self.top_k, *(getattr(self, n) + getattr(other, n) for n in fields))
 
     @property
     def layers(self) -> int:
@@ -340,8 +338,7 @@ def _coactivation_figure(stats: RoutingStats) -> Any:
         constrained_layout=True,
     )
     vmax = float(np.nanmax(rate)) if np.isfinite(rate).any() else 1.0
-    cmap = plt.get_cmap("magma").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("magma").with_extremes(bad="#dddddd")
     im = None
     for i, ax in enumerate(axes.flat):
         if i >= n_layers:
@@ -397,8 +394,5 @@ def summary_table(stats: RoutingStats, max_rows: int = 16) -> Any:
         if np.isfinite(load[i]).all():
             b, s = int(np.argmax(load[i])), int(np.argmin(load[i]))
             busy, idle = f"e{b} {load[i, b]:.0%}", f"e{s} {load[i, s]:.0%}"
-        table.add_row(
-            str(i), fmt(cv[i]), fmt(mm[i], ".2f"), fmt(kl[i]), fmt(ent[i]), busy, idle
-        )
+        table.add_row(str(i), fmt(cv[i]), fmt(mm[i], ".2f"), fmt(kl[i]), fmt(ent[i]), busy, idle)
     return table
-

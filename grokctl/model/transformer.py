@@ -79,9 +79,7 @@ def forward(
                     cfg,
                 )
                 h = h + rms_norm(a, "rms_norm_1", eps)
-                m, p_i, g_i, e_i = moe_layer(
-                    rms_norm(h, "rms_norm_2", eps), cfg, opts.moe_kernel
-                )
+                m, p_i, g_i, e_i = moe_layer(rms_norm(h, "rms_norm_2", eps), cfg, opts.moe_kernel)
                 h = h + rms_norm(m, "rms_norm_3", eps)
             new_k.append(k_i)
             new_v.append(v_i)
