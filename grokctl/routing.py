@@ -66,6 +66,25 @@ class RoutingStats:
             np.asarray(rs.violations, i),
         )
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> RoutingStats:
+        """Back from a routing.json document (floats as rounded there)."""
+        rows = doc["per_layer"]
+
+        def col(key: str, dtype: Any) -> np.ndarray:
+            return np.array([r[key] for r in rows], dtype)
+
+        return cls(
+            int(doc["top_k"]),
+            col("tokens", np.int64),
+            col("counts", np.int64),
+            col("gate_mass", np.float64),
+            col("prob_mass", np.float64),
+            np.array(doc["coactivation"], np.int64),
+            col("entropy_sum", np.float64),
+            np.array([[r["violations"][n] for n in INVARIANTS] for r in rows], np.int64),
+        )
+
     def __add__(self, other: RoutingStats) -> RoutingStats:
         fields = [f.name for f in dataclasses.fields(self) if f.name != "top_k"]
         return RoutingStats(self.top_k, *(getattr(self, n) + getattr(other, n) for n in fields))
@@ -140,6 +159,7 @@ class RoutingStats:
                     "max_over_mean": _float(mm[i]),
                     "kl_to_uniform": _float(kl[i]),
                     "router_entropy": _float(ent[i]),
+                    "entropy_sum": _float(self.entropy[i]),
                     "importance_cv": _float(icv[i]),
                     "mean_gate_sum": _float(gsum[i]),
                     "violations": dict(zip(INVARIANTS, map(int, self.violations[i]))),
@@ -328,7 +348,7 @@ def _coactivation_figure(stats: RoutingStats) -> Any:
     rate = stats.coactivation_rate().copy()
     idx = np.arange(n_exp)
     rate[:, idx, idx] = np.nan  # the diagonal (the load) would swamp the pairs
-    cols = min(n_layers, 8)
+    cols = min(n_layers, 4 if n_layers <= 16 else 8)
     rows = -(-n_layers // cols)
     fig, axes = plt.subplots(
         rows,

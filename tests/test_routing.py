@@ -16,7 +16,7 @@ import grokctl
 from grokctl import routing
 from grokctl.cli.app import main as cli_main
 from grokctl.errors import MissingResourceError
-from grokctl.model.moe import router_stats
+from grokctl.model.moe import RouterStats, router_stats
 from tests.helpers import Run, one_line_error
 
 CASES = ("plain", "full", "leftpad", "rightpad", "midpad", "single")
@@ -143,10 +143,20 @@ def test_report_twice_does_not_recompile(model, golden) -> None:  # type: ignore
         model.generate(prompts, max_tokens=4)
     assert model.engine.compile_count == compiled
     assert rec.stats is not None and rec.stats.num_tokens == 5 + 2 * 3
-    # Without a collection the engine runs its plain programs (no statistics compiled in).
-    model.generate(prompts, max_tokens=4)
-    plain = [key for key in model.engine._executables if key[0] == "forward"]
-    assert any(("routing", "stats") not in key for key in plain)
+
+
+def test_programs_without_a_collection_carry_no_statistics(model) -> None:  # type: ignore[no-untyped-def]
+    """Off, decode is the plain program: no [L, E, E] co-activation, no extra outputs."""
+    eng, cfg = model.engine, model.config
+    cache = eng.new_cache(1, 32)
+    toks, ones = eng.put_tokens(np.array([[5]])), eng.put_tokens(np.ones(1))
+    args = (eng.params, toks, cache, ones, ones)
+    coact = f"{cfg.num_layers}x{cfg.num_experts}x{cfg.num_experts}xi32"
+    plain = eng._forward_jit.lower(*args, all_logits=True).as_text()
+    acc = jax.tree.map(jnp.asarray, RouterStats.zeros(cfg.num_layers, cfg.num_experts))
+    count = eng.put_tokens(np.ones((1, 1), bool))
+    stats = eng._forward_jit.lower(*args, acc, count, all_logits=True, routing="stats").as_text()
+    assert coact not in plain and coact in stats
 
 
 def _layer_stats(probs: np.ndarray, gates: np.ndarray, experts: np.ndarray, count: np.ndarray):  # type: ignore[no-untyped-def]
@@ -204,6 +214,10 @@ def test_derived_statistics_at_the_extremes() -> None:
     json.dumps(doc, allow_nan=False)  # no NaN in the file: null instead
     merged = balanced + collapsed
     assert merged.counts.tolist() == [[30, 30, 10, 10]]
+    back = routing.RoutingStats.from_json(json.loads(json.dumps(merged.to_json())))
+    for field in ("tokens", "counts", "coactivation", "violations"):
+        np.testing.assert_array_equal(getattr(back, field), getattr(merged, field))
+    np.testing.assert_allclose(back.entropy, merged.entropy, atol=1e-6)
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> Run:
