@@ -65,13 +65,12 @@ class Engine:
         params: Any,
         mesh: Mesh,
         moe_kernel: str = "sparse",
-        with_routing: bool = False,
     ):
         self.cfg = cfg
         self.params = params
         self.mesh = mesh
         self.sizes = shd.mesh_shape(mesh)
-        self.opts = ForwardOptions(moe_kernel=moe_kernel, with_routing=with_routing)
+        self.opts = ForwardOptions(moe_kernel=moe_kernel)  # routing outputs: per call, below
         self._apply = transformed(cfg, self.opts).apply
         # XLA:CPU materialises dequantized weights per call; chunking them is faster on one device.
         self.chunked_qmatmul = jax.default_backend() == "cpu" and mesh.devices.size == 1
