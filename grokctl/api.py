@@ -16,6 +16,7 @@ from grokctl.engine import Engine, enable_compilation_cache
 from grokctl.generation import Completion, OnToken, SamplingParams, generate
 from grokctl.loader import LoadStats, load_params
 from grokctl.model.sharding import make_mesh
+from grokctl.routing import Collection, RoutingStats, collect
 from grokctl.tokenizer import Tokenizer, resolve_tokenizer_path
 
 
@@ -42,26 +43,41 @@ class GrokModel:
 
     def logits(self, tokens: Any) -> np.ndarray:
         """Full forward pass: int32 [B, T] -> float32 [B, T, V]; pad id 0 masked as the reference."""
+        padded, b = self._padded(tokens)
+        out = self.engine.forward_all(padded)
+        return self.engine.fetch(out.logits)[:b]
+
+    def _padded(self, tokens: Any) -> tuple[np.ndarray, int]:
         toks = np.asarray(tokens, np.int32)
         if toks.ndim != 2:
             raise ValueError(f"tokens must be [B, T], got shape {toks.shape}")
         b = toks.shape[0]
         padded = np.zeros((self.engine.padded_batch(b), toks.shape[1]), np.int32)
         padded[:b] = toks
-        out = self.engine.forward_all(padded)
-        return self.engine.fetch(out.logits)[:b]
+        return padded, b
 
     def routing(self, tokens: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Router probabilities [L, B, T, E] and chosen experts [L, B, T, k] of a full forward."""
-        eng = Engine(
-            self.config,
-            self.engine.params,
-            self.mesh,
-            self.engine.opts.moe_kernel,
-            with_routing=True,
-        )
-        out = eng.forward_all(np.asarray(tokens, np.int32))
-        return eng.fetch(out.router_probs), eng.fetch(out.experts)
+        """Router probabilities [L, B, T, E] and chosen experts [L, B, T, k] of a full forward
+        (a variant of the loaded engine's forward program, compiled once per shape)."""
+        padded, b = self._padded(tokens)
+        out = self.engine.forward_all(padded, raw_routing=True)
+        return self.engine.fetch(out.router_probs)[:, :b], self.engine.fetch(out.experts)[:, :b]
+
+    def routing_stats(self, tokens: Any) -> RoutingStats:
+        """Routing statistics (docs/routing.md) of a full forward of int32 [B, T]; pad id 0 is
+        not counted. Summed on the device; calling it again reuses the compiled program."""
+        padded, _ = self._padded(tokens)
+        with self.collect_routing() as rec:
+            self.engine.forward_all(padded)
+        return rec.stop()
+
+    def collect_routing(self, stop_at_eos: bool = True) -> Collection:
+        """Sum routing statistics over what runs until `.stop()` (or the `with` block ends):
+
+        with model.collect_routing() as rec:
+            model.generate(prompts)
+        grokctl.routing.write_report("out/", rec.stats)"""
+        return collect(self.engine, stop_at_eos)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:

@@ -6,10 +6,17 @@ length, V vocab.
 Only two programs are compiled per (B, T, S): `prefill` and `decode`. Prompt lengths are
 bucketed (powers of two from 16) and cache lengths too, so compiled programs are reused; JAX's
 persistent compilation cache keeps them across runs.
+
+Routing statistics (`start_routing` / `stop_routing`, used by grokctl.routing.collect): while a
+collection runs, prefill and decode run a variant of the same forward program that also adds
+the step's RouterStats ([L, E] counts and masses, [L, E, E] co-activation) into a small
+accumulator carried and donated like the cache; the variant is compiled once per shape and
+kept. With no collection the programs are exactly the ones without statistics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -23,6 +30,7 @@ from jax.sharding import Mesh
 from grokctl.config import ModelConfig
 from grokctl.model import sharding as shd
 from grokctl.model.cache import KVCache, cache_shapes
+from grokctl.model.moe import RouterStats
 from grokctl.model.quant import chunked_qmatmul
 from grokctl.model.transformer import ForwardOptions, ForwardOut, transformed
 from grokctl.sampling import sample
@@ -57,26 +65,33 @@ class Engine:
         params: Any,
         mesh: Mesh,
         moe_kernel: str = "sparse",
-        with_routing: bool = False,
     ):
         self.cfg = cfg
         self.params = params
         self.mesh = mesh
         self.sizes = shd.mesh_shape(mesh)
-        self.opts = ForwardOptions(moe_kernel=moe_kernel, with_routing=with_routing)
+        self.opts = ForwardOptions(moe_kernel=moe_kernel)  # routing outputs: per call, below
         self._apply = transformed(cfg, self.opts).apply
         # XLA:CPU materialises dequantized weights per call; chunking them is faster on one device.
         self.chunked_qmatmul = jax.default_backend() == "cpu" and mesh.devices.size == 1
         self._forward_jit = jax.jit(
-            self._forward_impl, static_argnames=("all_logits",), donate_argnums=(2,)
+            self._forward_impl,
+            static_argnames=("all_logits", "routing"),
+            donate_argnums=(2, 5),  # the cache and the routing accumulator
         )
+        self._applies: dict[ForwardOptions, Any] = {self.opts: self._apply}
         self._executables: dict[Any, Any] = {}
         self.compile_seconds = 0.0  # time spent compiling (or loading from the persistent cache)
+        self.compile_count = 0  # programs compiled (or loaded from the persistent cache)
+        self._routing_acc: RouterStats | None = None  # summed on the device while collecting
+        self._routing_alive: jax.Array | None = None  # [B] bool: rows whose tokens count
+        self._routing_stop_at_eos = True
         # Sampled tokens come back replicated: every process of a multi-host run can read them.
         self._sample = jax.jit(
             sample, static_argnames=("vocab_limit",), out_shardings=shd.replicated(mesh)
         )
         self._gather = jax.jit(lambda x: x, out_shardings=shd.replicated(mesh))
+        self._decode_count_jit = jax.jit(_decode_count_step)
 
     # --- placement -----------------------------------------------------------------------
     def padded_batch(self, batch: int) -> int:
@@ -117,14 +132,30 @@ class Engine:
         cache: KVCache,
         last_index: jax.Array,  # [B]: row position whose logits are wanted (ignored if all)
         advance: jax.Array,  # [B]: real tokens per row (pads past them get overwritten later)
+        acc: RouterStats | None = None,  # routing == "stats": the running sums (donated)
+        count: jax.Array | None = None,  # routing == "stats": [B, T] bool tokens to count
         *,
         all_logits: bool,
+        routing: str = "",  # "", "raw" (per-token probs/experts), "stats" (acc + step), both
     ) -> ForwardOut:
         start = cache.pos
+        opts = dataclasses.replace(
+            self.opts, with_routing="raw" in routing, routing_stats="stats" in routing
+        )
+        apply = self._applies.get(opts)
+        if apply is None:
+            apply = self._applies[opts] = transformed(self.cfg, opts).apply
         with chunked_qmatmul(self.chunked_qmatmul):  # read at trace time
-            out = self._apply(params, tokens, cache, None if all_logits else last_index)
+            out = apply(params, tokens, cache, None if all_logits else last_index, count)
         out.cache.pos = start + advance
-        return out._replace(logits=out.logits.astype(jnp.float32))
+        out = out._replace(logits=out.logits.astype(jnp.float32))
+        if acc is not None and out.routing is not None:
+            rep = shd.replicated(self.mesh)  # small: every process can read it
+            total = jax.tree.map(
+                lambda a, s: jax.lax.with_sharding_constraint(a + s, rep), acc, out.routing
+            )
+            out = out._replace(routing=total)
+        return out
 
     def _run(
         self, name: str, jitted: Any, args: tuple[Any, ...], skip: int = 0, **static: Any
@@ -146,11 +177,26 @@ class Engine:
             start = time.perf_counter()
             exe = jitted.lower(*args, **static).compile()
             self.compile_seconds += time.perf_counter() - start
+            self.compile_count += 1
             self._executables[key] = exe
         return exe(*args)
 
-    def _forward(self, *args: Any, all_logits: bool) -> ForwardOut:
-        return self._run("forward", self._forward_jit, args, skip=1, all_logits=all_logits)  # type: ignore[no-any-return]
+    def _forward(self, *args: Any, all_logits: bool, routing: str = "") -> ForwardOut:
+        static: dict[str, Any] = {"all_logits": all_logits}
+        if routing:
+            static["routing"] = routing
+        return self._run("forward", self._forward_jit, args, skip=1, **static)  # type: ignore[no-any-return]
+
+    def _forward_counted(
+        self, *args: Any, count: Any, all_logits: bool, raw: bool = False
+    ) -> ForwardOut:
+        """_forward, adding this step's routing statistics when a collection runs."""
+        if self._routing_acc is None:
+            return self._forward(*args, all_logits=all_logits, routing="raw" if raw else "")
+        mode = "raw+stats" if raw else "stats"
+        out = self._forward(*args, self._routing_acc, count, all_logits=all_logits, routing=mode)
+        self._routing_acc = out.routing
+        return out
 
     def prefill(
         self, tokens: np.ndarray, lengths: np.ndarray, cache: KVCache
@@ -158,8 +204,14 @@ class Engine:
         """Right-padded prompts [B, T] with true `lengths` [B] -> (last logits [B, V] f32, cache)."""
         lengths = np.asarray(lengths, np.int32)
         last, adv = self.put_tokens(np.maximum(lengths - 1, 0)), self.put_tokens(lengths)
-        out = self._forward(
-            self.params, self.put_tokens(tokens), cache, last, adv, all_logits=False
+        count = None
+        if self._routing_acc is not None:  # positions inside each prompt; pad ids never count
+            inside = np.arange(tokens.shape[1])[None, :] < lengths[:, None]  # [B, T]
+            real = inside & (np.asarray(tokens) != self.cfg.pad_token)
+            count = self.put_tokens(inside)
+            self._routing_alive = self.put_tokens(real.any(axis=1))  # batch-padding rows: no
+        out = self._forward_counted(
+            self.params, self.put_tokens(tokens), cache, last, adv, count=count, all_logits=False
         )
         return out.logits[:, 0, :], out.cache
 
@@ -167,7 +219,12 @@ class Engine:
         """One new token per row [B] -> (logits [B, V] f32, cache)."""
         toks = tokens if isinstance(tokens, jax.Array) else self.put_tokens(np.asarray(tokens))
         ones = self._ones(toks.shape[0])
-        out = self._forward(self.params, toks[:, None], cache, ones, ones, all_logits=True)
+        count = None
+        if self._routing_acc is not None:
+            count = self._decode_count(toks)
+        out = self._forward_counted(
+            self.params, toks[:, None], cache, ones, ones, count=count, all_logits=True
+        )
         return out.logits[:, 0, :], out.cache
 
     def _ones(self, batch: int) -> jax.Array:
@@ -175,12 +232,51 @@ class Engine:
             self._ones_cache = (batch, self.put_tokens(np.ones(batch, np.int32)))
         return self._ones_cache[1]
 
-    def forward_all(self, tokens: np.ndarray, cache: KVCache | None = None) -> ForwardOut:
-        """Full forward of [B, T] tokens from an empty cache of length T: logits [B, T, V] f32."""
+    def forward_all(
+        self, tokens: np.ndarray, cache: KVCache | None = None, raw_routing: bool = False
+    ) -> ForwardOut:
+        """Full forward of [B, T] tokens from an empty cache of length T: logits [B, T, V] f32.
+        `raw_routing`: also every token's router probs [L, B, T, E] and experts [L, B, T, k]."""
         b, t = tokens.shape
         cache = cache if cache is not None else self.new_cache(b, t)
         adv = self.put_tokens(np.full(b, t, np.int32))
-        return self._forward(self.params, self.put_tokens(tokens), cache, adv, adv, all_logits=True)
+        args = (self.params, self.put_tokens(tokens), cache, adv, adv)
+        # While collecting, every non-pad id counts.
+        return self._forward_counted(*args, count=None, all_logits=True, raw=raw_routing)
+
+    # --- routing statistics ----------------------------------------------------------------
+    def start_routing(self, stop_at_eos: bool = True) -> None:
+        """Sum RouterStats over every prefill/decode/forward_all token from now on (pad ids,
+        batch-padding rows and, with `stop_at_eos`, a row's tokens from its EOS on excluded)."""
+        cfg, rep = self.cfg, shd.replicated(self.mesh)
+        zeros = jax.jit(
+            lambda: RouterStats.zeros(cfg.num_layers, cfg.num_experts), out_shardings=rep
+        )
+        self._routing_acc = self._run("routing-zeros", zeros, ())
+        self._routing_alive = None
+        self._routing_stop_at_eos = stop_at_eos
+
+    def stop_routing(self) -> RouterStats:
+        """End the collection: the sums as numpy arrays (on every process)."""
+        if self._routing_acc is None:
+            raise RuntimeError("no routing collection is running (call start_routing first)")
+        acc, self._routing_acc, self._routing_alive = self._routing_acc, None, None
+        return jax.tree.map(self.fetch, acc)  # type: ignore[no-any-return]
+
+    @property
+    def collecting_routing(self) -> bool:
+        return self._routing_acc is not None
+
+    def _decode_count(self, toks: jax.Array) -> jax.Array:
+        """[B, 1] bool: rows still counted for this decode step; updates the alive rows."""
+        b = toks.shape[0]
+        alive = self._routing_alive
+        if alive is None or alive.shape[0] != b:
+            alive = self.put_tokens(np.ones(b, bool))
+        eos = np.int32(self.cfg.eos_token if self._routing_stop_at_eos else -1)
+        args = (toks, alive, eos)
+        count, self._routing_alive = self._run("routing-count", self._decode_count_jit, args)
+        return count  # type: ignore[no-any-return]
 
     def fetch(self, x: Any) -> np.ndarray:
         """A device array as numpy on this process, gathering shards other processes hold."""
@@ -209,3 +305,11 @@ class Engine:
             np.asarray(top_k, np.int32),
         )
         return self._run("sample", self._sample, args, vocab_limit=int(vocab_limit))  # type: ignore[no-any-return]
+
+
+def _decode_count_step(
+    tokens: jax.Array, alive: jax.Array, eos: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """tokens [B], alive [B] bool -> (count [B, 1], alive): the EOS fed back ends its row."""
+    keep = alive & (tokens != eos)
+    return keep[:, None], keep

@@ -304,6 +304,10 @@ def test_ctrl_c_during_a_stalled_download_exits_130_at_once(
     _sigint_when(proc, stalled)
     try:  # the read timeout is 300 s: only the cancellation can end it this soon
         out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"still running 60 s after Ctrl-C; stderr: {err!r}") from None
     finally:
         proc.kill()
     assert proc.returncode == 130, err

@@ -175,6 +175,14 @@ def generate(
     num_processes: options.NumProcesses = None,
     process_id: options.ProcessId = None,
     json_out: options.Json = False,
+    routing_report: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--routing-report",
+            metavar="DIR",
+            help="Write routing statistics of this run to DIR (routing.json, heatmaps).",
+        ),
+    ] = None,
 ) -> None:
     """Generate text from a Grok-1 checkpoint (int8 weights, sparse experts, KV cache)."""
     s = Settings("generate")
@@ -243,6 +251,10 @@ def generate(
     check_prompts(cfg, all_prompts)
     if primary and (note := context_warning(cfg, all_prompts, params.max_tokens)):
         warn(note)
+    if routing_report is not None and primary:  # --routing-report: refuse before loading
+        from grokctl.routing import check_report_dir
+
+        check_report_dir(routing_report)
 
     model = _load(s, ckpt, mesh_text, moe_kernel, layout_name, preset_name, early, tokenizer_path,
                   bool(texts), json_out, primary, multi)  # fmt: skip
@@ -253,6 +265,8 @@ def generate(
         _Streamer(model.tokenizer.decode, params.stop) if streaming and model.tokenizer else None
     )
     echo = texts[0] if streamer is not None and texts else None
+    # --routing-report: summed inside the same prefill/decode programs (docs/routing.md)
+    routing_rec = model.collect_routing() if routing_report is not None else None
     with _status(enabled=primary and not json_out and err.is_terminal) as status:
 
         def on_token(row: int, token: int) -> None:
@@ -278,6 +292,8 @@ def generate(
         )
     for r, text in zip(results, texts):  # label the text prompts (they went in as ids)
         r.prompt = text
+    if routing_rec is not None and routing_report is not None:
+        _write_routing_report(routing_rec.stop(), routing_report, ckpt, primary, json_out)
     interrupted = any(r.finish_reason == "interrupted" for r in results)
     if primary:
         _print_results(results, streamer, json_out)
@@ -383,6 +399,20 @@ def _status(enabled: bool) -> Iterator[_Status]:
         yield _Status(live)
     finally:
         live.stop()
+
+
+def _write_routing_report(
+    stats: Any, out_dir: Path, ckpt: Path, primary: bool, quiet: bool
+) -> None:
+    from grokctl import routing
+
+    if not primary:
+        return
+    meta = {"command": "generate", "checkpoint": str(ckpt)}
+    paths = routing.write_report(out_dir, stats, meta)
+    if not quiet:
+        err.print(routing.summary_table(stats))
+        info(f"[dim]routing report: {', '.join(str(p) for p in paths.values())}[/]")
 
 
 class _Streamer:

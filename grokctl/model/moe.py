@@ -20,6 +20,7 @@ Kernels:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import haiku as hk
 import jax
@@ -46,6 +47,71 @@ def route(x: jax.Array, router_w: jax.Array, k: int) -> tuple[jax.Array, jax.Arr
     probs = jax.nn.softmax(logits, axis=-1)
     gates, experts = jax.lax.top_k(probs, k)
     return probs, gates, experts
+
+
+# Top-2 invariant "gates sum <= 1" holds exactly in real arithmetic; in f32 a softmax can sum to
+# a few ulp over 1. Sums above 1 + GATE_SUM_SLACK (8 ulp at 1.0) count as violations.
+GATE_SUM_SLACK = 1e-6
+
+
+class RouterStats(NamedTuple):
+    """Routing statistics summed over counted tokens (pad tokens excluded), one row per layer.
+
+    A pytree of small arrays: carried through the compiled programs like the cache and added
+    step by step on the device. L layers, E experts."""
+
+    tokens: jax.Array  # [L] int32: tokens counted
+    counts: jax.Array  # [L, E] int32: hard top-k assignments per expert (sum = tokens * k)
+    gate_mass: jax.Array  # [L, E] f32: sum of the top-k gate weights applied to expert e
+    prob_mass: jax.Array  # [L, E] f32: sum of router softmax probabilities of e (all tokens)
+    coactivation: jax.Array  # [L, E, E] int32: tokens whose chosen set holds both i and j
+    entropy: jax.Array  # [L] f32: sum over tokens of -sum_e p log p of the router probs (nats)
+    violations: jax.Array  # [L, 3] int32: tokens breaking (distinct, gate in (0, 1], sum <= 1)
+
+    @staticmethod
+    def zeros(layers: int, experts: int) -> RouterStats:
+        i32, f32 = jnp.int32, jnp.float32
+        return RouterStats(
+            jnp.zeros((layers,), i32),
+            jnp.zeros((layers, experts), i32),
+            jnp.zeros((layers, experts), f32),
+            jnp.zeros((layers, experts), f32),
+            jnp.zeros((layers, experts, experts), i32),
+            jnp.zeros((layers,), f32),
+            jnp.zeros((layers, 3), i32),
+        )
+
+
+def router_stats(
+    probs: jax.Array, gates: jax.Array, experts: jax.Array, count: jax.Array
+) -> RouterStats:
+    """One layer's statistics (no leading L axis): probs [N, E] f32, gates [N, k] f32,
+    experts [N, k] int32, count [N] bool (tokens to count)."""
+    e = probs.shape[-1]
+    w = count.astype(jnp.int32)  # [N]
+    wf = count.astype(F32)
+    chosen = jax.nn.one_hot(experts, e, dtype=jnp.int32)  # [N, k, E]
+    counts = jnp.einsum("n,nke->e", w, chosen)
+    gate_mass = jnp.einsum("n,nk,nke->e", wf, gates, chosen.astype(F32))
+    prob_mass = jnp.einsum("n,ne->e", wf, probs)
+    member = jnp.minimum(chosen.sum(axis=1), 1)  # [N, E] 0/1: e among the chosen
+    coact = jnp.einsum("ni,nj->ij", member * w[:, None], member)
+    plogp = jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0)
+    entropy = -jnp.sum(wf * plogp.sum(axis=-1))
+    k = experts.shape[-1]
+    distinct = member.sum(axis=-1) == k  # [N]
+    in_range = jnp.all((gates > 0) & (gates <= 1), axis=-1)  # NaN fails both comparisons
+    sum_ok = jnp.sum(gates, axis=-1) <= 1 + GATE_SUM_SLACK
+    bad = jnp.stack([~distinct, ~in_range, ~sum_ok], axis=-1).astype(jnp.int32)  # [N, 3]
+    return RouterStats(
+        jnp.sum(w),
+        counts,
+        gate_mass,
+        prob_mass,
+        coact,
+        entropy,
+        jnp.einsum("n,nc->c", w, bad),
+    )
 
 
 def _expert_ffn(
@@ -128,10 +194,11 @@ def moe_sparse(x, gates, experts, w, v, w1, block: int | None = None) -> jax.Arr
 
 def moe_layer(
     x: jax.Array, cfg: ModelConfig, kernel: str
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """`router/w` [D, E] f32 and `moe/{linear, linear_v, linear_1}/w` int8 [E, D, F] / [E, F, D].
 
-    x [B, T, D] -> (out [B, T, D] bf16, router probs [B, T, E], experts [B, T, k]).
+    x [B, T, D] -> (out [B, T, D] bf16, router probs [B, T, E] f32, gates [B, T, k] f32,
+    experts [B, T, k] int32).
     """
     if kernel not in MOE_KERNELS:
         raise ValueError(f"unknown MoE kernel {kernel!r}")
@@ -146,4 +213,9 @@ def moe_layer(
     probs, gates, experts = route(xs, router_w, k)
     fn = moe_sparse if kernel == "sparse" else moe_dense
     out = fn(xs, gates, experts, w, v, w1)
-    return out.reshape(bsz, t, d), probs.reshape(bsz, t, e), experts.reshape(bsz, t, k)
+    return (
+        out.reshape(bsz, t, d),
+        probs.reshape(bsz, t, e),
+        gates.reshape(bsz, t, k),
+        experts.reshape(bsz, t, k),
+    )

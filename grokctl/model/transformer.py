@@ -22,7 +22,7 @@ from grokctl.config import ModelConfig
 from grokctl.model.attention import attention
 from grokctl.model.cache import KVCache
 from grokctl.model.layers import BF16, bf16_dot, param, rms_norm, rms_norm_apply
-from grokctl.model.moe import moe_layer
+from grokctl.model.moe import RouterStats, moe_layer, router_stats
 
 
 class ForwardOut(NamedTuple):
@@ -30,12 +30,14 @@ class ForwardOut(NamedTuple):
     cache: KVCache
     router_probs: jax.Array | None  # [L, B, T, E] f32 when asked for
     experts: jax.Array | None  # [L, B, T, k] int32 when asked for
+    routing: RouterStats | None = None  # [L, ...] sums over the counted tokens, when asked for
 
 
 @dataclasses.dataclass(frozen=True)
 class ForwardOptions:
     moe_kernel: str = "sparse"
-    with_routing: bool = False
+    with_routing: bool = False  # return every token's router probs and experts
+    routing_stats: bool = False  # return RouterStats over the tokens `count` marks
 
 
 def forward(
@@ -44,6 +46,7 @@ def forward(
     last_index: jax.Array | None,  # [B] index into T of the only logits wanted, or None (all)
     cfg: ModelConfig,
     opts: ForwardOptions,
+    count: jax.Array | None = None,  # [B, T] bool: tokens routing statistics count
 ) -> ForwardOut:
     b, t = tokens.shape
     start = cache.pos  # [B]
@@ -62,7 +65,7 @@ def forward(
     h = h * jnp.asarray(cfg.embedding_multiplier_scale, BF16)
 
     eps = cfg.rms_norm_eps
-    new_k, new_v, probs, experts = [], [], [], []
+    new_k, new_v, probs, experts, stats = [], [], [], [], []
     with hk.experimental.name_scope("transformer"):
         for i in range(cfg.num_layers):
             with hk.experimental.name_scope(f"decoder_layer_{i}"):
@@ -76,12 +79,20 @@ def forward(
                     cfg,
                 )
                 h = h + rms_norm(a, "rms_norm_1", eps)
-                m, p_i, e_i = moe_layer(rms_norm(h, "rms_norm_2", eps), cfg, opts.moe_kernel)
+                m, p_i, g_i, e_i = moe_layer(rms_norm(h, "rms_norm_2", eps), cfg, opts.moe_kernel)
                 h = h + rms_norm(m, "rms_norm_3", eps)
             new_k.append(k_i)
             new_v.append(v_i)
             probs.append(p_i)
             experts.append(e_i)
+            if opts.routing_stats:
+                mask = is_token if count is None else count & is_token  # pads never count
+                n = b * t
+                stats.append(
+                    router_stats(
+                        p_i.reshape(n, -1), g_i.reshape(n, -1), e_i.reshape(n, -1), mask.reshape(n)
+                    )
+                )
 
     if last_index is not None:
         h = jnp.take_along_axis(h, last_index[:, None, None], axis=1)  # [B, 1, D]
@@ -89,14 +100,17 @@ def forward(
     logits = bf16_dot(h, embeddings.T) * jnp.asarray(cfg.output_multiplier_scale, BF16)
 
     new_cache = KVCache(tuple(new_k), tuple(new_v), start + t, key_valid)
+    routing = jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else None
     if not opts.with_routing:
-        return ForwardOut(logits, new_cache, None, None)
-    return ForwardOut(logits, new_cache, jnp.stack(probs), jnp.stack(experts))
+        return ForwardOut(logits, new_cache, None, None, routing)
+    return ForwardOut(logits, new_cache, jnp.stack(probs), jnp.stack(experts), routing)
 
 
 def transformed(cfg: ModelConfig, opts: ForwardOptions) -> Any:
-    """hk.Transformed whose apply(params, tokens, cache, last_index) -> ForwardOut."""
-    fn = lambda tokens, cache, last_index: forward(tokens, cache, last_index, cfg, opts)  # noqa: E731
+    """hk.Transformed whose apply(params, tokens, cache, last_index, count=None) -> ForwardOut."""
+    fn = lambda tokens, cache, last_index, count=None: forward(  # noqa: E731
+        tokens, cache, last_index, cfg, opts, count
+    )
     return hk.without_apply_rng(hk.transform(fn))
 
 
