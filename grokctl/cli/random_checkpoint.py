@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -17,6 +18,13 @@ def random_checkpoint(
         Path, typer.Argument(help="Directory to create (ckpt-0/, config.json, tokenizer.model).")
     ],
     preset: Annotated[str, typer.Option("--preset", help="Architecture preset.")] = "grok-demo",
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Architecture as a config.json (its keys override the preset's).",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     layers: Annotated[
         int | None, typer.Option("--layers", min=1, help="Override the preset's layer count.")
@@ -30,9 +38,21 @@ def random_checkpoint(
 
     from grokctl.checkpoint.index import CheckpointIndex
     from grokctl.checkpoint.writer import write_random_checkpoint
+    from grokctl.config import model_config_from_dict
     from grokctl.config import preset as get_preset
+    from grokctl.errors import MissingResourceError, UsageError
 
     cfg = get_preset(preset)
+    if config_file is not None:
+        try:
+            data = json.loads(config_file.read_text())
+        except FileNotFoundError:
+            raise MissingResourceError(f"--config {config_file}: no such file") from None
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--config {config_file}: not a readable JSON config ({exc})") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"--config {config_file}: expected a JSON object")
+        cfg = model_config_from_dict(data, cfg)
     if layers is not None:
         cfg = dataclasses.replace(cfg, num_layers=layers)
     cfg.validate()
@@ -50,6 +70,7 @@ def random_checkpoint(
     result = {
         "path": str(path),
         "preset": preset,
+        "config": str(config_file) if config_file is not None else None,
         "tensors": len(index),
         "bytes": index.file_bytes,
         "parameters": cfg.param_count(),
