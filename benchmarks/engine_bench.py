@@ -89,17 +89,18 @@ def main() -> None:
     lengths = np.full(a.batch, a.prompt, np.int32)
     cache_len = a.prompt + a.decode + 1
 
-    def run_once() -> tuple[float, float]:
+    def run_once() -> tuple[float, float, float]:
         cache = eng.new_cache(a.batch, cache_len)
         t0 = time.perf_counter()
         logits, cache = eng.prefill(prompt, lengths, cache)
         tok = np.asarray(logits).argmax(-1).astype(np.int32)
         t_prefill = time.perf_counter() - t0
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         for _ in range(a.decode):
             logits, cache = eng.decode(tok, cache)
             tok = np.asarray(logits).argmax(-1).astype(np.int32)
-        return t_prefill, (time.perf_counter() - t1) / a.decode
+        cpu = (time.process_time() - c1) / a.decode
+        return t_prefill, (time.perf_counter() - t1) / a.decode, cpu
 
     run_once()  # compile
     runs = [run_once() for _ in range(a.reps)]
@@ -117,6 +118,9 @@ def main() -> None:
         f"pp{a.prompt}_tok_s": [round(statistics.mean(pre), 1), round(statistics.pstdev(pre), 1)],
         f"tg{a.decode}_tok_s": [round(statistics.mean(dec), 2), round(statistics.pstdev(dec), 2)],
         "decode_ms_per_step": round(step * 1e3, 2),
+        # CPU seconds of all this process's threads per step: the work, less the contention
+        "decode_cpu_ms_per_step": round(statistics.median(r[2] for r in runs) * 1e3, 2),
+        "load_average_1m": round(os.getloadavg()[0], 1),
         "weight_bytes_per_step": need,
         "achieved_gb_s": round(need / step / 1e9, 2),
         "host_copy_gb_s_2threads": round(bw, 1),

@@ -56,7 +56,14 @@ def _check(got: jax.Array, x: jax.Array, wd: jax.Array) -> None:
 
 @pytest.mark.parametrize(
     ("m", "k", "n", "g"),
-    [(1, 256, 512, 8), (3, 64, 100, 2), (5, 128, 37, 4), (9, 96, 300, 1), (1, 24, 7, 3)],
+    [
+        (1, 256, 512, 8),
+        (3, 64, 100, 2),
+        (5, 128, 37, 4),
+        (9, 96, 300, 1),
+        (1, 24, 7, 3),
+        (14, 72, 70, 3),
+    ],
 )
 @pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
 def test_qmatmul_matches_exact_dequant_dot(

@@ -84,6 +84,7 @@ def build(dest_dir: Path = BUILD_DIR) -> Path:
         "-fPIC",
         "-Wall",
         "-Wno-maybe-uninitialized",
+        "-Wno-uninitialized",
         "-isystem",
         jax.ffi.include_dir(),
         str(SOURCE),

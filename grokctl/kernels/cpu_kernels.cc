@@ -68,6 +68,8 @@ struct NTProblem {
 // Columns per work unit / chunk of the int8 kernel; rows of the table per unit of the NT kernel.
 constexpr int64_t kCols = 256;
 constexpr int64_t kTableRows = 256;
+// From this many rows on, the AVX-512 path dequantizes panels once and runs a GEMM microkernel.
+constexpr int64_t kGemmRows = 8;
 
 // ---------------------------------------------------------------- scalar (any CPU, tails)
 void q_cols_scalar(const QProblem& p, int64_t n0, int64_t n1) {
@@ -172,6 +174,79 @@ AVX512 void q_cols_512(const QProblem& p, int64_t n0, int64_t n1) {
     case 2: q_chunk_512<2>(p, m, n0, w); break;
     case 1: q_chunk_512<1>(p, m, n0, w); break;
     default: break;
+  }
+}
+
+// Many rows (prefill): dequantize a [kPanelK, w] panel of the weight to f32 once (cache
+// resident, reused by every row), then a 4-row x 64-column register-tiled FMA microkernel.
+// Each output still sums its K products in order, with the same rounded weights.
+constexpr int64_t kPanelK = 32;
+
+template <int MB>
+AVX512 void gemm_tile_512(const QProblem& p, const float* panel, int64_t m0, int64_t k0, int kp,
+                          int64_t n0, int64_t c0, int64_t w, bool first) {
+  // columns [c0, c0 + 64) of the chunk (w columns from n0)
+  const int64_t cols = std::min<int64_t>(64, w - c0);
+  __mmask16 mask[4];
+  for (int j = 0; j < 4; ++j) {
+    const int64_t rem = cols - 16 * j;
+    mask[j] = rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
+  }
+  __m512 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j)
+      acc[m][j] = first ? _mm512_setzero_ps()
+                        : _mm512_maskz_loadu_ps(mask[j], p.y + (m0 + m) * p.N + n0 + c0 + 16 * j);
+  const float* xr[MB];
+  for (int m = 0; m < MB; ++m) xr[m] = p.x + (m0 + m) * p.K + k0;
+  for (int k = 0; k < kp; ++k) {
+    const float* pr = panel + k * kCols + c0;
+    const __m512 w0 = _mm512_load_ps(pr), w1 = _mm512_load_ps(pr + 16);
+    const __m512 w2 = _mm512_load_ps(pr + 32), w3 = _mm512_load_ps(pr + 48);
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xb = _mm512_set1_ps(xr[m][k]);
+      acc[m][0] = _mm512_fmadd_ps(xb, w0, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(xb, w1, acc[m][1]);
+      acc[m][2] = _mm512_fmadd_ps(xb, w2, acc[m][2]);
+      acc[m][3] = _mm512_fmadd_ps(xb, w3, acc[m][3]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j)
+      _mm512_mask_storeu_ps(p.y + (m0 + m) * p.N + n0 + c0 + 16 * j, mask[j], acc[m][j]);
+}
+
+AVX512 void q_gemm_cols_512(const QProblem& p, int64_t n0, int64_t n1) {
+  alignas(64) static thread_local float panel[kPanelK * kCols];
+  const int64_t w = n1 - n0;
+  const int nv = int((w + 15) / 16);
+  const __mmask16 last = (w % 16) ? __mmask16((1u << (w % 16)) - 1) : __mmask16(0xffff);
+  const int64_t kb = p.K / p.G;
+  for (int64_t k0 = 0; k0 < p.K; k0 += kPanelK) {
+    const int kp = int(std::min<int64_t>(kPanelK, p.K - k0));
+    for (int k = 0; k < kp; ++k) {
+      const int8_t* wr = p.w + (k0 + k) * p.N + n0;
+      const uint16_t* sr = p.s + ((k0 + k) / kb) * p.N + n0;
+      float* pr = panel + k * kCols;
+      for (int v = 0; v < nv; ++v) {
+        const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
+        const __m512 s = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, sr + v * 16)), 16));
+        _mm512_store_ps(pr + v * 16, dequant16_512(_mm_maskz_loadu_epi8(mask, wr + v * 16), s));
+      }
+      for (int v = nv; v < (nv + 3) / 4 * 4; ++v) _mm512_store_ps(pr + v * 16, _mm512_setzero_ps());
+    }
+    const bool first = k0 == 0;
+    for (int64_t c0 = 0; c0 < w; c0 += 64) {
+      int64_t m = 0;
+      for (; m + 4 <= p.M; m += 4) gemm_tile_512<4>(p, panel, m, k0, kp, n0, c0, w, first);
+      switch (p.M - m) {
+        case 3: gemm_tile_512<3>(p, panel, m, k0, kp, n0, c0, w, first); break;
+        case 2: gemm_tile_512<2>(p, panel, m, k0, kp, n0, c0, w, first); break;
+        case 1: gemm_tile_512<1>(p, panel, m, k0, kp, n0, c0, w, first); break;
+        default: break;
+      }
+    }
   }
 }
 
@@ -466,7 +541,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   parallel_for(pool, units, [&](int64_t i) {
     const int64_t n0 = i * kCols, n1 = std::min(N, n0 + kCols);
 #ifdef GROKCTL_X86
-    if (level == kAvx512) return q_cols_512(p, n0, n1);
+    if (level == kAvx512) return M >= kGemmRows ? q_gemm_cols_512(p, n0, n1) : q_cols_512(p, n0, n1);
     if (level == kAvx2) return q_cols_256(p, n0, n1);
 #endif
     q_cols_scalar(p, n0, n1);

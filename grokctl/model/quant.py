@@ -91,6 +91,9 @@ def take_expert(w: Any, e: jax.Array) -> Any:
 # matmul, docs/PERFORMANCE.md). Enabled by the engine on single-device CPU runs only: on a mesh the
 # scan would have to gather a row-sharded weight, and GPUs read HBM fast enough without it.
 SMALL_M = 16
+# Rows up to which the native kernel is used (decode). Beyond it XLA's dequantize-then-dot wins
+# on the development CPU (docs/PERFORMANCE.md, benchmarks/qmatmul_bench.py), so prefill keeps it.
+KERNEL_MAX_M = 8
 CHUNK_ROWS = 128
 _chunked = contextvars.ContextVar("grokctl_chunked_qmatmul", default=False)
 
@@ -130,7 +133,8 @@ def unembed(h: jax.Array, table: Any) -> jax.Array:
     [..., V] (the reference's bf16 matmul of the tied embedding). With the native kernels and a
     bf16 table (`bf16_tables`), one pass over the table; otherwise XLA's dot."""
     hb = h.astype(jnp.bfloat16)
-    if _use_kernels() and table.dtype == jnp.bfloat16:
+    m = math.prod(h.shape[:-1])
+    if table.dtype == jnp.bfloat16 and m <= KERNEL_MAX_M and _use_kernels():
         from grokctl import kernels
 
         y = kernels.matmul_nt_bf16(hb.reshape(-1, hb.shape[-1]), table)
@@ -170,7 +174,8 @@ def qmatmul(x: jax.Array, w: Any) -> jax.Array:
     as given (bf16 activations, or f32 for the expert output projection).
     """
     xf = x if x.dtype == jnp.float32 else x.astype(jnp.bfloat16)
-    if isinstance(w, ExpertSlice | QuantizedWeight8bit) and _use_kernels():
+    m = math.prod(x.shape[:-1])
+    if isinstance(w, ExpertSlice | QuantizedWeight8bit) and m <= KERNEL_MAX_M and _use_kernels():
         from grokctl import kernels
 
         full, e = (w.full, w.expert) if isinstance(w, ExpertSlice) else (w, 0)
@@ -184,7 +189,6 @@ def qmatmul(x: jax.Array, w: Any) -> jax.Array:
         )
     k, n = w.weight.shape
     g = w.scales.shape[-2]
-    m = math.prod(x.shape[:-1])
     c = _chunk_rows(k // g) if (_chunked.get() and m <= SMALL_M) else 0
     if not c:
         wd = dequantize(w).astype(xf.dtype)
