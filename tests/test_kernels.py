@@ -161,3 +161,79 @@ def test_build_failure_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert kernels._find_or_build() is None
     assert not list(tmp_path.rglob("*.so"))
+
+
+@pytest.mark.slow
+def test_engine_with_kernels_on_a_config_file_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`random-checkpoint --config FILE` (odd widths: N not a multiple of the vector width),
+    then the same decode with and without the kernels: same logits up to summation order."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import grokctl
+    from grokctl.cli.app import app
+    from grokctl.model.sharding import make_mesh
+
+    cfg = {
+        "emb_size": 72,
+        "key_size": 12,
+        "num_q_heads": 6,
+        "num_kv_heads": 2,
+        "num_layers": 2,
+        "vocab_size": 300,
+        "widening_factor": 2.5,
+        "num_experts": 4,
+        "num_selected_experts": 2,
+        "sequence_len": 64,
+        "row_parallel_scale_blocks": 3,
+    }
+    (tmp_path / "arch.json").write_text(json.dumps(cfg))
+    ckpt = tmp_path / "ckpt"
+    res = CliRunner().invoke(
+        app, ["random-checkpoint", str(ckpt), "--config", str(tmp_path / "arch.json"), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    written = json.loads((ckpt / "config.json").read_text())
+    assert all(written[k] == v for k, v in cfg.items())
+
+    prompt = np.array([[5, 17, 33, 101, 250, 7]], np.int32)
+
+    def run() -> tuple[str, np.ndarray]:
+        model = grokctl.load_model(ckpt, mesh=make_mesh("1x1", jax.devices()[:1]))
+        eng = model.engine
+        cache = eng.new_cache(1, 16)
+        logits, cache = eng.prefill(prompt, np.array([6], np.int32), cache)
+        rows = [np.asarray(logits)]
+        for tok in (9, 42, 77):
+            logits, cache = eng.decode(np.array([tok], np.int32), cache)
+            rows.append(np.asarray(logits))
+        table = eng.params[quant.EMBEDDINGS[0]][quant.EMBEDDINGS[1]]
+        return str(table.dtype), np.stack(rows)
+
+    dtype_on, on = run()
+    monkeypatch.setenv("GROKCTL_CPU_KERNELS", "0")
+    dtype_off, off = run()
+    assert (dtype_on, dtype_off) == ("bfloat16", "float32")
+    scale = float(np.max(np.abs(off)))
+    assert np.max(np.abs(on - off)) <= 2e-2 * scale, (np.max(np.abs(on - off)), scale)
+    assert np.mean(np.argmax(on, -1) == np.argmax(off, -1)) >= 0.75
+
+
+def test_random_checkpoint_config_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grokctl.cli.app import main
+
+    missing = tmp_path / "no.json"
+    assert main(["random-checkpoint", str(tmp_path / "a"), "--config", str(missing)]) == 4
+    assert "no.json" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert (
+        main(["random-checkpoint", str(tmp_path / "b"), "--config", str(tmp_path / "bad.json")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "bad.json" in err and len(err.strip().splitlines()) == 1
