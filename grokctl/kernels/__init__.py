@@ -94,6 +94,9 @@ def build(dest_dir: Path = BUILD_DIR) -> Path:
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(tmp, out)
+        for stale in dest_dir.glob("libgrokctl_cpu-*.so"):  # builds of older sources
+            if stale != out:
+                stale.unlink(missing_ok=True)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return out
