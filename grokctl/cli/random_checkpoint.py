@@ -49,7 +49,9 @@ def random_checkpoint(
         except FileNotFoundError:
             raise MissingResourceError(f"--config {config_file}: no such file") from None
         except (OSError, ValueError) as exc:
-            raise UsageError(f"--config {config_file}: not a readable JSON config ({exc})") from None
+            raise UsageError(
+                f"--config {config_file}: not a readable JSON config ({exc})"
+            ) from None
         if not isinstance(data, dict):
             raise UsageError(f"--config {config_file}: expected a JSON object")
         cfg = model_config_from_dict(data, cfg)
