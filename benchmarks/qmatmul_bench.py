@@ -53,8 +53,13 @@ def kernels_env(enabled: bool) -> Iterator[None]:
 
 
 def compiled(mode: str, x: jax.Array, w: QuantizedWeight8bit):  # type: ignore[no-untyped-def]
-    """qmatmul compiled in `mode`: dequant (XLA), chunked (XLA scan) or kernel (native)."""
-    with kernels_env(mode == "kernel"), chunked_qmatmul(mode != "dequant"):  # trace time
+    """dequant (XLA dequantize-then-dot), chunked (XLA scan, <= 16 rows), engine (qmatmul as the
+    single-device CPU engine traces it: the kernel up to KERNEL_MAX_M rows, else XLA) or kernel
+    (the native kernel at any M)."""
+    if mode == "kernel":
+        fn = lambda x_, w_: kernels.qmatmul(x_, w_.weight, w_.scales)  # noqa: E731
+        return jax.jit(fn).lower(x, w).compile()
+    with kernels_env(mode == "engine"), chunked_qmatmul(mode != "dequant"):  # trace time
         return jax.jit(lambda x_, w_: qmatmul(x_, w_)).lower(x, w).compile()
 
 
@@ -69,7 +74,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     q = quantize_int8(rng.standard_normal((a.k, a.n)).astype(np.float32), a.groups)
     w = QuantizedWeight8bit(jnp.asarray(q.weight), jnp.asarray(q.scales))
-    modes = ["dequant", "chunked"] + (["kernel"] if kernels.available() else [])
+    modes = ["dequant", "chunked"] + (["engine", "kernel"] if kernels.available() else [])
     for m in a.m:
         x = jnp.asarray(rng.standard_normal((m, a.k)), jnp.bfloat16)
         row: dict[str, object] = {"m": m, "k": a.k, "n": a.n, "kernels": kernels.info()}

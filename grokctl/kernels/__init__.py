@@ -79,7 +79,7 @@ def build(dest_dir: Path = BUILD_DIR) -> Path:
     cmd = [
         cxx,
         "-O3",
-        "-std=c++17",
+        "-std=c++20",
         "-shared",
         "-fPIC",
         "-Wall",

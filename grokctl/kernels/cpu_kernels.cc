@@ -486,19 +486,19 @@ void parallel_for(ffi::ThreadPool& pool, int64_t units, F&& body) {
       (*bp)(i);
       ++finished;
     }
-    if (finished) st->done.fetch_add(finished, std::memory_order_acq_rel);
+    if (finished && st->done.fetch_add(finished, std::memory_order_acq_rel) + finished == units)
+      st->done.notify_all();
   };
   for (int t = 1; t < threads; ++t) pool.Schedule(decltype(work)(work));
   work();
-  for (int spins = 0; st->done.load(std::memory_order_acquire) < units; ++spins) {
-    if (spins < 4096) {
+  // A short spin (the last units finish within microseconds on an idle machine), then sleep
+  // on the counter (futex): spinning on a loaded machine burns the CPU the helper needs.
+  for (int spins = 0; spins < 256 && st->done.load(std::memory_order_acquire) < units; ++spins) {
 #ifdef GROKCTL_X86
-      _mm_pause();
+    _mm_pause();
 #endif
-    } else {
-      std::this_thread::yield();
-    }
   }
+  for (int64_t d; (d = st->done.load(std::memory_order_acquire)) < units;) st->done.wait(d);
 }
 
 const float* as_f32(ffi::AnyBuffer x, std::vector<float>& tmp) {
