@@ -6,9 +6,13 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo-ckpt
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint format clean
+.PHONY: install kernels demo test test-fast lint format clean
 
-install: $(STAMP)
+install: $(STAMP) kernels
+
+# Native CPU kernels (grokctl/kernels/_build/); a failed build only means the pure-JAX path.
+kernels: $(STAMP)
+	$(BIN)/python -m grokctl.kernels.build
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,4 +40,4 @@ format: install
 	$(BIN)/ruff check --fix grokctl tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(DEMO) grokctl/kernels/_build .pytest_cache .ruff_cache .mypy_cache

@@ -11,20 +11,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
 
 import grokctl
+from grokctl import kernels
 from grokctl.model.sharding import make_mesh
 
 
-def host_bandwidth_gbs(n_bytes: int = 1 << 28, reps: int = 5) -> float:
+def host_bandwidth_gbs(n_bytes: int = 1 << 30, reps: int = 5, threads: int = 2) -> float:
+    """Copy bandwidth (read + write bytes per second) of a 1 GB numpy copy split over
+    `threads` threads (numpy releases the GIL while copying); best of `reps`."""
     src = np.ones(n_bytes, np.uint8)
     dst = np.empty_like(src)
-    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(reps))
+    cuts = np.linspace(0, n_bytes, threads + 1).astype(int)
+
+    def copy() -> None:
+        def part(i: int) -> None:
+            np.copyto(dst[cuts[i] : cuts[i + 1]], src[cuts[i] : cuts[i + 1]])
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(part, range(threads)))
+
+    best = min(_timed(copy) for _ in range(reps))
     return 2 * n_bytes / best / 1e9  # read + write
 
 
@@ -35,7 +50,9 @@ def _timed(fn) -> float:  # type: ignore[no-untyped-def]
 
 
 def decode_bytes_per_token(model, batch: int) -> int:  # type: ignore[no-untyped-def]
-    """Weight bytes one decode step must read (int8 + scales), chosen experts only."""
+    """Weight bytes one decode step of an 8-bit model must read: int8 weights + scales (chosen
+    experts only), f32 norms and router, and the tied embedding table at one byte per element
+    (the logits read the whole table)."""
     cfg = model.config
     total = 0
     for e in model.index:
@@ -43,7 +60,7 @@ def decode_bytes_per_token(model, batch: int) -> int:  # type: ignore[no-untyped
         if "/moe/" in e.name:
             n = n * min(cfg.num_experts, cfg.num_selected_experts * batch) // cfg.num_experts
         if e.name.endswith("embeddings"):
-            n = n  # the logits matmul reads the whole table
+            n = math.prod(e.ref.shape)  # 8 bits per element
         total += n
     return total
 
@@ -72,17 +89,18 @@ def main() -> None:
     lengths = np.full(a.batch, a.prompt, np.int32)
     cache_len = a.prompt + a.decode + 1
 
-    def run_once() -> tuple[float, float]:
+    def run_once() -> tuple[float, float, float]:
         cache = eng.new_cache(a.batch, cache_len)
         t0 = time.perf_counter()
         logits, cache = eng.prefill(prompt, lengths, cache)
         tok = np.asarray(logits).argmax(-1).astype(np.int32)
         t_prefill = time.perf_counter() - t0
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         for _ in range(a.decode):
             logits, cache = eng.decode(tok, cache)
             tok = np.asarray(logits).argmax(-1).astype(np.int32)
-        return t_prefill, (time.perf_counter() - t1) / a.decode
+        cpu = (time.process_time() - c1) / a.decode
+        return t_prefill, (time.perf_counter() - t1) / a.decode, cpu
 
     run_once()  # compile
     runs = [run_once() for _ in range(a.reps)]
@@ -100,10 +118,16 @@ def main() -> None:
         f"pp{a.prompt}_tok_s": [round(statistics.mean(pre), 1), round(statistics.pstdev(pre), 1)],
         f"tg{a.decode}_tok_s": [round(statistics.mean(dec), 2), round(statistics.pstdev(dec), 2)],
         "decode_ms_per_step": round(step * 1e3, 2),
+        # CPU seconds of all this process's threads per step: the work, less the contention
+        "decode_cpu_ms_per_step": round(statistics.median(r[2] for r in runs) * 1e3, 2),
+        "load_average_1m": round(os.getloadavg()[0], 1),
         "weight_bytes_per_step": need,
         "achieved_gb_s": round(need / step / 1e9, 2),
-        "host_copy_gb_s": round(bw, 1),
+        "host_copy_gb_s_2threads": round(bw, 1),
         "fraction_of_bandwidth": round(need / step / 1e9 / bw, 3),
+        "cpu_kernels": kernels.info() if eng.chunked_qmatmul else {"enabled": False},
+        "embeddings_dtype": str(eng.params["language_model/in_out_embed"]["embeddings"].dtype),
+        "threads_env": os.environ.get("GROKCTL_CPU_THREADS"),
         "backend": jax.default_backend(),
         "devices": len(mesh.devices.flat),
     }

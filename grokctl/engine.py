@@ -31,7 +31,7 @@ from grokctl.config import ModelConfig
 from grokctl.model import sharding as shd
 from grokctl.model.cache import KVCache, cache_shapes
 from grokctl.model.moe import RouterStats
-from grokctl.model.quant import chunked_qmatmul
+from grokctl.model.quant import bf16_tables, chunked_qmatmul, cpu_kernels_enabled
 from grokctl.model.transformer import ForwardOptions, ForwardOut, transformed
 from grokctl.sampling import sample
 
@@ -74,6 +74,8 @@ class Engine:
         self._apply = transformed(cfg, self.opts).apply
         # XLA:CPU materialises dequantized weights per call; chunking them is faster on one device.
         self.chunked_qmatmul = jax.default_backend() == "cpu" and mesh.devices.size == 1
+        if cpu_kernels_enabled(self.chunked_qmatmul):  # native kernels stream a bf16 table
+            self.params = bf16_tables(self.params)
         self._forward_jit = jax.jit(
             self._forward_impl,
             static_argnames=("all_logits", "routing"),

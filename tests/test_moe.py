@@ -65,8 +65,11 @@ def test_decode_step_never_dequantizes_all_experts(weights) -> None:  # type: ig
 
 
 @pytest.mark.parametrize("m", [1, 5])
-def test_chunked_int8_matmul_equals_dequantize_then_dot(weights, m: int) -> None:  # type: ignore[no-untyped-def]
+def test_chunked_int8_matmul_equals_dequantize_then_dot(weights, m: int, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from grokctl.model.quant import chunked_qmatmul, qmatmul, take_expert
+
+    # the chunked scan is the fallback where the native kernels are off (tests/test_kernels.py)
+    monkeypatch.setenv("GROKCTL_CPU_KERNELS", "0")
 
     w, _, w1, _ = weights
     rng = np.random.default_rng(m)

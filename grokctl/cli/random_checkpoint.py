@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from pathlib import Path
@@ -44,6 +45,13 @@ def random_checkpoint(
             show_default=False,
         ),
     ] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Architecture as a config.json (its keys override the preset's).",
+        ),
+    ] = None,
     seed: options.Seed = None,
     layers: Annotated[
         int | None,
@@ -62,13 +70,27 @@ def random_checkpoint(
 
     from grokctl.checkpoint.index import CheckpointIndex
     from grokctl.checkpoint.xai.writer import write_random_checkpoint
+    from grokctl.config import model_config_from_dict
     from grokctl.config import preset as get_preset
+    from grokctl.errors import MissingResourceError, UsageError
 
     st = Settings("random-checkpoint")
     preset_name = st.get("preset", preset, DEFAULT_PRESET)
     seed_value = st.get("seed", seed)
     layers = st.get("layers", layers)
     cfg = get_preset(preset_name)
+    if config_file is not None:
+        try:
+            data = json.loads(config_file.read_text())
+        except FileNotFoundError:
+            raise MissingResourceError(f"--config {config_file}: no such file") from None
+        except (OSError, ValueError) as exc:
+            raise UsageError(
+                f"--config {config_file}: not a readable JSON config ({exc})"
+            ) from None
+        if not isinstance(data, dict):
+            raise UsageError(f"--config {config_file}: expected a JSON object")
+        cfg = model_config_from_dict(data, cfg)
     if layers is not None:
         cfg = dataclasses.replace(cfg, num_layers=layers)
     cfg.validate()
@@ -95,6 +117,7 @@ def random_checkpoint(
     result = {
         "path": str(path),
         "preset": preset_name,
+        "config": str(config_file) if config_file is not None else None,
         "tensors": len(index),
         "bytes": index.file_bytes,
         "parameters": cfg.param_count(),

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 from grokctl.config import ModelConfig
 from grokctl.model.attention import attention
 from grokctl.model.cache import KVCache
-from grokctl.model.layers import BF16, bf16_dot, param, rms_norm, rms_norm_apply
+from grokctl.model.layers import BF16, param, rms_norm, rms_norm_apply
 from grokctl.model.moe import RouterStats, moe_layer, router_stats
+from grokctl.model.quant import unembed
 
 
 class ForwardOut(NamedTuple):
@@ -97,7 +98,7 @@ def forward(
     if last_index is not None:
         h = jnp.take_along_axis(h, last_index[:, None, None], axis=1)  # [B, 1, D]
     h = rms_norm_apply(h, final_scale, eps)
-    logits = bf16_dot(h, embeddings.T) * jnp.asarray(cfg.output_multiplier_scale, BF16)
+    logits = unembed(h, embeddings) * jnp.asarray(cfg.output_multiplier_scale, BF16)
 
     new_cache = KVCache(tuple(new_k), tuple(new_v), start + t, key_valid)
     routing = jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else None

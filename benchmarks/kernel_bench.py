@@ -1,0 +1,62 @@
+"""The native CPU kernels alone, at bench-l2's decode shapes (wall and CPU ms, median).
+
+    PYTHONPATH=. python benchmarks/kernel_bench.py [--reps 15]
+    GROKCTL_CPU_THREADS=1 PYTHONPATH=. python benchmarks/kernel_bench.py
+
+- logits: [1, 1024] x bf16 table [131072, 1024]^T (268 MB), the NT kernel vs XLA's bf16 einsum;
+- experts: the 8 experts' [1, 1024] x int8 [1024, 5120] in one jitted program (42 MB), by index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grokctl import kernels
+
+
+def median_ms(fn, *args, reps: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    fn(*args).block_until_ready()
+    wall, cpu = [], []
+    for _ in range(reps):
+        t, c = time.perf_counter(), time.process_time()
+        fn(*args).block_until_ready()
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return round(float(np.median(wall)) * 1e3, 2), round(float(np.median(cpu)) * 1e3, 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=15)
+    a = ap.parse_args()
+    if not kernels.available():
+        raise SystemExit("grokctl CPU kernels unavailable (make install, or GROKCTL_CPU_KERNELS)")
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.standard_normal((131072, 1024)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((1, 1024)), jnp.bfloat16)
+    xla = jax.jit(lambda x_, t: jnp.einsum("mk,vk->mv", x_, t, preferred_element_type=jnp.float32))
+    e, k, n, g = 8, 1024, 5120, 8
+    wq = jnp.asarray(rng.integers(-127, 128, (e, k, n), dtype=np.int8))
+    s = jnp.asarray(rng.standard_normal((e, g, n)), jnp.bfloat16)
+
+    @jax.jit
+    def experts(x_, w_, s_):  # type: ignore[no-untyped-def]
+        return sum(kernels.qmatmul(x_, w_, s_, i) for i in range(e))
+
+    row = {"kernels": kernels.info()}
+    row["logits_kernel_ms_cpu_ms"] = median_ms(
+        jax.jit(kernels.matmul_nt_bf16), x, table, reps=a.reps
+    )
+    row["logits_xla_ms_cpu_ms"] = median_ms(xla, x, table, reps=a.reps)
+    row["experts_kernel_ms_cpu_ms"] = median_ms(experts, x, wq, s, reps=a.reps)
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

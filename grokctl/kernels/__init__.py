@@ -1,0 +1,175 @@
+"""Native CPU kernels called from jitted code through `jax.ffi` (source: cpu_kernels.cc).
+
+- `qmatmul(x, weight, scales, expert)`: x [M, K] f32|bf16 @ dequant(int8 [(E,) K, N], bf16 scales
+  [(E,) G, N]) -> f32 [M, N], each weight rounded to bf16 as the reference's `int8 * bf16`, f32
+  accumulation; weights streamed once and dequantized in registers (AVX-512 / AVX2 / scalar,
+  chosen at run time), threaded over N.
+- `matmul_nt_bf16(x, table)`: x [M, D] @ table[V, D]^T (bf16 table) -> f32 [M, V] (the logits).
+
+The shared library is built by `make install` (`python -m grokctl.kernels.build`) into
+`grokctl/kernels/_build/`, or on first use into the user cache directory. Whenever it cannot be
+built or loaded, or `GROKCTL_CPU_KERNELS=0`, `available()` is False and callers keep the pure-JAX
+path: never an error for the user.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+BUILD_DIR = Path(__file__).with_name("_build")
+QMATMUL_TARGET = "grokctl_qmatmul"
+MATMUL_NT_TARGET = "grokctl_matmul_nt_bf16"
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
+
+
+def enabled_by_env() -> bool:
+    """False when GROKCTL_CPU_KERNELS is 0/false/no/off (forces the pure-JAX path)."""
+    return os.environ.get("GROKCTL_CPU_KERNELS", "1").strip().lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )
+
+
+def library_name() -> str:
+    """File name keyed by the source and the jaxlib headers, so a stale build is never loaded."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(jax.ffi.include_dir().encode())
+    return f"libgrokctl_cpu-{h.hexdigest()[:12]}.so"
+
+
+def user_cache_dir() -> Path:
+    root = os.environ.get("GROKCTL_CACHE_DIR") or Path.home() / ".cache" / "grokctl"
+    return Path(root) / "kernels"
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def build(dest_dir: Path = BUILD_DIR) -> Path:
+    """Compile the library into `dest_dir` (written under a temporary name, then renamed).
+
+    Per-ISA code is selected at run time (target attributes), so the library is safe on any
+    x86-64 CPU; raises OSError / subprocess.CalledProcessError when it cannot be built.
+    """
+    cxx = compiler()
+    if cxx is None:
+        raise OSError("no C++ compiler (g++ / c++ / $CXX) found")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    out = dest_dir / library_name()
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=dest_dir)
+    os.close(fd)
+    cmd = [
+        cxx,
+        "-O3",
+        "-std=c++20",
+        "-shared",
+        "-fPIC",
+        "-Wall",
+        "-Wno-maybe-uninitialized",
+        "-Wno-uninitialized",
+        "-isystem",
+        jax.ffi.include_dir(),
+        str(SOURCE),
+        "-o",
+        tmp,
+    ]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(tmp, out)
+        for stale in dest_dir.glob("libgrokctl_cpu-*.so"):  # builds of older sources
+            if stale != out:
+                stale.unlink(missing_ok=True)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out
+
+
+def _find_or_build() -> Path | None:
+    name = library_name()
+    for d in (BUILD_DIR, user_cache_dir()):
+        if (d / name).exists():
+            return d / name
+    for d in (BUILD_DIR, user_cache_dir()):  # lazily, where we may write
+        try:
+            return build(d)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            detail = getattr(exc, "stderr", "") or exc
+            log.debug("grokctl CPU kernels: build into %s failed: %s", d, detail)
+    return None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """Load and register the kernels once per process; None when unavailable."""
+    try:
+        path = _find_or_build()
+        if path is None:
+            return None
+        lib = ctypes.CDLL(str(path))
+        jax.ffi.register_ffi_target(
+            QMATMUL_TARGET, jax.ffi.pycapsule(lib.GrokctlQMatmul), platform="cpu"
+        )
+        jax.ffi.register_ffi_target(
+            MATMUL_NT_TARGET, jax.ffi.pycapsule(lib.GrokctlMatmulNT), platform="cpu"
+        )
+        return lib
+    except Exception as exc:  # any failure means: use the pure-JAX path
+        log.debug("grokctl CPU kernels unavailable: %s", exc)
+        return None
+
+
+def available() -> bool:
+    """The kernels are built, loaded and not disabled by GROKCTL_CPU_KERNELS=0."""
+    return enabled_by_env() and _library() is not None
+
+
+def info() -> dict[str, Any]:
+    """What the kernels would run with here: enabled, ISA and thread count."""
+    lib = _library() if enabled_by_env() else None
+    if lib is None:
+        return {"enabled": False}
+    return {
+        "enabled": True,
+        "isa": ISA_NAMES.get(lib.grokctl_cpu_isa(), "?"),
+        "threads": int(lib.grokctl_cpu_threads()),
+    }
+
+
+def _require() -> None:
+    if _library() is None:
+        raise RuntimeError("grokctl CPU kernels are not available (check kernels.available())")
+
+
+def qmatmul(x: jax.Array, weight: jax.Array, scales: jax.Array, expert: Any = 0) -> jax.Array:
+    """x [M, K] (f32 or bf16) @ dequant(weight [(E,) K, N], scales [(E,) G, N]) -> f32 [M, N]."""
+    _require()
+    m, n = x.shape[0], weight.shape[-1]
+    call = jax.ffi.ffi_call(QMATMUL_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))
+    return call(x, weight, scales, jnp.asarray(expert, jnp.int32))  # type: ignore[no-any-return]
+
+
+def matmul_nt_bf16(x: jax.Array, table: jax.Array) -> jax.Array:
+    """x [M, D] (f32 or bf16) @ table[V, D]^T (bf16) -> f32 [M, V]."""
+    _require()
+    call = jax.ffi.ffi_call(
+        MATMUL_NT_TARGET, jax.ShapeDtypeStruct((x.shape[0], table.shape[0]), jnp.float32)
+    )
+    return call(x, table)  # type: ignore[no-any-return]

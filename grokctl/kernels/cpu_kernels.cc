@@ -1,0 +1,609 @@
+// grokctl CPU kernels, called from JAX through the XLA FFI (grokctl/kernels/__init__.py).
+//
+// grokctl_qmatmul:  y[M, N] f32 = x[M, K] (f32 | bf16) @ dequant(w int8 [(E,) K, N], s bf16 [(E,) G, N])
+//   with expert index e (int32 scalar; 0 for a 2-D weight). Each weight element is
+//   round_to_bf16(float(int8) * float(scale)) (the reference's `int8 * bf16`), products are
+//   accumulated in f32. Weights are streamed once, row by row, and dequantized in registers.
+// grokctl_matmul_nt_bf16:  y[M, V] f32 = x[M, D] bf16 @ table[V, D]^T bf16, f32 accumulation
+//   (the tied unembedding's logits).
+//
+// ISA: AVX-512 (F/BW/VL) and AVX2+FMA variants compiled with target attributes and chosen at run
+// time with __builtin_cpu_supports, plus a portable scalar path; a library never executes an
+// instruction the CPU lacks. Threads: the XLA intra-op thread pool (FFI ThreadPool context), at
+// most GROKCTL_CPU_THREADS (default: the CPUs this process may run on).
+
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define GROKCTL_X86 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even at bf16 precision (finite values), kept as an f32.
+inline float round_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct QProblem {
+  const float* x;     // [M, K]
+  const int8_t* w;    // [K, N]
+  const uint16_t* s;  // [G, N] bf16 bits
+  float* y;           // [M, N]
+  int64_t M, K, N, G;
+};
+
+struct NTProblem {
+  const float* x;     // [M, D]
+  const uint16_t* t;  // [V, D] bf16 bits
+  float* y;           // [M, V]
+  int64_t M, D, V;
+};
+
+// Widest column chunk of the int8 GEMV (its f32 accumulators live in L1): each weight row is
+// read as one contiguous run of up to kCols bytes, long enough for the hardware prefetchers
+// (256-byte runs at a row stride of N bytes defeated them: 1.5x more CPU time per byte).
+constexpr int64_t kCols = 2048;
+// Column width of a dequantized panel in the GEMM path; rows of the table per NT work unit.
+constexpr int64_t kPanelCols = 256;
+constexpr int64_t kTableRows = 256;
+// From this many rows on, the AVX-512 path dequantizes panels once and runs a GEMM microkernel.
+constexpr int64_t kGemmRows = 8;
+
+// ---------------------------------------------------------------- scalar (any CPU, tails)
+void q_cols_scalar(const QProblem& p, int64_t n0, int64_t n1) {
+  const int64_t kb = p.K / p.G;
+  std::vector<float> acc(n1 - n0);
+  for (int64_t m = 0; m < p.M; ++m) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    const float* xm = p.x + m * p.K;
+    for (int64_t k = 0; k < p.K; ++k) {
+      const int8_t* wr = p.w + k * p.N;
+      const uint16_t* sr = p.s + (k / kb) * p.N;
+      const float xv = xm[k];
+      for (int64_t n = n0; n < n1; ++n)
+        acc[n - n0] += xv * round_bf16(float(wr[n]) * bf16_to_f32(sr[n]));
+    }
+    std::copy(acc.begin(), acc.end(), p.y + m * p.N + n0);
+  }
+}
+
+void nt_rows_scalar(const NTProblem& p, int64_t v0, int64_t v1) {
+  for (int64_t v = v0; v < v1; ++v) {
+    const uint16_t* tr = p.t + v * p.D;
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* xm = p.x + m * p.D;
+      float acc = 0.0f;
+      for (int64_t d = 0; d < p.D; ++d) acc += xm[d] * bf16_to_f32(tr[d]);
+      p.y[m * p.V + v] = acc;
+    }
+  }
+}
+
+#ifdef GROKCTL_X86
+// ---------------------------------------------------------------- AVX-512
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+
+AVX512 inline __m512 dequant16_512(__m128i raw, __m512 s) {
+  __m512 wf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), s);
+  __m512i b = _mm512_castps_si512(wf);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  b = _mm512_and_si512(b, _mm512_set1_epi32(int(0xffff0000u)));
+  return _mm512_castsi512_ps(b);
+}
+
+// Rows [m0, m0+MB) x columns [n0, n0+w) (w <= kCols), all K, U weight rows per pass.
+template <int MB, int U>
+AVX512 void q_rows_512(const QProblem& p, const float* sc, float (*acc)[kCols], int64_t m0,
+                       int64_t n0, int nv, __mmask16 last, int64_t k) {
+  const int8_t* wr[U];
+  __m512 xb[MB][U];
+  for (int u = 0; u < U; ++u) {
+    wr[u] = p.w + (k + u) * p.N + n0;
+    for (int m = 0; m < MB; ++m) xb[m][u] = _mm512_set1_ps(p.x[(m0 + m) * p.K + k + u]);
+  }
+  for (int v = 0; v < nv; ++v) {
+    const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
+    const __m512 s = _mm512_load_ps(sc + v * 16);
+    __m512 a[MB];
+    for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(acc[m] + v * 16);
+    for (int u = 0; u < U; ++u) {
+      const __m512 wf = dequant16_512(_mm_maskz_loadu_epi8(mask, wr[u] + v * 16), s);
+      for (int m = 0; m < MB; ++m) a[m] = _mm512_fmadd_ps(xb[m][u], wf, a[m]);
+    }
+    for (int m = 0; m < MB; ++m) _mm512_store_ps(acc[m] + v * 16, a[m]);
+  }
+}
+
+template <int MB>
+AVX512 void q_chunk_512(const QProblem& p, int64_t m0, int64_t n0, int64_t w) {
+  alignas(64) static thread_local float acc[MB][kCols];
+  alignas(64) static thread_local float sc[kCols];
+  const int nv = int((w + 15) / 16);
+  const __mmask16 last = (w % 16) ? __mmask16((1u << (w % 16)) - 1) : __mmask16(0xffff);
+  for (int m = 0; m < MB; ++m) std::memset(acc[m], 0, sizeof(float) * nv * 16);
+  const int64_t kb = p.K / p.G;
+  for (int64_t g = 0; g < p.G; ++g) {
+    for (int v = 0; v < nv; ++v) {
+      const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
+      const __m256i h = _mm256_maskz_loadu_epi16(mask, p.s + g * p.N + n0 + v * 16);
+      _mm512_store_ps(sc + v * 16,
+                      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+    int64_t k = g * kb;
+    const int64_t kend = k + kb;
+    for (; k + 4 <= kend; k += 4) q_rows_512<MB, 4>(p, sc, acc, m0, n0, nv, last, k);
+    for (; k < kend; ++k) q_rows_512<MB, 1>(p, sc, acc, m0, n0, nv, last, k);
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < nv; ++v) {
+      const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
+      _mm512_mask_storeu_ps(p.y + (m0 + m) * p.N + n0 + v * 16, mask,
+                            _mm512_load_ps(acc[m] + v * 16));
+    }
+}
+
+AVX512 void q_cols_512(const QProblem& p, int64_t n0, int64_t n1) {
+  const int64_t w = n1 - n0;
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) q_chunk_512<4>(p, m, n0, w);
+  switch (p.M - m) {
+    case 3: q_chunk_512<3>(p, m, n0, w); break;
+    case 2: q_chunk_512<2>(p, m, n0, w); break;
+    case 1: q_chunk_512<1>(p, m, n0, w); break;
+    default: break;
+  }
+}
+
+// Many rows (prefill): dequantize a [kPanelK, w] panel of the weight to f32 once (cache
+// resident, reused by every row), then a 4-row x 64-column register-tiled FMA microkernel.
+// Each output still sums its K products in order, with the same rounded weights.
+constexpr int64_t kPanelK = 32;
+
+template <int MB>
+AVX512 void gemm_tile_512(const QProblem& p, const float* panel, int64_t m0, int64_t k0, int kp,
+                          int64_t n0, int64_t c0, int64_t w, bool first) {
+  // columns [c0, c0 + 64) of the chunk (w columns from n0)
+  const int64_t cols = std::min<int64_t>(64, w - c0);
+  __mmask16 mask[4];
+  for (int j = 0; j < 4; ++j) {
+    const int64_t rem = cols - 16 * j;
+    mask[j] = rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
+  }
+  __m512 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j)
+      acc[m][j] = first ? _mm512_setzero_ps()
+                        : _mm512_maskz_loadu_ps(mask[j], p.y + (m0 + m) * p.N + n0 + c0 + 16 * j);
+  const float* xr[MB];
+  for (int m = 0; m < MB; ++m) xr[m] = p.x + (m0 + m) * p.K + k0;
+  for (int k = 0; k < kp; ++k) {
+    const float* pr = panel + k * kPanelCols + c0;
+    const __m512 w0 = _mm512_load_ps(pr), w1 = _mm512_load_ps(pr + 16);
+    const __m512 w2 = _mm512_load_ps(pr + 32), w3 = _mm512_load_ps(pr + 48);
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xb = _mm512_set1_ps(xr[m][k]);
+      acc[m][0] = _mm512_fmadd_ps(xb, w0, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(xb, w1, acc[m][1]);
+      acc[m][2] = _mm512_fmadd_ps(xb, w2, acc[m][2]);
+      acc[m][3] = _mm512_fmadd_ps(xb, w3, acc[m][3]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < 4; ++j)
+      _mm512_mask_storeu_ps(p.y + (m0 + m) * p.N + n0 + c0 + 16 * j, mask[j], acc[m][j]);
+}
+
+AVX512 void q_gemm_cols_512(const QProblem& p, int64_t n0, int64_t n1) {
+  alignas(64) static thread_local float panel[kPanelK * kPanelCols];
+  const int64_t w = n1 - n0;
+  const int nv = int((w + 15) / 16);
+  const __mmask16 last = (w % 16) ? __mmask16((1u << (w % 16)) - 1) : __mmask16(0xffff);
+  const int64_t kb = p.K / p.G;
+  for (int64_t k0 = 0; k0 < p.K; k0 += kPanelK) {
+    const int kp = int(std::min<int64_t>(kPanelK, p.K - k0));
+    for (int k = 0; k < kp; ++k) {
+      const int8_t* wr = p.w + (k0 + k) * p.N + n0;
+      const uint16_t* sr = p.s + ((k0 + k) / kb) * p.N + n0;
+      float* pr = panel + k * kPanelCols;
+      for (int v = 0; v < nv; ++v) {
+        const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
+        const __m512 s = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, sr + v * 16)), 16));
+        _mm512_store_ps(pr + v * 16, dequant16_512(_mm_maskz_loadu_epi8(mask, wr + v * 16), s));
+      }
+      for (int v = nv; v < (nv + 3) / 4 * 4; ++v) _mm512_store_ps(pr + v * 16, _mm512_setzero_ps());
+    }
+    const bool first = k0 == 0;
+    for (int64_t c0 = 0; c0 < w; c0 += 64) {
+      int64_t m = 0;
+      for (; m + 4 <= p.M; m += 4) gemm_tile_512<4>(p, panel, m, k0, kp, n0, c0, w, first);
+      switch (p.M - m) {
+        case 3: gemm_tile_512<3>(p, panel, m, k0, kp, n0, c0, w, first); break;
+        case 2: gemm_tile_512<2>(p, panel, m, k0, kp, n0, c0, w, first); break;
+        case 1: gemm_tile_512<1>(p, panel, m, k0, kp, n0, c0, w, first); break;
+        default: break;
+      }
+    }
+  }
+}
+
+AVX512 inline __m512 load_bf16x16_512(const uint16_t* ptr, __mmask16 mask) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, ptr)), 16));
+}
+
+template <int MB, int R>
+AVX512 void nt_block_512(const NTProblem& p, int64_t m0, int64_t v) {
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < p.D; d += 16) {
+    const int64_t rem = p.D - d;
+    const __mmask16 mask = rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1);
+    __m512 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, p.x + (m0 + m) * p.D + d);
+    for (int r = 0; r < R; ++r) {
+      const __m512 t = load_bf16x16_512(p.t + (v + r) * p.D + d, mask);
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(xv[m], t, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int MB>
+AVX512 void nt_rows_m_512(const NTProblem& p, int64_t m0, int64_t v0, int64_t v1) {
+  int64_t v = v0;
+  for (; v + 4 <= v1; v += 4) nt_block_512<MB, 4>(p, m0, v);
+  for (; v < v1; ++v) nt_block_512<MB, 1>(p, m0, v);
+}
+
+AVX512 void nt_rows_512(const NTProblem& p, int64_t v0, int64_t v1) {
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) nt_rows_m_512<4>(p, m, v0, v1);
+  switch (p.M - m) {
+    case 3: nt_rows_m_512<3>(p, m, v0, v1); break;
+    case 2: nt_rows_m_512<2>(p, m, v0, v1); break;
+    case 1: nt_rows_m_512<1>(p, m, v0, v1); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------- AVX2 + FMA
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 inline __m256 dequant8_256(const int8_t* ptr, __m256 s) {
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ptr));
+  __m256 wf = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), s);
+  __m256i b = _mm256_castps_si256(wf);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  b = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  b = _mm256_and_si256(b, _mm256_set1_epi32(int(0xffff0000u)));
+  return _mm256_castsi256_ps(b);
+}
+
+template <int MB, int U>
+AVX2 void q_rows_256(const QProblem& p, const float* sc, float (*acc)[kCols], int64_t m0,
+                     int64_t n0, int nv, int64_t k) {
+  const int8_t* wr[U];
+  __m256 xb[MB][U];
+  for (int u = 0; u < U; ++u) {
+    wr[u] = p.w + (k + u) * p.N + n0;
+    for (int m = 0; m < MB; ++m) xb[m][u] = _mm256_set1_ps(p.x[(m0 + m) * p.K + k + u]);
+  }
+  for (int v = 0; v < nv; ++v) {
+    const __m256 s = _mm256_load_ps(sc + v * 8);
+    __m256 a[MB];
+    for (int m = 0; m < MB; ++m) a[m] = _mm256_load_ps(acc[m] + v * 8);
+    for (int u = 0; u < U; ++u) {
+      const __m256 wf = dequant8_256(wr[u] + v * 8, s);
+      for (int m = 0; m < MB; ++m) a[m] = _mm256_fmadd_ps(xb[m][u], wf, a[m]);
+    }
+    for (int m = 0; m < MB; ++m) _mm256_store_ps(acc[m] + v * 8, a[m]);
+  }
+}
+
+// Full 8-column vectors only: w is a multiple of 8.
+template <int MB>
+AVX2 void q_chunk_256(const QProblem& p, int64_t m0, int64_t n0, int64_t w) {
+  alignas(32) static thread_local float acc[MB][kCols];
+  alignas(32) static thread_local float sc[kCols];
+  const int nv = int(w / 8);
+  for (int m = 0; m < MB; ++m) std::memset(acc[m], 0, sizeof(float) * nv * 8);
+  const int64_t kb = p.K / p.G;
+  for (int64_t g = 0; g < p.G; ++g) {
+    for (int v = 0; v < nv; ++v) {
+      const __m128i h =
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.s + g * p.N + n0 + v * 8));
+      _mm256_store_ps(sc + v * 8,
+                      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
+    int64_t k = g * kb;
+    const int64_t kend = k + kb;
+    for (; k + 4 <= kend; k += 4) q_rows_256<MB, 4>(p, sc, acc, m0, n0, nv, k);
+    for (; k < kend; ++k) q_rows_256<MB, 1>(p, sc, acc, m0, n0, nv, k);
+  }
+  for (int m = 0; m < MB; ++m)
+    std::memcpy(p.y + (m0 + m) * p.N + n0, acc[m], sizeof(float) * nv * 8);
+}
+
+AVX2 void q_cols_256(const QProblem& p, int64_t n0, int64_t n1) {
+  const int64_t w = (n1 - n0) / 8 * 8;
+  if (w > 0) {
+    int64_t m = 0;
+    for (; m + 4 <= p.M; m += 4) q_chunk_256<4>(p, m, n0, w);
+    switch (p.M - m) {
+      case 3: q_chunk_256<3>(p, m, n0, w); break;
+      case 2: q_chunk_256<2>(p, m, n0, w); break;
+      case 1: q_chunk_256<1>(p, m, n0, w); break;
+      default: break;
+    }
+  }
+  if (n0 + w < n1) q_cols_scalar(p, n0 + w, n1);
+}
+
+AVX2 inline __m256 load_bf16x8_256(const uint16_t* ptr) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int MB, int R>
+AVX2 void nt_block_256(const NTProblem& p, int64_t m0, int64_t v) {
+  __m256 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+  const int64_t d8 = p.D / 8 * 8;
+  for (int64_t d = 0; d < d8; d += 8) {
+    __m256 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(p.x + (m0 + m) * p.D + d);
+    for (int r = 0; r < R; ++r) {
+      const __m256 t = load_bf16x8_256(p.t + (v + r) * p.D + d);
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(xv[m], t, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      float s = hsum256(acc[r][m]);
+      const float* xm = p.x + (m0 + m) * p.D;
+      const uint16_t* tr = p.t + (v + r) * p.D;
+      for (int64_t d = d8; d < p.D; ++d) s += xm[d] * bf16_to_f32(tr[d]);
+      p.y[(m0 + m) * p.V + v + r] = s;
+    }
+}
+
+template <int MB>
+AVX2 void nt_rows_m_256(const NTProblem& p, int64_t m0, int64_t v0, int64_t v1) {
+  int64_t v = v0;
+  for (; v + 4 <= v1; v += 4) nt_block_256<MB, 4>(p, m0, v);
+  for (; v < v1; ++v) nt_block_256<MB, 1>(p, m0, v);
+}
+
+AVX2 void nt_rows_256(const NTProblem& p, int64_t v0, int64_t v1) {
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) nt_rows_m_256<4>(p, m, v0, v1);
+  switch (p.M - m) {
+    case 3: nt_rows_m_256<3>(p, m, v0, v1); break;
+    case 2: nt_rows_m_256<2>(p, m, v0, v1); break;
+    case 1: nt_rows_m_256<1>(p, m, v0, v1); break;
+    default: break;
+  }
+}
+#endif  // GROKCTL_X86
+
+// ---------------------------------------------------------------- dispatch
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int detect_isa() {
+#ifdef GROKCTL_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kScalar;
+}
+
+// The best ISA this CPU has, capped by GROKCTL_CPU_ISA ("scalar" | "avx2"; read per call so
+// tests can exercise every path on one machine).
+int isa() {
+  static const int detected = detect_isa();
+  const char* cap = std::getenv("GROKCTL_CPU_ISA");
+  if (cap && std::strcmp(cap, "scalar") == 0) return kScalar;
+  if (cap && std::strcmp(cap, "avx2") == 0) return std::min<int>(detected, kAvx2);
+  return detected;
+}
+
+// GROKCTL_CPU_THREADS, else the CPUs this process may run on.
+int max_threads() {
+  if (const char* env = std::getenv("GROKCTL_CPU_THREADS")) {
+    const int want = std::atoi(env);
+    if (want > 0) return want;
+  }
+  static const int value = [] {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, int(CPU_COUNT(&set)));
+    return int(std::max(1u, std::thread::hardware_concurrency()));
+  }();
+  return value;
+}
+
+// Run body(i) for i in [0, units) on the calling thread and up to threads-1 pool tasks. Units
+// are claimed from an atomic counter; a task that starts late finds none left and returns
+// without touching `body` (which lives on the caller's stack), so the caller only waits for
+// units actually being worked on.
+template <class F>
+void parallel_for(ffi::ThreadPool& pool, int64_t units, F&& body) {
+  int threads = int(std::min<int64_t>(max_threads(), units));
+  if (threads <= 1) {
+    for (int64_t i = 0; i < units; ++i) body(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto st = std::make_shared<State>();
+  using Body = std::remove_reference_t<F>;
+  Body* bp = &body;
+  auto work = [st, bp, units] {
+    int64_t finished = 0;
+    for (int64_t i; (i = st->next.fetch_add(1, std::memory_order_relaxed)) < units;) {
+      (*bp)(i);
+      ++finished;
+    }
+    if (finished && st->done.fetch_add(finished, std::memory_order_acq_rel) + finished == units)
+      st->done.notify_all();
+  };
+  for (int t = 1; t < threads; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  // A short spin (the last units finish within microseconds on an idle machine), then sleep
+  // on the counter (futex): spinning on a loaded machine burns the CPU the helper needs.
+  for (int spins = 0; spins < 256 && st->done.load(std::memory_order_acquire) < units; ++spins) {
+#ifdef GROKCTL_X86
+    _mm_pause();
+#endif
+  }
+  for (int64_t d; (d = st->done.load(std::memory_order_acquire)) < units;) st->done.wait(d);
+}
+
+const float* as_f32(ffi::AnyBuffer x, std::vector<float>& tmp) {
+  if (x.element_type() == ffi::DataType::F32) return x.typed_data<float>();
+  const size_t n = x.element_count();
+  tmp.resize(n);
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  for (size_t i = 0; i < n; ++i) tmp[i] = bf16_to_f32(h[i]);
+  return tmp.data();
+}
+
+ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer s,
+                       ffi::Buffer<ffi::S32> expert, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const auto sd = s.dimensions();
+  if (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("grokctl_qmatmul: x must be f32 or bf16");
+  if (w.element_type() != ffi::DataType::S8 || s.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("grokctl_qmatmul: w must be int8 and scales bf16");
+  if (xd.size() != 2 || (wd.size() != 2 && wd.size() != 3) || sd.size() != wd.size())
+    return ffi::Error::InvalidArgument("grokctl_qmatmul: bad ranks");
+  const int64_t M = xd[0], K = xd[1];
+  const size_t r = wd.size();
+  const int64_t N = wd[r - 1], G = sd[r - 2];
+  if (wd[r - 2] != K || sd[r - 1] != N || G <= 0 || K % G != 0)
+    return ffi::Error::InvalidArgument("grokctl_qmatmul: shape mismatch");
+  int64_t e = 0;
+  if (r == 3) {
+    e = int64_t(expert.typed_data()[0]);
+    e = std::min<int64_t>(std::max<int64_t>(e, 0), wd[0] - 1);  // dynamic_slice's clamping
+  }
+  static thread_local std::vector<float> xtmp;
+  QProblem p{as_f32(x, xtmp),
+             reinterpret_cast<const int8_t*>(w.untyped_data()) + e * K * N,
+             reinterpret_cast<const uint16_t*>(s.untyped_data()) + e * G * N,
+             y->typed_data(),
+             M,
+             K,
+             N,
+             G};
+  const int level = isa();
+  const bool gemm = level == kAvx512 && M >= kGemmRows;
+  // GEMV: as few, wide chunks as give every thread the same share; GEMM: panel-wide chunks.
+  int64_t width = kPanelCols;
+  if (!gemm) {
+    const int64_t threads = std::max(1, max_threads());
+    const int64_t per_thread = (N + threads - 1) / threads;
+    const int64_t rounds = (per_thread + kCols - 1) / kCols;
+    width = std::min(kCols, ((per_thread + rounds - 1) / rounds + 63) / 64 * 64);
+  }
+  const int64_t units = (N + width - 1) / width;
+  parallel_for(pool, units, [&](int64_t i) {
+    const int64_t n0 = i * width, n1 = std::min(N, n0 + width);
+#ifdef GROKCTL_X86
+    if (level == kAvx512) return gemm ? q_gemm_cols_512(p, n0, n1) : q_cols_512(p, n0, n1);
+    if (level == kAvx2) return q_cols_256(p, n0, n1);
+#endif
+    q_cols_scalar(p, n0, n1);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulNTImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
+                        ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto xd = x.dimensions();
+  const auto td = t.dimensions();
+  if (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("grokctl_matmul_nt_bf16: x must be f32 or bf16");
+  if (t.element_type() != ffi::DataType::BF16 || xd.size() != 2 || td.size() != 2 ||
+      xd[1] != td[1])
+    return ffi::Error::InvalidArgument("grokctl_matmul_nt_bf16: bad table or shapes");
+  static thread_local std::vector<float> xtmp;
+  NTProblem p{as_f32(x, xtmp), reinterpret_cast<const uint16_t*>(t.untyped_data()),
+              y->typed_data(), xd[0], xd[1], td[0]};
+  const int64_t units = (p.V + kTableRows - 1) / kTableRows;
+  const int level = isa();
+  parallel_for(pool, units, [&](int64_t i) {
+    const int64_t v0 = i * kTableRows, v1 = std::min(p.V, v0 + kTableRows);
+#ifdef GROKCTL_X86
+    if (level == kAvx512) return nt_rows_512(p, v0, v1);
+    if (level == kAvx2) return nt_rows_256(p, v0, v1);
+#endif
+    nt_rows_scalar(p, v0, v1);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlQMatmul, QMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlMatmulNT, MatmulNTImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+extern "C" __attribute__((visibility("default"))) int grokctl_cpu_isa() { return isa(); }
+extern "C" __attribute__((visibility("default"))) int grokctl_cpu_threads() { return max_threads(); }

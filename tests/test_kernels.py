@@ -1,0 +1,239 @@
+"""The native CPU kernels (grokctl/kernels): numerics against the pure-JAX path on every ISA this
+CPU has, odd shapes, the expert-indexed and logits variants, the wiring into qmatmul, and the
+fallback when the kernels are disabled or cannot be built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grokctl import kernels
+from grokctl.model import quant
+from grokctl.model.quant import QuantizedWeight8bit, chunked_qmatmul, dequantize
+from grokctl.quantizers.int8 import quantize_int8
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason="CPU kernels unavailable (no compiler?)"
+)
+
+ISAS = ["scalar", "avx2", "avx512"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Cap the kernel's ISA (read per call); skip what this CPU lacks."""
+    order = {name: i for i, name in enumerate(ISAS)}
+    monkeypatch.delenv("GROKCTL_CPU_ISA", raising=False)
+    best = kernels.info()["isa"]
+    if order[request.param] > order[best]:
+        pytest.skip(f"CPU has {best} only")
+    if request.param != "avx512":
+        monkeypatch.setenv("GROKCTL_CPU_ISA", request.param)
+    assert kernels.info()["isa"] == request.param
+    return str(request.param)
+
+
+def _quantized(rng: np.random.Generator, k: int, n: int, g: int, e: int = 0) -> QuantizedWeight8bit:
+    shape = (e, k, n) if e else (k, n)
+    q = quantize_int8(rng.standard_normal(shape).astype(np.float32), g)
+    return QuantizedWeight8bit(jnp.asarray(q.weight), jnp.asarray(q.scales))
+
+
+def _check(got: jax.Array, x: jax.Array, wd: jax.Array) -> None:
+    """got == x @ wd up to f32 summation-order error: |err| <= K u sum_k |x_k w_kn| (any order)."""
+    xf = np.asarray(x.astype(jnp.float32), np.float64)
+    wf = np.asarray(wd.astype(jnp.float32), np.float64)
+    ref = xf @ wf
+    bound = xf.shape[-1] * 2.0**-24 * (np.abs(xf) @ np.abs(wf)) + 1e-30
+    err = np.abs(np.asarray(got, np.float64) - ref)
+    assert got.dtype == jnp.float32 and got.shape == ref.shape
+    assert np.all(err <= bound), float(np.max(err / bound))
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "g"),
+    [
+        (1, 256, 512, 8),
+        (3, 64, 100, 2),
+        (5, 128, 37, 4),
+        (9, 96, 300, 1),
+        (1, 24, 7, 3),
+        (14, 72, 70, 3),
+    ],
+)
+@pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
+def test_qmatmul_matches_exact_dequant_dot(
+    isa: str, m: int, k: int, n: int, g: int, xdtype
+) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(m * 1000 + n)
+    w = _quantized(rng, k, n, g)
+    x = jnp.asarray(rng.standard_normal((m, k)), xdtype)
+    got = jax.jit(kernels.qmatmul)(x, w.weight, w.scales)
+    _check(got, x, dequantize(w))  # bf16-rounded int8 * scale, as the reference
+
+
+def test_qmatmul_expert_index_reads_that_expert(isa: str) -> None:
+    rng = np.random.default_rng(1)
+    w = _quantized(rng, 64, 40, 2, e=3)
+    x = jnp.asarray(rng.standard_normal((2, 64)), jnp.bfloat16)
+    fn = jax.jit(kernels.qmatmul)
+    for e in range(3):
+        got = fn(x, w.weight, w.scales, e)
+        _check(got, x, dequantize(QuantizedWeight8bit(w.weight[e], w.scales[e])))
+
+
+@pytest.mark.parametrize(("m", "d", "v"), [(1, 1024, 1000), (6, 40, 13), (2, 7, 5)])
+def test_matmul_nt_bf16_matches(isa: str, m: int, d: int, v: int) -> None:
+    rng = np.random.default_rng(d)
+    table = jnp.asarray(rng.standard_normal((v, d)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((m, d)), jnp.bfloat16)
+    got = jax.jit(kernels.matmul_nt_bf16)(x, table)
+    _check(got, x, table.T)
+
+
+def _jit(fn):  # type: ignore[no-untyped-def]
+    """A fresh jitted function: the cpu-mode flag is read at trace time, and jax caches traces
+    per function."""
+    return jax.jit(lambda *a: fn(*a))
+
+
+def _program(fn, *args) -> str:  # type: ignore[no-untyped-def]
+    return str(_jit(fn).lower(*args).as_text())
+
+
+def test_qmatmul_uses_the_kernel_in_cpu_mode_and_agrees_with_the_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(2)
+    w = _quantized(rng, 128, 48, 4, e=2)
+    x = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
+    e = jnp.asarray(1, jnp.int32)
+
+    def f(x_, w_, e_):  # type: ignore[no-untyped-def]
+        return quant.qmatmul(x_, quant.take_expert(w_, e_))
+
+    with chunked_qmatmul(True):
+        text = _program(f, x, w, e)
+        fast = _jit(f)(x, w, e)
+    assert kernels.QMATMUL_TARGET in text
+    assert "dynamic_slice" not in text  # the expert is read in place, not copied out first
+    with chunked_qmatmul(False):
+        slow_text = _program(f, x, w, e)
+        slow = _jit(f)(x, w, e)
+    assert kernels.QMATMUL_TARGET not in slow_text
+    monkeypatch.setenv("GROKCTL_CPU_KERNELS", "0")
+    assert not kernels.available()
+    with chunked_qmatmul(True):
+        assert kernels.QMATMUL_TARGET not in _program(f, x, w, e)
+    # same rounding points, only the f32 summation order differs
+    _check(fast, x, dequantize(QuantizedWeight8bit(w.weight[1], w.scales[1])))
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_table_and_unembed_are_exact() -> None:
+    rng = np.random.default_rng(3)
+    table = jnp.asarray(rng.standard_normal((300, 64)), jnp.float32)
+    params = {quant.EMBEDDINGS[0]: {quant.EMBEDDINGS[1]: table}, "other": {"w": table}}
+    cast = quant.bf16_tables(params)
+    t16 = cast[quant.EMBEDDINGS[0]][quant.EMBEDDINGS[1]]
+    assert t16.dtype == jnp.bfloat16 and cast["other"]["w"].dtype == jnp.float32
+    assert quant.bf16_tables(cast)[quant.EMBEDDINGS[0]][quant.EMBEDDINGS[1]] is t16
+    h = jnp.asarray(rng.standard_normal((2, 1, 64)), jnp.bfloat16)
+    with chunked_qmatmul(False):
+        ref = _jit(quant.unembed)(h, table)  # the pure-JAX path on the f32 table
+    with chunked_qmatmul(True):
+        assert kernels.MATMUL_NT_TARGET in _program(quant.unembed, h, t16)
+        got = _jit(quant.unembed)(h, t16)
+    assert got.dtype == jnp.bfloat16 and got.shape == (2, 1, 300)
+    # bf16-rounded results: equal, or one bf16 ulp apart where f32 sums straddle a rounding edge
+    diff = np.abs(np.asarray(got, np.float32) - np.asarray(ref, np.float32))
+    ulp = np.abs(np.asarray(ref, np.float32)) * 2.0**-7
+    assert np.all(diff <= ulp + 1e-30)
+
+
+def test_build_failure_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(kernels, "BUILD_DIR", tmp_path / "pkg")
+    monkeypatch.setattr(kernels, "user_cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert kernels._find_or_build() is None
+    assert not list(tmp_path.rglob("*.so"))
+
+
+@pytest.mark.slow
+def test_engine_with_kernels_on_a_config_file_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`random-checkpoint --config FILE` (odd widths: N not a multiple of the vector width),
+    then the same decode with and without the kernels: same logits up to summation order."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import grokctl
+    from grokctl.cli.app import app
+    from grokctl.model.sharding import make_mesh
+
+    cfg = {
+        "emb_size": 72,
+        "key_size": 12,
+        "num_q_heads": 6,
+        "num_kv_heads": 2,
+        "num_layers": 2,
+        "vocab_size": 300,
+        "widening_factor": 2.5,
+        "num_experts": 4,
+        "num_selected_experts": 2,
+        "sequence_len": 64,
+        "row_parallel_scale_blocks": 3,
+    }
+    (tmp_path / "arch.json").write_text(json.dumps(cfg))
+    ckpt = tmp_path / "ckpt"
+    res = CliRunner().invoke(
+        app, ["random-checkpoint", str(ckpt), "--config", str(tmp_path / "arch.json"), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    written = json.loads((ckpt / "config.json").read_text())
+    assert all(written[k] == v for k, v in cfg.items())
+
+    prompt = np.array([[5, 17, 33, 101, 250, 7]], np.int32)
+
+    def run() -> tuple[str, np.ndarray]:
+        model = grokctl.load_model(ckpt, mesh=make_mesh("1x1", jax.devices()[:1]))
+        eng = model.engine
+        cache = eng.new_cache(1, 16)
+        logits, cache = eng.prefill(prompt, np.array([6], np.int32), cache)
+        rows = [np.asarray(logits)]
+        for tok in (9, 42, 77):
+            logits, cache = eng.decode(np.array([tok], np.int32), cache)
+            rows.append(np.asarray(logits))
+        table = eng.params[quant.EMBEDDINGS[0]][quant.EMBEDDINGS[1]]
+        return str(table.dtype), np.stack(rows)
+
+    dtype_on, on = run()
+    monkeypatch.setenv("GROKCTL_CPU_KERNELS", "0")
+    dtype_off, off = run()
+    assert (dtype_on, dtype_off) == ("bfloat16", "float32")
+    scale = float(np.max(np.abs(off)))
+    assert np.max(np.abs(on - off)) <= 2e-2 * scale, (np.max(np.abs(on - off)), scale)
+    assert np.mean(np.argmax(on, -1) == np.argmax(off, -1)) >= 0.75
+
+
+def test_random_checkpoint_config_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grokctl.cli.app import main
+
+    missing = tmp_path / "no.json"
+    assert main(["random-checkpoint", str(tmp_path / "a"), "--config", str(missing)]) == 4
+    assert "no.json" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert (
+        main(["random-checkpoint", str(tmp_path / "b"), "--config", str(tmp_path / "bad.json")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "bad.json" in err and len(err.strip().splitlines()) == 1
