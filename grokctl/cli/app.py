@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "verify",
     "inspect",
     "generate",
+    "bench",
     "random_checkpoint",
 ]
 
