@@ -68,6 +68,7 @@ def bench(
     layout: options.Layout = None,
     preset: options.Preset = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt tokens.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Same as -o json.")] = False,
 ) -> None:
     """Time prompt processing (pp) and generation (tg) for every combination of the given cases:
     mean ± sd tok/s (warm-up and compilation apart), latency percentiles, and the achieved
@@ -75,6 +76,7 @@ def bench(
     from grokctl import bench as lib
 
     s = Settings("bench")
+    output = "json" if json_out else output
     ckpt = directory if directory is not None else s.get("checkpoint", checkpoint, kind=Path)
     if ckpt is None:
         raise UsageError("no checkpoint: give CKPT or -c DIR")
