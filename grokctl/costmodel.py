@@ -63,7 +63,10 @@ class Precision:
         return f"{w} weights, {self.embeddings} embeddings"
 
     def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "label": self.label}
+        out: dict[str, Any] = {**dataclasses.asdict(self), "label": self.label}
+        if self.weights != "int4":
+            del out["group_size"]
+        return out
 
 
 def part_of(name: str) -> str:
