@@ -385,6 +385,9 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> None:
             )
         ax.set_xlabel("batch size" if x == "batch" else "context depth (tokens)")
         ax.set_ylabel("tokens / s")
+        speeds = [r["tok_s_mean"] for r in records if r["tok_s_mean"] > 0]
+        if speeds and max(speeds) > 50 * min(speeds):  # pp and tg apart by orders of magnitude
+            ax.set_yscale("log")
         ticks = sorted({r[x] for r in records})
         if x == "batch" and len(ticks) > 1:
             ax.set_xscale("log", base=2)
