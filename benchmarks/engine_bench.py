@@ -3,7 +3,8 @@
     python benchmarks/engine_bench.py CKPT [--moe sparse|dense] [--mesh 1x1] [--prompt 128] [--decode 32] [--batch 1]
 
 Decode is memory-bound: a token must read the attention weights + the chosen experts' int8
-weights of every layer + the KV cache. The script reports achieved GB/s of that lower bound
+weights of every layer + the unembedding table (grokctl.costmodel). `grokctl bench` is the
+full tool (llama-bench cases, rooflines, --compare); this script stays for quick A/B runs. The script reports achieved GB/s of that lower bound
 against a measured host memory bandwidth (numpy copy), so the number is a ratio to the limit.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 import grokctl
-from grokctl import kernels
+from grokctl import costmodel, kernels
 from grokctl.model.sharding import make_mesh
 
 
@@ -49,20 +49,12 @@ def _timed(fn) -> float:  # type: ignore[no-untyped-def]
     return time.perf_counter() - t
 
 
-def decode_bytes_per_token(model, batch: int) -> int:  # type: ignore[no-untyped-def]
-    """Weight bytes one decode step of an 8-bit model must read: int8 weights + scales (chosen
-    experts only), f32 norms and router, and the tied embedding table at one byte per element
-    (the logits read the whole table)."""
-    cfg = model.config
-    total = 0
-    for e in model.index:
-        n = e.ref.nbytes
-        if "/moe/" in e.name:
-            n = n * min(cfg.num_experts, cfg.num_selected_experts * batch) // cfg.num_experts
-        if e.name.endswith("embeddings"):
-            n = math.prod(e.ref.shape)  # 8 bits per element
-        total += n
-    return total
+def decode_bytes_per_token(model, batch: int, moe: str = "sparse") -> int:  # type: ignore[no-untyped-def]
+    """Weight bytes one decode step of an 8-bit model must read (grokctl.costmodel: int8
+    weights + scales, chosen experts only, and the whole tied table at one byte per element),
+    whatever precision the program happens to hold it in."""
+    p = costmodel.Precision(weights="int8", embeddings="int8")
+    return costmodel.decode_weight_bytes(model.config, batch, moe, precision=p).per_step
 
 
 def main() -> None:
@@ -107,7 +99,7 @@ def main() -> None:
     pre = [a.batch * a.prompt / r[0] for r in runs]
     dec = [a.batch / r[1] for r in runs]
     step = statistics.median(r[1] for r in runs)
-    need = decode_bytes_per_token(model, a.batch)
+    need = decode_bytes_per_token(model, a.batch, a.moe)
     bw = host_bandwidth_gbs()
     result = {
         "checkpoint": a.checkpoint,

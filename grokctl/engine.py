@@ -159,6 +159,50 @@ class Engine:
             out = out._replace(routing=total)
         return out
 
+    def abstract_cache(self, batch: int, length: int) -> KVCache:
+        """The cache as ShapeDtypeStructs carrying this engine's shardings (no memory)."""
+        return jax.tree_util.tree_map(  # type: ignore[no-any-return]
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            cache_shapes(self.cfg, batch, length),
+            self.cache_sharding(batch, length),
+        )
+
+    def lower(self, kind: str, batch: int, length: int, tokens: int = 1) -> Any:
+        """The forward program, lowered from shapes alone (jax.stages.Lowered): kind "prefill"
+        (`tokens` prompt positions [B, T], last logits) or "decode" (one token, [B, 1] logits),
+        for `batch` rows and a cache of `length` positions. The same program `prefill`/`decode`
+        run; `.as_text()`, `.compile()`, `.compile().memory_analysis()` inspect it."""
+        if kind not in ("prefill", "decode"):
+            raise ValueError(f"unknown program kind {kind!r}: prefill or decode")
+        t = 1 if kind == "decode" else tokens
+
+        def sds(shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+            spec = self._spec(shape, shd.TOKENS[: len(shape)])
+            return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=spec)
+
+        rows = sds((batch,))
+        cache = self.abstract_cache(batch, length)
+        return self._forward_jit.lower(
+            self.params, sds((batch, t)), cache, rows, rows, all_logits=(kind == "decode")
+        )
+
+    def compiled(self, kind: str, batch: int, length: int, tokens: int = 1) -> Any:
+        """`lower(...)` compiled (jax.stages.Compiled), once per signature; the time counts
+        in `compile_seconds`."""
+        key = ("lowered", kind, batch, length, 1 if kind == "decode" else tokens)
+        exe = self._executables.get(key)
+        if exe is None:
+            start = time.perf_counter()
+            exe = self.lower(kind, batch, length, tokens).compile()
+            self.compile_seconds += time.perf_counter() - start
+            self._executables[key] = exe
+        return exe
+
+    @property
+    def programs(self) -> int:
+        """How many programs this engine has compiled so far (a recompilation shows here)."""
+        return len(self._executables)
+
     def _run(
         self, name: str, jitted: Any, args: tuple[Any, ...], skip: int = 0, **static: Any
     ) -> Any:

@@ -29,6 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from grokctl import costmodel
 from grokctl.checkpoint.index import CheckpointIndex
 from grokctl.checkpoint.layout import BF16, INT8, param_specs
 from grokctl.checkpoint.refs import QuantRef
@@ -228,7 +229,7 @@ def plan_memory(
         cfg.vocab_size,
     )
     g_local, kk = _div(cfg.num_kv_heads, model), cfg.key_size
-    kv = 2 * cfg.num_layers * bd * s * g_local * kk * 2 + bd * (s + 4)
+    kv = costmodel.kv_cache_bytes(cfg, bd, s, kv_heads=g_local)
     expert = layout == "expert" and e % model == 0
     e_local, f_local = (e // model, f) if expert else (e, _div(f, model))
     n_moe = 3 if moe == "sparse" else 3 * e_local

@@ -17,7 +17,6 @@ import pytest
 from grokctl.checkpoint.layout import param_specs
 from grokctl.config import preset
 from grokctl.engine import Engine
-from grokctl.model.cache import cache_shapes
 from grokctl.model.quant import QuantizedWeight8bit
 from grokctl.model.sharding import make_mesh, mesh_shape, named, param_spec
 
@@ -43,28 +42,14 @@ def _abstract_params(cfg, mesh):  # type: ignore[no-untyped-def]
     return params
 
 
-def _abstract_cache(engine: Engine, batch: int, length: int):  # type: ignore[no-untyped-def]
-    """The KV cache as ShapeDtypeStructs with the engine's shardings."""
-    return jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        cache_shapes(engine.cfg, batch, length),
-        engine.cache_sharding(batch, length),
-    )
-
-
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
 def test_grok1_program_lowers_on_1x8(phase: str) -> None:
     cfg = preset("grok-1")
     mesh = make_mesh("1x8", jax.devices()[:8])
     engine = Engine(cfg, _abstract_params(cfg, mesh), mesh)
     batch, length, t = 1, 1024, (128 if phase == "prefill" else 1)
-    cache = _abstract_cache(engine, batch, length)
-    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    tokens = jax.ShapeDtypeStruct((batch, t), jnp.int32)
     start = time.perf_counter()
-    lowered = engine._forward_jit.lower(
-        engine.params, tokens, cache, rows, rows, all_logits=(phase == "decode")
-    )
+    lowered = engine.lower(phase, batch, length, tokens=t)
     out = lowered.out_info
     assert out.logits.shape == (batch, 1 if phase == "prefill" else t, cfg.vocab_size)
     assert out.logits.dtype == np.float32
@@ -90,12 +75,7 @@ def test_grok1_decode_compiles_and_fits_the_inspect_plan() -> None:
     mesh = make_mesh("1x8", jax.devices()[:8])
     engine = Engine(cfg, _abstract_params(cfg, mesh), mesh)
     batch, length = 1, 1024
-    cache = _abstract_cache(engine, batch, length)
-    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    compiled = engine._forward_jit.lower(
-        engine.params, tokens, cache, rows, rows, all_logits=True
-    ).compile()
+    compiled = engine.compiled("decode", batch, length)
     stats = compiled.memory_analysis()
     if stats is None:
         pytest.skip("this backend reports no memory analysis")

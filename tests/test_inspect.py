@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import pytest
 
 import grokctl
@@ -269,12 +268,7 @@ def test_memory_plan_against_xla_memory_analysis(grok_tiny: Path) -> None:
     model = grokctl.load_model(grok_tiny, mesh="1x8")
     eng = model.engine
     for batch, seq in ((1, 128), (8, 128)):
-        cache = eng.new_cache(batch, seq)
-        tokens = eng.put_tokens(np.ones((batch, seq), np.int32))
-        lengths = eng.put_tokens(np.full(batch, seq, np.int32))
-        compiled = eng._forward_jit.lower(
-            eng.params, tokens, cache, lengths, lengths, all_logits=False
-        ).compile()
+        compiled = eng.compiled("prefill", batch, seq, tokens=seq)
         stats = compiled.memory_analysis()
         if stats is None:
             pytest.skip("this backend reports no memory analysis")

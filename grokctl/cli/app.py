@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "verify",
     "inspect",
     "generate",
+    "bench",
     "random_checkpoint",
 ]
 

@@ -1,0 +1,262 @@
+"""Benchmark cases in llama-bench's vocabulary, and the runner that times them on an engine.
+
+A case is `pp<P>` (a prompt of P tokens, timed to the first sampled token on the host) or
+`tg<N>` (N decode steps, each timed to its sampled token on the host), after a context of
+`depth` tokens already in the KV cache, for `batch` rows and one MoE kernel. Every combination
+of the given lists is a case. The depth is filled once per case, untimed; each repetition
+starts from a copy of that cache. One untimed warm-up run per case compiles and warms the
+programs; compile time is counted apart (`Engine.compile_seconds`).
+
+Shapes: B batch, P prompt tokens, N generated tokens, d depth, S cache length, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grokctl import hw
+from grokctl.config import ModelConfig
+from grokctl.engine import Engine, bucket
+from grokctl.errors import UsageError
+from grokctl.model.cache import KVCache
+
+MOE_KERNELS = ("sparse", "dense")
+TG_WARMUP_STEPS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    kind: str  # "pp" or "tg"
+    tokens: int  # P or N
+    depth: int
+    batch: int
+    moe: str
+
+    @property
+    def test(self) -> str:
+        return f"{self.kind}{self.tokens}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.test} @ d{self.depth}" if self.depth else self.test
+
+    @property
+    def key(self) -> tuple[str, int, int, str]:
+        return (self.test, self.depth, self.batch, self.moe)
+
+    @property
+    def cache_len(self) -> int:
+        return self.depth + self.tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSpec:
+    prompts: tuple[int, ...] = (512,)
+    gens: tuple[int, ...] = (128,)
+    depths: tuple[int, ...] = (0,)
+    batches: tuple[int, ...] = (1,)
+    moes: tuple[str, ...] = ("sparse",)
+    reps: int = 5
+
+
+def parse_list(text: str | int, flag: str, minimum: int = 0) -> tuple[int, ...]:
+    """'512' or '1,8,32' -> (1, 8, 32); anything else is a one-line usage error."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not items or any(not re.fullmatch(r"-?\d+", t) for t in items):
+        raise UsageError(f"{flag} {text!r}: expected a comma-separated list of integers")
+    values = tuple(int(t) for t in items)
+    low = [v for v in values if v < minimum]
+    if low:
+        raise UsageError(f"{flag} {text!r}: values must be >= {minimum}, got {low[0]}")
+    return tuple(dict.fromkeys(values))
+
+
+def parse_moe(text: str) -> tuple[str, ...]:
+    kernels = tuple(dict.fromkeys(t.strip() for t in text.split(",")))
+    bad = [k for k in kernels if k not in MOE_KERNELS]
+    if bad:
+        raise UsageError(f"--moe {text!r}: unknown kernel {bad[0]!r}; choose from sparse, dense")
+    return kernels
+
+
+def plan_cases(spec: BenchSpec, cfg: ModelConfig, data_axis: int) -> list[Case]:
+    """Every combination, checked against the model's context and the mesh's data axis."""
+    if spec.reps < 1:
+        raise UsageError(f"-r {spec.reps}: repetitions must be >= 1")
+    for b in spec.batches:
+        if b < 1 or b % data_axis:
+            raise UsageError(
+                f"-b {b}: batch must be a positive multiple of the mesh's data axis ({data_axis})"
+            )
+    cases: list[Case] = []
+    for moe in spec.moes:
+        for b in spec.batches:
+            for d in spec.depths:
+                for kind, sizes in (("pp", spec.prompts), ("tg", spec.gens)):
+                    cases.extend(Case(kind, n, d, b, moe) for n in sizes if n > 0)
+    if not cases:
+        raise UsageError("nothing to run: -p and -n are both 0")
+    for c in cases:
+        if c.cache_len > cfg.sequence_len:
+            raise UsageError(
+                f"-d {c.depth}: depth {c.depth} + {c.test} needs {c.cache_len} positions, "
+                f"beyond the model's context of {cfg.sequence_len}"
+            )
+    return cases
+
+
+def _pct(xs: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def percentiles_ms(seconds: Sequence[float]) -> dict[str, float] | None:
+    if not seconds:
+        return None
+    return {f"p{q}": round(_pct(seconds, q) * 1e3, 3) for q in (50, 90, 99)}
+
+
+@dataclasses.dataclass
+class CaseResult:
+    case: Case
+    tok_s: list[float]  # one figure per repetition
+    ttft_s: list[float]  # pp: prompt -> first sampled token on the host, per repetition
+    token_s: list[float]  # tg: every decode step (token on the host), all repetitions
+    compile_s: float
+    fill_s: float  # untimed depth fill (one prefill of `depth` tokens)
+    host_rss_peak: int
+    device_mem_peak: int | None
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.tok_s)
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.tok_s) if len(self.tok_s) > 1 else 0.0
+
+
+OnRep = Callable[[Case, int, int], None]  # (case, repetition done, of)
+
+
+class Runner:
+    """Times cases on one engine per MoE kernel (sharing the loaded parameters).
+
+    Extension point: a flag that needs the programs' extra outputs (e.g. a routing report)
+    builds its engines through `engine_for` and observes each step through `on_step`
+    (called with the case, "prefill" or "decode" and the step's logits) outside the timings."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        seed: int = 0,
+        on_step: Callable[[Case, str, Any], None] | None = None,
+    ):
+        self.base = engine
+        self.cfg = engine.cfg
+        self.engines: dict[str, Engine] = {engine.opts.moe_kernel: engine}
+        self.rng = np.random.default_rng(seed)
+        self.on_step = on_step
+        self.host_rss_peak = hw.host_rss()
+        self._copy = jax.jit(lambda c: jax.tree_util.tree_map(jnp.copy, c))
+
+    def engine_for(self, moe: str) -> Engine:
+        if moe not in self.engines:
+            e = self.base
+            self.engines[moe] = Engine(e.cfg, e.params, e.mesh, moe_kernel=moe)
+        return self.engines[moe]
+
+    def _tokens(self, batch: int, n: int) -> np.ndarray:
+        return self.rng.integers(3, self.cfg.vocab_size, (batch, n)).astype(np.int32)
+
+    def _sample(self, eng: Engine, logits: jax.Array, step: int) -> jax.Array:
+        b = logits.shape[0]
+        zeros, ones = np.zeros(b, np.float32), np.ones(b, np.float32)
+        seeds = np.arange(b, dtype=np.int32)
+        return eng.sample(
+            logits, seeds, step, zeros, ones, np.zeros(b, np.int32), self.cfg.vocab_size
+        )
+
+    def _sample_rss(self) -> None:
+        self.host_rss_peak = max(self.host_rss_peak, hw.host_rss())
+
+    def _fill(self, eng: Engine, case: Case) -> KVCache:
+        """A cache holding `depth` tokens (or empty), long enough for the case."""
+        length = bucket(case.cache_len, self.cfg.sequence_len)
+        cache = eng.new_cache(case.batch, length)
+        if case.depth:
+            lengths = np.full(case.batch, case.depth, np.int32)
+            logits, cache = eng.prefill(self._tokens(case.batch, case.depth), lengths, cache)
+            jax.block_until_ready(logits)
+        return cache
+
+    def _pp(self, eng: Engine, case: Case, cache: KVCache) -> float:
+        prompt = self._tokens(case.batch, case.tokens)
+        lengths = np.full(case.batch, case.tokens, np.int32)
+        start = time.perf_counter()
+        logits, cache = eng.prefill(prompt, lengths, cache)
+        eng.fetch(self._sample(eng, logits, 0))
+        elapsed = time.perf_counter() - start
+        if self.on_step:
+            self.on_step(case, "prefill", logits)
+        return elapsed
+
+    def _tg(self, eng: Engine, case: Case, cache: KVCache, steps: int) -> list[float]:
+        tok: Any = self._tokens(case.batch, 1)[:, 0]
+        times = []
+        for step in range(steps):
+            start = time.perf_counter()
+            logits, cache = eng.decode(tok, cache)
+            tok = self._sample(eng, logits, step)
+            eng.fetch(tok)
+            times.append(time.perf_counter() - start)
+            if self.on_step:
+                self.on_step(case, "decode", logits)
+        return times
+
+    def run(self, case: Case, reps: int, on_rep: OnRep | None = None) -> CaseResult:
+        eng = self.engine_for(case.moe)
+        compile0 = eng.compile_seconds
+        start = time.perf_counter()
+        filled = self._fill(eng, case)
+        fill_s = time.perf_counter() - start
+        # Warm-up (compiles the prefill / decode / sample programs and the cache copy).
+        if case.kind == "pp":
+            self._pp(eng, case, self._copy(filled))
+        else:
+            self._tg(eng, case, self._copy(filled), min(case.tokens, TG_WARMUP_STEPS))
+        tok_s, ttft, token = [], [], []
+        for rep in range(reps):
+            cache = self._copy(filled)
+            jax.block_until_ready(cache)
+            if case.kind == "pp":
+                elapsed = self._pp(eng, case, cache)
+                ttft.append(elapsed)
+            else:
+                steps = self._tg(eng, case, cache, case.tokens)
+                token.extend(steps)
+                elapsed = sum(steps)
+            tok_s.append(case.batch * case.tokens / elapsed)
+            self._sample_rss()
+            if on_rep:
+                on_rep(case, rep + 1, reps)
+        del filled
+        compile_s = eng.compile_seconds - compile0  # the warm-up's (the reps reuse its programs)
+        return CaseResult(
+            case,
+            tok_s,
+            ttft,
+            token,
+            compile_s,
+            fill_s,
+            self.host_rss_peak,
+            hw.device_peak_memory(eng.mesh),
+        )
