@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "verify",
     "inspect",
     "generate",
+    "quantize",
     "random_checkpoint",
 ]
 
