@@ -627,11 +627,17 @@ def compare_logits(
     kl = (np.exp(lp) * (lp - lq)).sum(-1)  # KL(ref || new) per position
     prefix, same = [], []
     for a, b in zip(ref_gen, new_gen):
-        n = min(len(a), len(b))
-        agree = [x == y for x, y in zip(a[:n], b[:n])]
+        # A continuation that stopped (end of sequence) is padded with -1: stopping at the
+        # same step agrees, stopping at a different one does not.
+        n = max(len(a), len(b))
+        if n == 0:
+            prefix.append(1.0)
+            same.append(1.0)
+            continue
+        agree = [x == y for x, y in zip(a + [-1] * (n - len(a)), b + [-1] * (n - len(b)))]
         first = agree.index(False) if False in agree else n
-        prefix.append(first / max(len(a), 1))
-        same.append(sum(agree) / max(len(a), 1))
+        prefix.append(first / n)
+        same.append(sum(agree) / n)
     return {
         "probes": int(ref.shape[0]),
         "positions": int(ref.shape[0] * ref.shape[1]),

@@ -11,6 +11,7 @@ from rich import box
 from rich.table import Table
 
 from grokctl.cli import options
+from grokctl.cli.inspect import _emit
 from grokctl.cli.output import emit_json, err, info, out, progress
 from grokctl.errors import UsageError
 from grokctl.units import human_bytes
@@ -45,6 +46,13 @@ def quantize(
     evaluate_only: Annotated[
         bool, typer.Option("--evaluate-only", help="Score an existing DST against SRC.")
     ] = False,
+    no_eval: Annotated[
+        bool,
+        typer.Option(
+            "--no-eval",
+            help="Skip the end-to-end evaluation (per-tensor errors are still measured).",
+        ),
+    ] = False,
     mesh: options.Mesh = None,
     force: options.Force = False,
     json_out: options.Json = False,
@@ -61,7 +69,7 @@ def quantize(
     plan_mesh = parse_mesh_shape(mesh) if mesh else (1, 1)
 
     if evaluate_only:
-        report = lib.evaluate(src, dst, mesh=mesh)
+        report = lib.evaluate(src, dst, mesh=mesh, end_to_end=not no_eval)
         _emit_report(report, json_out)
         return
     if dry_run:
@@ -86,7 +94,14 @@ def quantize(
                 last[:] = [now, done]
 
         result = lib.quantize(
-            src, dst, opts, force=force, eval_mesh=mesh, on_progress=on_progress, log=info
+            src,
+            dst,
+            opts,
+            force=force,
+            evaluate_model=not no_eval,
+            eval_mesh=mesh,
+            on_progress=on_progress,
+            log=info,
         )
     info(
         f"quantized {human_bytes(result.plan.source_bytes)} in {result.seconds:.1f} s "
@@ -109,7 +124,7 @@ def _print_plan(p: Any) -> None:
     for s in d["shards"]:
         table.add_row(s["file"], str(s["tensors"]), human_bytes(s["bytes"]))
     table.add_row("total (tensor data)", str(d["tensors"]), human_bytes(d["output_bytes"]))
-    out.print(table)
+    _emit(table)
     dev = d["per_device"]
     m = d["mesh"]
     out.print(
@@ -149,7 +164,7 @@ def _emit_report(report: dict[str, Any], json_out: bool) -> None:
             f"{t['rel_rms_error']:.4f}",
             f"{t['max_abs_error']:.4g}",
         )
-    out.print(table)
+    _emit(table)
     for f in report["group_size_fallbacks"]:
         out.print(f"group size {f['group_size']} for {f['name']} (K = {f['contracting']})")
     e2e = report.get("end_to_end")
