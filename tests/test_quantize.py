@@ -18,7 +18,8 @@ import pytest
 import grokctl
 from grokctl import quantize as q
 from grokctl.cli.app import main
-from tests.helpers import REPO, grokctl as run_cli
+from tests.helpers import REPO
+from tests.helpers import grokctl as run_cli
 from tests.test_golden import CASES, rule1
 
 # int4 (group 128, clipping search) on grok-tiny, measured (docs/quantize.md): top-1 0.8320,
