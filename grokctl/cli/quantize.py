@@ -127,9 +127,11 @@ def _print_plan(p: Any) -> None:
     _emit(table)
     dev = d["per_device"]
     m = d["mesh"]
+    short = d["free_bytes"] is not None and d["free_bytes"] < d["needed_bytes"]
     out.print(
         f"source {human_bytes(d['source_bytes'])} -> output {human_bytes(d['output_bytes'])}; "
         f"disk needed {human_bytes(d['needed_bytes'])}, free {human_bytes(d['free_bytes'] or 0)}"
+        + (" (not enough: quantize would stop here)" if short else "")
     )
     out.print(
         f"per device on a {m['data']}x{m['model']} mesh (batch {dev['batch']}, seq {dev['seq_len']}): "
