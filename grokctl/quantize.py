@@ -59,7 +59,7 @@ DEFAULT_GROUP = 128
 DEFAULT_SHARD_BYTES = 5 * 10**9
 REPORT_NAME = "quantization-report.json"
 HEADER_ALLOWANCE = 1 << 20  # safetensors headers, index, config, manifest (per shard, generous)
-CHUNK_COLS = 4096  # columns quantized per task (groups are independent across columns)
+CHUNK_COLS = 256  # columns quantized per task (groups are independent across columns; cache-sized)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 OnProgress = Callable[[int, int, str], None]  # (source bytes done, total, tensor name)
@@ -623,8 +623,11 @@ def compare_logits(
     ref: np.ndarray, new: np.ndarray, ref_gen: list[list[int]], new_gen: list[list[int]]
 ) -> dict[str, Any]:
     """End-to-end figures of `new` against `ref` (logits [B, T, V], greedy continuations)."""
-    lp, lq = _log_softmax(ref), _log_softmax(new)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)  # KL(ref || new) per position
+    kl_rows = []
+    for a, b in zip(ref, new):  # one probe at a time: [T, V] f64 temporaries only
+        lp, lq = _log_softmax(a), _log_softmax(b)
+        kl_rows.append((np.exp(lp) * (lp - lq)).sum(-1))  # KL(ref || new) per position
+    kl = np.stack(kl_rows)
     prefix, same = [], []
     for a, b in zip(ref_gen, new_gen):
         # A continuation that stopped (end of sequence) is padded with -1: stopping at the

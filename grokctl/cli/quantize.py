@@ -89,8 +89,11 @@ def quantize(
             bar.update(task, completed=done, total=total, description=name.rsplit("/", 2)[-2])
             now = time.perf_counter()
             if not err.is_terminal and now - last[0] >= 10:  # a line every 10 s in logs
-                rate = (done - last[1]) / (now - last[0]) / 1e9
-                info(f"quantize: {human_bytes(done)} of {human_bytes(total)} ({rate:.2f} GB/s)")
+                rate = (done - last[1]) / (now - last[0])
+                info(
+                    f"quantize: {human_bytes(done)} of {human_bytes(total)} "
+                    f"({human_bytes(rate)}/s) {name}"
+                )
                 last[:] = [now, done]
 
         result = lib.quantize(

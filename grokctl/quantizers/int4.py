@@ -83,14 +83,26 @@ def dequantize_int4(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return dequantize_blocks(unpack_int4(packed), scales)
 
 
-def _quantize_groups(wg: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """wg [..., G, g, N] f32 -> (q int8 [..., G, g, N], scales bf16 [..., G, N], sq err [..., G, N])."""
-    amax = np.abs(wg).max(axis=-2) * np.float32(ratio)
-    scales = (np.maximum(amax, np.float32(1e-12)) / np.float32(QMAX)).astype(BF16)
-    sf = scales.astype(np.float32)[..., :, None, :]
-    q = np.clip(np.rint(wg / sf), -QMAX, QMAX)
-    err = ((to_bf16_value(q * sf) - wg) ** 2).sum(axis=-2, dtype=np.float32)
-    return q.astype(np.int8), scales, err
+def _scales(amax: np.ndarray, ratio: float) -> np.ndarray:
+    """bf16 scales [..., G, N] for max|w| per group clipped to `ratio` of it."""
+    return (np.maximum(amax * np.float32(ratio), np.float32(1e-12)) / np.float32(QMAX)).astype(BF16)
+
+
+def _codes(wg: np.ndarray, scales: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """q = clip(round(w / scale), -7, 7) as f32 [..., G, g, N] (in `out` when given)."""
+    out = np.divide(wg, scales.astype(np.float32)[..., :, None, :], out=out)
+    np.rint(out, out=out)
+    return np.clip(out, -QMAX, QMAX, out=out)
+
+
+def _search_error(wg: np.ndarray, scales: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """Squared error per group [..., G, N] of q x scale (unrounded product: the search's
+    measure; the reported errors are of the exact bf16 values). Works in place in `buf`."""
+    _codes(wg, scales, buf)
+    np.multiply(buf, scales.astype(np.float32)[..., :, None, :], out=buf)
+    np.subtract(buf, wg, out=buf)
+    np.square(buf, out=buf)
+    return buf.sum(axis=-2, dtype=np.float32)
 
 
 def quantize_int4(w: np.ndarray, group: int, clip_search: bool = True) -> Int4Weight:
@@ -98,29 +110,28 @@ def quantize_int4(w: np.ndarray, group: int, clip_search: bool = True) -> Int4We
     *lead, k, n = w.shape
     if k % group or group % 2:
         raise UsageError(f"group size {group} must be even and divide {k}")
-    wg = np.asarray(w, np.float32).reshape(*lead, k // group, group, n)
-    q, scales, err = _quantize_groups(wg, 1.0)
-    rtn_total = float(err.sum(dtype=np.float64))
-    method = "rtn"
+    w = np.asarray(w, np.float32)
+    wg = w.reshape(*lead, k // group, group, n)
+    amax = np.abs(wg).max(axis=-2)
+    candidates = [(_scales(amax, 1.0), "rtn")]
     if clip_search:
-        best_q, best_s, best_err = q, scales, err
+        buf = np.empty_like(wg)
+        best_s = candidates[0][0]
+        best_err = _search_error(wg, best_s, buf)
         for ratio in CLIP_RATIOS[1:]:
-            q2, s2, e2 = _quantize_groups(wg, ratio)
+            s2 = _scales(amax, ratio)
+            e2 = _search_error(wg, s2, buf)
             better = e2 < best_err
-            if better.any():
-                best_q = np.where(better[..., :, None, :], q2, best_q)
-                best_s = np.where(better, s2, best_s)
-                best_err = np.minimum(e2, best_err)
-        search_total = float(best_err.sum(dtype=np.float64))
-        if search_total < rtn_total:  # keep the search only when it measures better
-            q, scales, err, method = best_q, best_s, best_err, "clip-search"
-    q = q.reshape(w.shape)
-    rec = dequantize_blocks(q, scales)
-    diff = rec - np.asarray(w, np.float32)
-    return Int4Weight(
-        pack_int4(q),
-        scales,
-        method,
-        float(np.square(diff, dtype=np.float64).sum()),
-        float(np.abs(diff).max()) if diff.size else 0.0,
-    )
+            best_s = np.where(better, s2, best_s)
+            best_err = np.minimum(e2, best_err)
+        candidates.append((best_s, "clip-search"))
+    best: Int4Weight | None = None
+    for scales, method in candidates:  # exact errors; the search is kept only if it is better
+        q = _codes(wg, scales).astype(np.int8).reshape(w.shape)
+        diff = dequantize_blocks(q, scales) - w
+        sq = float(np.square(diff, dtype=np.float64).sum())
+        if best is None or sq < best.sq_error:
+            mx = float(np.abs(diff).max()) if diff.size else 0.0
+            best = Int4Weight(pack_int4(q), scales, method, sq, mx)
+    assert best is not None
+    return best
