@@ -108,7 +108,7 @@ def quantize(
         )
     info(
         f"quantized {human_bytes(result.plan.source_bytes)} in {result.seconds:.1f} s "
-        f"({result.gb_per_s:.2f} GB/s) -> {dst} ({human_bytes(result.plan.output_bytes)})"
+        f"({human_bytes(result.gb_per_s * 1e9)}/s) -> {dst} ({human_bytes(result.plan.output_bytes)})"
     )
     _emit_report(result.report(), json_out)
 
