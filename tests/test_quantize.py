@@ -271,3 +271,22 @@ def test_sigkill_mid_run_leaves_nothing_complete_and_a_rerun_finishes(
     assert verify.code == 0, verify.out + verify.err
     report = json.loads(rerun.out)
     assert report == _report(dst) and len(report["tensors"]) == 2 + 2 * 12
+
+
+def test_native_source_gives_the_same_int4_as_the_release(
+    grok_tiny: Path, int8_dst: Path, tmp_path: Path
+) -> None:
+    """A native int8 checkpoint holds the release's values: quantizing it to int4 gives the same
+    bytes as quantizing the release (the source format is read through CheckpointIndex)."""
+    from grokctl.checkpoint.index import CheckpointIndex
+
+    a = q.quantize(grok_tiny, tmp_path / "a", q.Options(bits=4), evaluate_model=False)
+    b = q.quantize(int8_dst, tmp_path / "b", q.Options(bits=4), evaluate_model=False)
+    assert b.plan.source_format == "native" and a.plan.source_format == "xai"
+    ia, ib = CheckpointIndex.open(tmp_path / "a"), CheckpointIndex.open(tmp_path / "b")
+    for ea, eb in zip(ia, ib):
+        va, vb = ea.load(), eb.load()
+        pairs = zip(va, vb) if isinstance(va, tuple) else [(va, vb)]
+        for x, y in pairs:
+            assert x.dtype == y.dtype and np.array_equal(x.view(np.uint8), y.view(np.uint8))
+    assert [t.to_json() for t in a.tensors] == [t.to_json() for t in b.tensors]
