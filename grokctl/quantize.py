@@ -357,28 +357,48 @@ def _errors(ref: np.ndarray, new: np.ndarray) -> tuple[float, float]:
 Payload = np.ndarray | tuple[np.ndarray, np.ndarray]
 
 
-def _convert_int4(
-    w: np.ndarray, group: int, clip: bool, pool: ThreadPoolExecutor
-) -> tuple[tuple[np.ndarray, np.ndarray], str, float, float]:
-    """int4 of `w` [..., K, N], its slices (leading index x column chunk) in parallel."""
-    *lead, k, n = w.shape
-    flat = w.reshape(-1, k, n)
-    packed = np.empty((flat.shape[0], k // 2, n), np.uint8)
-    scales = np.empty((flat.shape[0], k // group, n), BF16)
-    jobs = [(i, c) for i in range(flat.shape[0]) for c in range(0, n, CHUNK_COLS)]
+def _slice_values(ref: ArrayRef | QuantRef, i: int, c0: int, c1: int) -> np.ndarray:
+    """Model values (f32) of rows [:, c0:c1] of the i-th [K, N] matrix of a stored tensor,
+    read from the memory map: only that slice is ever in memory."""
+    if isinstance(ref, QuantRef):
+        w, s = ref.weight, ref.scales
+        wm = w.memmap().reshape(-1, *w.shape[-2:])[i, :, c0:c1]
+        sm = s.memmap().reshape(-1, *s.shape[-2:])[i, :, c0:c1]
+        wm, sm = np.asarray(wm), np.asarray(sm)
+        return dequantize_int4(wm, sm) if ref.bits == 4 else dequantize_blocks(wm, sm)
+    a = ref.memmap()
+    return np.asarray(a.reshape(-1, *a.shape[-2:])[i, :, c0:c1], np.float32)
 
-    def one(job: tuple[int, int]) -> tuple[str, float, float]:
+
+def _convert_int4(
+    ref: ArrayRef | QuantRef,
+    shape: tuple[int, ...],
+    group: int,
+    clip: bool,
+    pool: ThreadPoolExecutor,
+) -> tuple[tuple[np.ndarray, np.ndarray], str, float, float]:
+    """int4 of the tensor [..., K, N] at `ref`, by slices (leading index x column chunk) in
+    parallel; each slice is dequantized from the memory map as it is needed (bounded RAM: the
+    output plus one slice per thread)."""
+    *lead, k, n = shape
+    m = math.prod(lead)
+    packed = np.empty((m, k // 2, n), np.uint8)
+    scales = np.empty((m, k // group, n), BF16)
+    jobs = [(i, c) for i in range(m) for c in range(0, n, CHUNK_COLS)]
+
+    def one(job: tuple[int, int]) -> tuple[str, float, float, float]:
         i, c = job
-        r = quantize_int4(flat[i, :, c : c + CHUNK_COLS], group, clip)
+        w = _slice_values(ref, i, c, c + CHUNK_COLS)
+        r = quantize_int4(w, group, clip)
         packed[i, :, c : c + CHUNK_COLS] = r.packed
         scales[i, :, c : c + CHUNK_COLS] = r.scales
-        return r.method, r.sq_error, r.max_abs_error
+        return r.method, r.sq_error, r.max_abs_error, float(np.square(w, dtype=np.float64).sum())
 
     results = list(pool.map(one, jobs))
-    method = "clip-search" if any(m == "clip-search" for m, _, _ in results) else "rtn"
-    sq_err = sum(e for _, e, _ in results)
-    max_abs = max((m for _, _, m in results), default=0.0)
-    sq_ref = float(np.square(w, dtype=np.float64).sum())
+    method = "clip-search" if any(r[0] == "clip-search" for r in results) else "rtn"
+    sq_err = sum(r[1] for r in results)
+    max_abs = max((r[2] for r in results), default=0.0)
+    sq_ref = sum(r[3] for r in results)
     out = (packed.reshape(*lead, k // 2, n), scales.reshape(*lead, k // group, n))
     return out, method, _rel(sq_err, sq_ref), max_abs
 
@@ -394,11 +414,11 @@ def convert(
     if t.kind in ("f32", "float32") and isinstance(ref, ArrayRef) and ref.dtype == np.float32:
         a = np.array(ref.memmap())
         return a, TensorResult(t.name, t.kind, None, "copy", 0.0, 0.0, t.nbytes)
-    values = source_values(ref)
     if t.kind == "int4":
         assert t.group_size is not None
-        payload, method, rel, mx = _convert_int4(values, t.group_size, opts.clip_search, pool)
+        payload, method, rel, mx = _convert_int4(ref, t.shape, t.group_size, opts.clip_search, pool)
         return payload, TensorResult(t.name, t.kind, t.group_size, method, rel, mx, t.nbytes)
+    values = source_values(ref)
     if t.kind == "int8":  # from a 4-bit source: the release's block layout
         q8 = quantize_int8(values, t.stored[1][1][-2])
         rec = dequantize_blocks(q8.weight, q8.scales)
