@@ -495,13 +495,17 @@ class Result:
     seconds: float
     end_to_end: dict[str, Any] | None
     restarted_from: str | None = None
+    end_to_end_error: str | None = None
 
     @property
     def gb_per_s(self) -> float:
         return self.plan.source_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
     def report(self) -> dict[str, Any]:
-        return build_report(self.plan, self.tensors, self.end_to_end, self.seconds)
+        report = build_report(self.plan, self.tensors, self.end_to_end, self.seconds)
+        if self.end_to_end_error:
+            report["end_to_end_error"] = self.end_to_end_error
+        return report
 
 
 def build_report(
@@ -576,8 +580,18 @@ def quantize(
         tok = index.root / "tokenizer.model"
         writer.finish(tokenizer=tok if tok.is_file() else None)
         seconds = time.perf_counter() - start
-        e2e = evaluate_end_to_end(index.root, tmp, eval_mesh) if evaluate_model else None
-        res = Result(p, results, seconds, e2e, restarted)
+        e2e, e2e_error = None, None
+        if evaluate_model:
+            try:
+                e2e = evaluate_end_to_end(index.root, tmp, eval_mesh)
+            except Exception as exc:  # the checkpoint is complete: keep it, say why, and
+                # let `--evaluate-only` score it later (e.g. on a larger mesh)
+                e2e_error = f"{type(exc).__name__}: {exc}"
+                if log:
+                    log(
+                        f"end-to-end evaluation failed ({e2e_error}); rerun it with --evaluate-only"
+                    )
+        res = Result(p, results, seconds, e2e, restarted, e2e_error)
         atomic_write_json(tmp / REPORT_NAME, res.report())
         fsync_dir(tmp)
         _replace_dir(tmp, dst)

@@ -294,3 +294,16 @@ def test_native_source_gives_the_same_int4_as_the_release(
         for x, y in pairs:
             assert x.dtype == y.dtype and np.array_equal(x.view(np.uint8), y.view(np.uint8))
     assert [t.to_json() for t in a.tensors] == [t.to_json() for t in b.tensors]
+
+
+def test_a_failed_evaluation_keeps_the_complete_checkpoint(grok_tiny: Path, tmp_path: Path) -> None:
+    """Quantizing Grok-1 takes long; an evaluation that cannot run (here: a mesh of 9 devices)
+    does not throw the checkpoint away: the report says why, --evaluate-only can score it later."""
+    logs: list[str] = []
+    res = q.quantize(
+        grok_tiny, tmp_path / "out", q.Options(bits=8), eval_mesh="3x3", log=logs.append
+    )
+    rep = _report(tmp_path / "out")
+    assert res.end_to_end is None and rep["end_to_end"] is None
+    assert "--mesh 3x3" in rep["end_to_end_error"] and "--evaluate-only" in logs[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
