@@ -129,7 +129,11 @@ def test_index_reads_native(native8: Path, native4: Path, release: CheckpointInd
     assert [e.name for e in idx] == [e.name for e in release]
     idx4 = CheckpointIndex.open(native4)
     qs = [e.ref for e in idx4 if e.quantized and e.spec.quantized]
-    assert qs and all(r.bits == 4 and r.shape == r.weight.shape[:-2] + (r.weight.shape[-2] * 2, r.weight.shape[-1]) for r in qs)  # type: ignore[union-attr]
+    assert qs and all(
+        r.bits == 4
+        and r.shape == r.weight.shape[:-2] + (r.weight.shape[-2] * 2, r.weight.shape[-1])
+        for r in qs
+    )  # type: ignore[union-attr]
     assert native.read_scheme(native4) == native.QuantScheme(4, 16, "int8")
 
 
@@ -300,6 +304,7 @@ def same_tokens_but_ties(model, prompts, a, b) -> None:  # type: ignore[no-untyp
         assert last[x[i]] == last[y[i]] == last.max(), (i, x, y)
 
 
+@pytest.mark.slow  # 6 models compiled: about 4 minutes on 2 cores
 def test_native_same_tokens_on_every_mesh(native8: Path, native4: Path, grok_tiny: Path) -> None:
     """The same greedy tokens on 1x1 / 1x2 / 2x4 (int8 exactly; int4 up to an exact bf16 tie
     of two logits, which this fixture has in one prompt), and logits that agree as
@@ -340,3 +345,15 @@ def test_int4_stays_packed_on_device(native4: Path) -> None:
     emb = params["language_model/in_out_embed"]["embeddings"]
     assert isinstance(emb, QuantizedWeight) and emb.weight.dtype == np.int8
     assert emb.scales.shape == (emb.weight.shape[0], 1)
+
+
+def test_inspect_reads_native_int4(native4: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(native4), "--mesh", "1x2", "--device-memory", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    idx = CheckpointIndex.open(native4)
+    totals = report["totals"]
+    assert totals["int4_tensors"] == sum(e.spec.quantized for e in idx)
+    assert totals["bytes_on_disk"] == totals["data_bytes"] == sum(e.ref.nbytes for e in idx)
+    moe = next(t for t in report["tensors"] if t["name"].endswith("decoder_layer_0/moe/linear/w"))
+    assert moe["dtype"] == "int4" and moe["shape"] == list(idx.by_name()[moe["name"]].spec.shape)
+    assert moe["file"].endswith(".safetensors")

@@ -115,7 +115,8 @@ def _chunk_rows(rows_per_block: int, bits: int = 8) -> int:
     for c in range(min(CHUNK_ROWS, rows_per_block), 31, -1):
         if rows_per_block % c == 0 and (bits == 8 or c % 2 == 0):
             return c
-    return rows_per_block if rows_per_block <= 1024 else 0
+    even = bits == 8 or rows_per_block % 2 == 0
+    return rows_per_block if rows_per_block <= 1024 and even else 0
 
 
 def qmatmul(x: jax.Array, w: Any) -> jax.Array:

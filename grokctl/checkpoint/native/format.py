@@ -106,6 +106,16 @@ class QuantScheme:
         return cls(int(data["bits"]), data.get("group_size"), data.get("embeddings", "f32"))
 
 
+def group_rows(k: int, group_size: int, bits: int = 4) -> int:
+    """Rows per scale group for a contracting dimension of `k`: `group_size` when it divides
+    `k`, else the largest divisor of `k` below it (for int4 an even one, so that a packed byte
+    never straddles two groups; 0 when `k` has none)."""
+    for g in range(min(group_size, k), 0, -1):
+        if k % g == 0 and (bits == 8 or g % 2 == 0):
+            return g
+    return 0
+
+
 # --- packing -----------------------------------------------------------------------------------
 
 
