@@ -79,8 +79,6 @@ class Options:
             raise UsageError(f"--bits {self.bits}: supported are 8 and 4")
         if self.group_size < 2:
             raise UsageError(f"--group-size {self.group_size}: must be >= 2")
-        if self.bits == 4 and self.group_size % 2:
-            raise UsageError(f"--group-size {self.group_size}: must be even for --bits 4")
         if self.embeddings not in EMBEDDINGS:
             raise UsageError(
                 f"--embeddings {self.embeddings!r}: choose one of {', '.join(EMBEDDINGS)}"
@@ -248,23 +246,18 @@ def assign_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[dict[s
 def _device_plan(
     cfg: ModelConfig, tensors: list[OutTensor], mesh: tuple[int, int]
 ) -> dict[str, Any]:
+    """Per-device bytes of the output on `mesh`: inspect's placement and memory plan."""
     from grokctl import inspect as insp
     from grokctl.model import sharding as shd
 
     sizes = shd.mesh_sizes(*mesh)
     infos = []
     for i, t in enumerate(tensors):
-        (_, wshape, wdtype), *rest = t.stored
-        scales = rest[0][1] if rest and t.kind in ("int8", "int4") else None
-        # Placement counts bytes by dtype; packed uint8 holds one byte per element like int8.
-        dtype = "int8" if wdtype == "uint8" else wdtype
-        info = insp.TensorInfo(i, t.name, "", wshape, dtype, scales, t.nbytes, t.nbytes)
-        placed = insp.place(info, sizes, "tensor")
-        if t.kind == "emb-int8":  # per-row scales: replicated [V, 1] bf16
-            placed = dataclasses.replace(
-                placed, device_bytes=placed.device_bytes + math.prod(rest[0][1]) * 2
-            )
-        infos.append(placed)
+        scales = t.stored[1][1] if len(t.stored) > 1 else None
+        dtype = {"int4": "int4", "int8": "int8", "emb-int8": "int8"}.get(t.kind, t.stored[0][2])
+        bits = 4 if t.kind == "int4" else 8
+        info = insp.TensorInfo(i, t.name, "", t.shape, dtype, scales, t.nbytes, t.nbytes, bits)
+        infos.append(insp.place(info, sizes, "tensor"))
     mp = insp.plan_memory(cfg, infos, mesh[0], mesh[1], 1, cfg.sequence_len)
     return {
         "weights": mp.weights,

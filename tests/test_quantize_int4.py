@@ -139,6 +139,16 @@ def test_dry_run_on_the_full_grok1_layout(
     assert plan["mesh"] == {"data": 1, "model": 4}
     assert 0.25 * plan["output_bytes"] < dev["weights"] < 0.27 * plan["output_bytes"]
     assert dev["total"] < 80 * 2**30  # fits 4 x 80 GB
+    # The same numbers `inspect --preset grok-1 --bits 4 --mesh 1x4` plans from shapes alone.
+    from grokctl.inspect import inspect as inspect_plan
+
+    ref = inspect_plan(preset="grok-1", mesh=(1, 4), bits=4, group_size=128).plan
+    assert (dev["weights"], dev["kv_cache"], dev["working"], dev["total"]) == (
+        ref.weights,
+        ref.kv_cache,
+        ref.working_total,
+        ref.total,
+    )
 
     code = main(["quantize", str(grok1_sparse), str(dst), "--dry-run", "--bits", "8"])
     assert code == 0

@@ -34,15 +34,17 @@ class Int4Weight(NamedTuple):
 
 
 def group_size_for(k: int, group: int) -> int:
-    """`group` when it divides K, else the largest divisor of K below it (>= 2 when K is even)."""
+    """Rows per int4 group for a contracting dimension K: `group` when it divides K (and is
+    even), else the largest even divisor of K below it (the native format's `group_rows`: a
+    packed byte never straddles two groups)."""
+    from grokctl.checkpoint.native.format import group_rows
+
     if group < 2:
         raise UsageError(f"--group-size {group}: must be >= 2")
-    if k % group == 0:
-        return group
-    for g in range(min(group - 1, k), 1, -1):
-        if k % g == 0 and g % 2 == 0:
-            return g
-    raise UsageError(f"contracting dimension {k} has no even divisor below {group}")
+    rows = group_rows(k, group, 4)
+    if not rows:
+        raise UsageError(f"contracting dimension {k} has no even divisor up to {group}")
+    return rows
 
 
 def to_bf16_value(x: np.ndarray) -> np.ndarray:
