@@ -32,7 +32,7 @@ from grokctl.config import ModelConfig
 from grokctl.errors import IntegrityError
 
 NAME = "native"
-WHAT = "model.safetensors.index.json or *.safetensors"
+WHAT = "model.safetensors.index.json (or *.safetensors)"
 # -----------------------------------------------------------------------------------
 
 
