@@ -8,7 +8,8 @@ cache and a working-space estimate and compares the sum with the device memory.
 Shapes: B batch (padded to a multiple of the data axis D), S sequence length (cache), T prefill
 tokens, L layers, D emb, F ffn, E experts, k selected, H/G q/kv heads, K key size, V vocab,
 M model-axis size. Memory per device (bytes), as `plan_memory` computes it:
-    weights  = sum over tensors of its shard (int8 weight + bf16 scales, or the f32 array)
+    weights  = sum over tensors of its shard (int8 weight, or int4 packed two per byte, + bf16
+               scales, or the f32/bf16 array)
     kv cache = 2*L * B/D * S * G/Mg * K * 2  +  B/D * (S + 4)       (Mg = M if M divides G)
     working  = dequant + residual + logits + max(attention, moe), with T = S (a prefill of the
                whole context; attention and MoE temporaries are never alive together)
@@ -32,6 +33,7 @@ from typing import Any
 from grokctl import costmodel
 from grokctl.checkpoint.index import CheckpointIndex
 from grokctl.checkpoint.layout import BF16, INT8, param_specs
+from grokctl.checkpoint.native.format import EMBEDDINGS
 from grokctl.checkpoint.refs import QuantRef
 from grokctl.checkpoint.xai.files import CKPT_SUBDIR, tensor_filename
 from grokctl.config import ModelConfig
@@ -50,9 +52,10 @@ class TensorInfo:
     file: str
     shape: tuple[int, ...]
     dtype: str
-    scales_shape: tuple[int, ...] | None  # int8 weights only: [..., G, N] bf16
+    scales_shape: tuple[int, ...] | None  # quantized weights only: [..., G, N] bf16
     data_bytes: int  # array payload (weight + scales)
-    file_bytes: int  # the pickle file, exactly
+    file_bytes: int  # the pickle file, exactly; a native shard's share: its data bytes
+    bits: int = 8  # quantized weights: 8 (int8) or 4 (int4, two per byte along K)
     spec: str = ""
     scales_spec: str | None = None
     shard_shape: tuple[int, ...] = ()
@@ -69,6 +72,13 @@ class TensorInfo:
         return math.prod(self.shape)
 
     @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The array as stored: int4 packs two rows of the contracting axis (-2) per byte."""
+        if self.quantized and self.bits == 4:
+            return (*self.shape[:-2], self.shape[-2] // 2, self.shape[-1])
+        return self.shape
+
+    @property
     def layer(self) -> int | None:
         m = re.search(r"decoder_layer_(\d+)/", self.name)
         return int(m.group(1)) if m else None
@@ -83,31 +93,45 @@ class TensorInfo:
 
 
 def tensors_from_index(index: CheckpointIndex) -> list[TensorInfo]:
-    """Every leaf of an opened checkpoint, as its files hold it (headers only)."""
+    """Every leaf of an opened checkpoint, as its files hold it (headers only). Shapes are
+    logical (an int4 weight [..., K, N] is stored [..., K/2, N])."""
     out = []
+    shared = index.format != "xai"  # one file holds many tensors: count each one's data
     for e in index:
         rel = Path(e.path).relative_to(index.root).as_posix()
+        on_disk = e.ref.nbytes if shared else e.file_bytes
         if isinstance(e.ref, QuantRef):
-            w, s = e.ref.weight, e.ref.scales
+            r = e.ref
+            dtype = "int4" if r.bits == 4 else str(r.weight.dtype)
             out.append(
                 TensorInfo(
-                    e.index, e.name, rel, w.shape, str(w.dtype), s.shape, e.ref.nbytes, e.file_bytes
+                    e.index, e.name, rel, r.shape, dtype, r.scales.shape, r.nbytes, on_disk, r.bits
                 )
             )
         else:
             ref = e.ref
             out.append(
                 TensorInfo(
-                    e.index, e.name, rel, ref.shape, str(ref.dtype), None, ref.nbytes, e.file_bytes
+                    e.index, e.name, rel, ref.shape, str(ref.dtype), None, ref.nbytes, on_disk
                 )
             )
     return out
 
 
-def tensors_from_config(cfg: ModelConfig) -> list[TensorInfo]:
-    """Every leaf the released format writes for `cfg`, with exact file sizes, from shapes."""
+def tensors_from_config(
+    cfg: ModelConfig, bits: int = 8, group_size: int | None = None
+) -> list[TensorInfo]:
+    """Every leaf the released format writes for `cfg`, with exact file sizes, from shapes; with
+    `bits` 4 or a `group_size`, the leaves of a native checkpoint quantized that way (scales
+    [..., K/g, N], g = `native.group_rows(K, group_size)`; on disk = data bytes)."""
     from grokctl.checkpoint.xai.sizes import tensor_file_size
 
+    if bits not in (4, 8):
+        raise UsageError(f"--bits {bits}: choose 8 or 4")
+    if group_size is not None and group_size < 2:
+        raise UsageError(f"--group-size {group_size}: must be at least 2")
+    if bits == 4 or group_size is not None:
+        return _native_tensors(cfg, bits, group_size or 128)
     out = []
     for i, spec in enumerate(param_specs(cfg)):
         file = f"{CKPT_SUBDIR}/{tensor_filename(i)}"
@@ -121,17 +145,47 @@ def tensors_from_config(cfg: ModelConfig) -> list[TensorInfo]:
     return out
 
 
+def _native_tensors(cfg: ModelConfig, bits: int, group_size: int) -> list[TensorInfo]:
+    from grokctl.checkpoint.native import group_rows
+
+    out = []
+    for i, spec in enumerate(param_specs(cfg)):
+        if not spec.quantized:
+            n = spec.nbytes()
+            out.append(TensorInfo(i, spec.name, "", spec.shape, spec.dtype, None, n, n))
+            continue
+        *lead, k, n_out = spec.shape
+        rows = group_rows(k, group_size, bits)
+        if not rows:
+            raise UsageError(f"{spec.name}: {k} rows cannot be packed two per byte")
+        scales = (*lead, k // rows, n_out)
+        n = math.prod(spec.shape) * bits // 8 + 2 * math.prod(scales)
+        dtype = "int4" if bits == 4 else INT8
+        out.append(TensorInfo(i, spec.name, "", spec.shape, dtype, scales, n, n, bits))
+    return out
+
+
 def _itemsize(dtype: str) -> int:
-    return {"int8": 1, "bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}.get(dtype, 4)
+    # int4: bytes per stored (packed) element
+    return {"int8": 1, "int4": 1, "uint8": 1, "bfloat16": 2, "float16": 2, "float32": 4}.get(
+        dtype, 4
+    )
 
 
 def place(t: TensorInfo, sizes: dict[str, int], layout: str) -> TensorInfo:
-    """`t` with its partition spec, per-device shard shape and per-device bytes filled in."""
+    """`t` with its partition spec, per-device shard shape and per-device bytes filled in (int4:
+    the packed rows shard like the rows, so the stored shape must divide too)."""
     spec = shd.param_spec(t.name, t.shape, sizes, layout)
     shard = shd.shard_shape(t.shape, spec, sizes)
-    nbytes = math.prod(shard) * _itemsize(t.dtype)
+    stored = shd.param_spec(t.name, t.stored_shape, sizes, layout)
+    nbytes = math.prod(shd.shard_shape(t.stored_shape, stored, sizes)) * _itemsize(t.dtype)
     s_spec_text = s_shard = None
-    if t.scales_shape is not None:
+    if t.scales_shape is not None and t.name == EMBEDDINGS:  # int8 per row: scales [V, 1] whole
+        s_spec = shd.fit_spec(t.scales_shape, shd.REPLICATED, sizes)
+        s_shard = t.scales_shape
+        s_spec_text = shd.spec_text(s_spec)
+        nbytes += math.prod(s_shard) * 2
+    elif t.scales_shape is not None:
         s_spec = shd.param_spec(t.name, t.scales_shape, sizes, layout, scales=True)
         s_shard = shd.shard_shape(t.scales_shape, s_spec, sizes)
         s_spec_text = shd.spec_text(s_spec)
@@ -277,7 +331,8 @@ class Report:
             "active_parameters_per_token": self.config.active_param_count(),
             "bytes_on_disk": sum(t.file_bytes for t in self.tensors),
             "data_bytes": sum(t.data_bytes for t in self.tensors),
-            "int8_tensors": sum(t.quantized for t in self.tensors),
+            "int8_tensors": sum(t.quantized and t.bits == 8 for t in self.tensors),
+            "int4_tensors": sum(t.quantized and t.bits == 4 for t in self.tensors),
             "selected_tensors": len(sel),
             "selected_parameters": sum(t.params for t in sel),
             "selected_bytes_on_disk": sum(t.file_bytes for t in sel),
@@ -309,17 +364,25 @@ def inspect(
     pattern: str | None = None,
     layer: int | None = None,
     moe: str = "sparse",
+    bits: int | None = None,
+    group_size: int | None = None,
 ) -> Report:
-    """The whole report. With `checkpoint`, from its index (headers only); else from `preset`."""
+    """The whole report. With `checkpoint`, from its index (headers only); else from `preset`
+    (`bits` / `group_size`: plan a native checkpoint quantized that way)."""
     from grokctl.config import load_model_config
 
     if checkpoint is not None:
+        if bits is not None or group_size is not None:
+            raise UsageError(
+                "--bits and --group-size plan from a --preset; a checkpoint has its own"
+            )
         index = CheckpointIndex.open(checkpoint, preset=preset)
         cfg, raw = index.config, tensors_from_index(index)
         source, location = "checkpoint", str(index.root)
     elif preset is not None:
         cfg = load_model_config(None, preset)
-        raw, source, location = tensors_from_config(cfg), "preset", preset
+        raw = tensors_from_config(cfg, bits or 8, group_size)
+        source, location = "preset", preset
     else:
         raise UsageError("nothing to inspect: give a checkpoint DIR or --preset NAME")
     shd.rules(layout)  # validates the layout name

@@ -5,7 +5,9 @@ Each device's slice is read straight from the tensor files through small memory-
 read: host RAM holds about one shard per worker (plus one mapping window), never the model.
 A shard that several local devices share (weights are replicated over `data`) is read once.
 In a multi-process run each process reads only the shards of its own devices. int8 weights
-stay int8 on the devices; they are dequantized inside the jitted forward pass.
+stay int8 (and int4 stays packed two per byte) on the devices; they are dequantized inside the
+jitted forward pass. The format does not matter here: released pickles and native safetensors
+shards are both read through their `ArrayRef` byte offsets.
 
 Measured (tests/test_loader_memory.py): loading a 1.6 GB checkpoint onto 8 CPU devices, peak
 RSS beyond what the devices hold stays under 256 MiB (about 50 MiB observed; largest shard
@@ -32,8 +34,8 @@ from jax.sharding import Mesh, NamedSharding
 from grokctl.checkpoint.index import CheckpointIndex, IndexEntry
 from grokctl.checkpoint.refs import ArrayRef, QuantRef
 from grokctl.errors import IntegrityError
-from grokctl.model.quant import QuantizedWeight8bit
-from grokctl.model.sharding import mesh_shape, named, param_spec
+from grokctl.model.quant import QuantizedWeight
+from grokctl.model.sharding import mesh_shape, named, param_spec, replicated
 
 Params = dict[str, dict[str, Any]]
 Index = tuple[slice, ...]
@@ -202,7 +204,13 @@ def place_array(
 def _shardings(entry: IndexEntry, mesh: Mesh, layout: str) -> list[tuple[ArrayRef, NamedSharding]]:
     sizes = mesh_shape(mesh)
     ref = entry.ref
-    if isinstance(ref, QuantRef):
+    if isinstance(ref, QuantRef) and not entry.spec.quantized:
+        # A per-row int8 embedding table: the weight shards like the table, scales [V, 1] whole.
+        return [
+            (ref.weight, named(mesh, param_spec(entry.name, ref.weight.shape, sizes, layout))),
+            (ref.scales, replicated(mesh)),
+        ]
+    if isinstance(ref, QuantRef):  # packed int4 rows [..., K/2, N] shard like the rows
         return [
             (ref.weight, named(mesh, param_spec(entry.name, ref.weight.shape, sizes, layout))),
             (
@@ -219,7 +227,9 @@ def load_entry(
     arrays = [place_array(r, s, stats, progress) for r, s in _shardings(entry, mesh, layout)]
     with stats._lock:
         stats.tensors += 1
-    return QuantizedWeight8bit(*arrays) if len(arrays) == 2 else arrays[0]
+    if isinstance(entry.ref, QuantRef):
+        return QuantizedWeight(arrays[0], arrays[1], bits=entry.ref.bits)
+    return arrays[0]
 
 
 def load_params(
@@ -229,7 +239,7 @@ def load_params(
     on_progress: OnProgress | None = None,
     workers: int = DEFAULT_WORKERS,
 ) -> tuple[Params, LoadStats]:
-    """The haiku params tree {module: {leaf: array | QuantizedWeight8bit}} placed on `mesh`.
+    """The haiku params tree {module: {leaf: array | QuantizedWeight}} placed on `mesh`.
 
     `on_progress(done, total)` counts the bytes this process reads. Specs are checked for
     every tensor before any data is read, so a mesh that does not divide fails at once.

@@ -8,9 +8,11 @@ Checks, cheapest first:
   names a path outside the checkpoint is refused (a finding), and one whose size for a layout
   file disagrees with the layout is reported;
 - structure: every tensor file parses with the safe reader and holds the shape and dtype the
-  model config says (`checkpoint.xai.reader.check_entry`); `deep` also scans floats for NaN/Inf;
+  model config says (`checkpoint.xai.reader.check_entry`); a native checkpoint's safetensors
+  headers are validated and every tensor checked against config.json
+  (`checkpoint.native.check_entry`); `deep` also scans floats for NaN/Inf;
 - sha256 of every file the manifest gives one for, in parallel over the cores; with a manifest,
-  a tensor file of the layout it gives no sha256 for is `unverified` (not ok);
+  a file of the layout it gives no sha256 for is `unverified` (not ok);
 - `torrent`: every piece re-hashed against the torrent's piece hashes.
 The result is a `VerifyReport` (missing / corrupt / unverified / unexpected files); nothing
 raises for a bad file, so one run reports them all.
@@ -28,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from grokctl.checkpoint import native
+from grokctl.checkpoint.layout import param_specs
 from grokctl.checkpoint.refs import ArrayRef, QuantRef
 from grokctl.checkpoint.xai.files import CKPT_SUBDIR
 from grokctl.checkpoint.xai.reader import check_entry
@@ -117,10 +121,15 @@ def verify_checkpoint(
         report.corrupt.append(Finding(MANIFEST_NAME, "manifest", manifest_error))
         report.checks["manifest"] = "FAILED (refused: checked against the layout only)"
     workers = workers or os.cpu_count() or 1
+    is_native = not (base / CKPT_SUBDIR).is_dir() and native.detect(base) is not None
 
     # What should be there: path -> (size, sha256 or None). The layout decides which files
     # matter; the manifest adds its other files and the checksums.
-    layout = expected_files(cfg)
+    if is_native:  # the files the index names (sizes as found; the headers are checked below)
+        files = [*native.shard_files(base), base / native.INDEX_NAME, base / CONFIG_FILENAME]
+        layout = {f.name: f.stat().st_size for f in files if f.is_file()}
+    else:
+        layout = expected_files(cfg)
     expected: dict[str, tuple[int, str | None]] = {p: (s, None) for p, s in layout.items()}
     if manifest is not None:
         for path, rec in manifest.files.items():
@@ -158,10 +167,13 @@ def verify_checkpoint(
     report.checks["sizes"] = _verdict(report, len(expected))
     _unexpected(base, expected, report)
 
-    specs = expected_specs(cfg)
-    _explain_sizes(base, specs, report)
-    tensors = [p for p in intact if p.startswith(CKPT_SUBDIR + "/")]
-    refs = _structure(base, tensors, specs, model, report, workers)
+    if is_native:
+        refs = _native_structure(base, intact, model, cfg, report, workers)
+    else:
+        specs = expected_specs(cfg)
+        _explain_sizes(base, specs, report)
+        tensors = [p for p in intact if p.startswith(CKPT_SUBDIR + "/")]
+        refs = list(_structure(base, tensors, specs, model, report, workers).items())
     if deep:
         _nonfinite(refs, report, workers, on_phase)
     else:
@@ -190,7 +202,7 @@ def verify_checkpoint(
             )
         if report.unverified:
             report.checks["sha256"] += (
-                f"; UNVERIFIED ({len(report.unverified)} of {len(layout)} tensor files have no "
+                f"; UNVERIFIED ({len(report.unverified)} of {len(layout)} files have no "
                 f"sha256 in {MANIFEST_NAME})"
             )
 
@@ -231,6 +243,9 @@ def _explain_sizes(base: Path, specs: dict[str, Any], report: VerifyReport) -> N
 
 
 def _unexpected(base: Path, expected: dict[str, Any], report: VerifyReport) -> None:
+    for f in sorted(base.glob("*.safetensors")):
+        if f.name not in expected:
+            report.unexpected.append(Finding(f.name, "unexpected", f"{f.stat().st_size} bytes"))
     ckpt = base / CKPT_SUBDIR
     if ckpt.is_dir():
         for f in sorted(ckpt.rglob("*")):
@@ -281,11 +296,59 @@ def _structure(
     return refs
 
 
+def _native_structure(
+    base: Path, intact: list[str], model: str, cfg: Any, report: VerifyReport, workers: int
+) -> list[tuple[str, Any]]:
+    """Validate every safetensors header, then each parameter's shape and dtype against the
+    config; (file, ref) of every tensor that passed, for --deep."""
+    shards = [p for p in intact if p.endswith(".safetensors")]
+    if not shards:
+        report.checks["structure"] = "skipped (no safetensors shard has its expected size)"
+        return []
+
+    def one(path: str) -> tuple[str, dict[str, ArrayRef], str | None]:
+        try:
+            return path, native.parse_header(base / path)[0], None
+        except IntegrityError as exc:
+            return path, {}, str(exc).removeprefix(f"{base / path}: ")
+
+    keys: dict[str, ArrayRef] = {}
+    bad = 0
+    with cf.ThreadPoolExecutor(max_workers=max(4, workers)) as pool:
+        for path, refs, error in pool.map(one, shards):
+            if error:
+                bad += 1
+                report.corrupt.append(Finding(path, "structure", error))
+            keys.update(refs)
+    out: list[tuple[str, Any]] = []
+    wrong = 0
+    for spec in param_specs(cfg):
+        try:
+            ref = native.check_entry(spec, keys)
+        except IntegrityError as exc:
+            if bad:  # a tensor of an unreadable shard: already reported for that file
+                continue
+            wrong += 1
+            msg = str(exc)
+            where = msg.split(": ", 1)[0] if msg.startswith(str(base)) else native.INDEX_NAME
+            rel = Path(where).name
+            report.corrupt.append(Finding(rel, "structure", msg.split(": ", 1)[-1]))
+            continue
+        main = ref.weight if isinstance(ref, QuantRef) else ref
+        out.append((Path(main.path).name, ref))
+    report.checks["structure"] = (
+        f"ok ({len(out)} tensors in {len(shards)} shards match {model})"
+        if not bad and not wrong
+        else f"FAILED ({bad} unreadable shard(s), {wrong} tensor(s) wrong)"
+    )
+    return out
+
+
 def _nonfinite(
-    refs: dict[str, Any], report: VerifyReport, workers: int, on_phase: PhaseCallback
+    refs: list[tuple[str, Any]], report: VerifyReport, workers: int, on_phase: PhaseCallback
 ) -> None:
     arrays = []
-    for path, ref in refs.items():
+    for path, ref in refs:
         for a in (ref.weight, ref.scales) if isinstance(ref, QuantRef) else (ref,):
             if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
                 arrays.append((path, a))
@@ -302,11 +365,14 @@ def _nonfinite(
         return path, bad
 
     found = 0
+    per_file: dict[str, int] = {}
     with cf.ThreadPoolExecutor(max_workers=workers) as pool:
         for path, bad in pool.map(one, arrays):
             if bad:
-                found += 1
-                report.corrupt.append(Finding(path, "nonfinite", f"{bad} NaN/Inf values"))
+                per_file[path] = per_file.get(path, 0) + bad
+    for path, bad in per_file.items():
+        found += 1
+        report.corrupt.append(Finding(path, "nonfinite", f"{bad} NaN/Inf values"))
     report.checks["nan_inf"] = (
         f"ok ({len(arrays)} float arrays)" if not found else f"FAILED ({found})"
     )

@@ -103,13 +103,16 @@ def test_index_dispatches_on_what_is_on_disk(grok_tiny: Path, tmp_path: Path) ->
     from grokctl.checkpoint.index import FORMATS, CheckpointIndex, checkpoint_root
     from grokctl.errors import MissingResourceError
 
-    assert [f.name for f in FORMATS] == ["xai"]
+    assert [f.name for f in FORMATS] == ["xai", "native"]
     index = CheckpointIndex.open(grok_tiny)
     assert index.format == "xai" and index.root == grok_tiny
     assert CheckpointIndex.open(grok_tiny / "ckpt-0").root == grok_tiny
     assert checkpoint_root(grok_tiny / "ckpt-0") == grok_tiny
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MissingResourceError, match=r"empty: no ckpt-0/ with tensor files found"):
+    with pytest.raises(
+        MissingResourceError,
+        match=r"empty: no ckpt-0/ with tensor files or model\.safetensors\.index\.json \(or \*\.safetensors\) found",
+    ):
         CheckpointIndex.open(tmp_path / "empty")
     with pytest.raises(MissingResourceError, match="checkpoint directory not found"):
         CheckpointIndex.open(tmp_path / "absent")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from grokctl.checkpoint import native
 from grokctl.checkpoint.layout import ParamSpec
 from grokctl.checkpoint.refs import QuantRef, TensorRef
 from grokctl.checkpoint.xai import reader as xai_reader
@@ -35,6 +36,7 @@ class CheckpointFormat:
 
 FORMATS: list[CheckpointFormat] = [
     CheckpointFormat(xai_reader.NAME, xai_reader.WHAT, xai_reader.detect, xai_reader.read),
+    CheckpointFormat(native.NAME, native.WHAT, native.detect, native.read),
 ]
 
 

@@ -34,6 +34,7 @@ COMMAND_MODULES = [
     "inspect",
     "generate",
     "bench",
+    "quantize",
     "random_checkpoint",
 ]
 

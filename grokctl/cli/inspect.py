@@ -17,7 +17,7 @@ from grokctl.cli.output import emit_json, out, warn
 from grokctl.config import Settings, help_suffix
 from grokctl.errors import UsageError
 
-_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}  # int8, int4 as they are
 
 
 def _shape(shape: Any) -> str:
@@ -102,6 +102,22 @@ def inspect(
     show_rules: Annotated[
         bool, typer.Option("--rules", help="Show the partition-rule table.")
     ] = False,
+    bits: Annotated[
+        int | None,
+        typer.Option(
+            "--bits",
+            help="With --preset: plan a native checkpoint with 8- or 4-bit weights "
+            "(default: the release's int8).",
+        ),
+    ] = None,
+    group_size: Annotated[
+        int | None,
+        typer.Option(
+            "--group-size",
+            help="With --preset: rows per scale group along the contracting axis (default 128 "
+            "with --bits 4).",
+        ),
+    ] = None,
     json_out: options.Json = False,
 ) -> None:
     """Every parameter's file, shape, dtype, int8 layout, bytes, partition spec and per-device shard,
@@ -156,6 +172,8 @@ def inspect(
         pattern=pattern,
         layer=layer,
         moe=s.get("moe", moe),
+        bits=bits,
+        group_size=group_size,
     )
     if json_out:
         result = report.to_json()
@@ -237,7 +255,10 @@ def _print_report(report: Any) -> None:
     summary = Table(title="Totals", title_justify="left", show_header=False)
     summary.add_column(justify="left")
     summary.add_column(justify="right")
-    summary.add_row("tensors (int8)", f"{totals['tensors']} ({totals['int8_tensors']})")
+    if totals["int4_tensors"]:
+        summary.add_row("tensors (int4)", f"{totals['tensors']} ({totals['int4_tensors']})")
+    else:
+        summary.add_row("tensors (int8)", f"{totals['tensors']} ({totals['int8_tensors']})")
     summary.add_row("parameters", f"{totals['parameters']:,} ({_count(totals['parameters'])})")
     active = totals["active_parameters_per_token"]
     summary.add_row("active parameters per token", f"{active:,} ({_count(active)})")
@@ -259,8 +280,9 @@ def _print_report(report: Any) -> None:
     mem.add_column("per device", justify="right")
     mem.add_column("how", justify="left")
     w = plan.working
+    packed = "int4 shards (2 per byte)" if totals["int4_tensors"] else "int8 shards"
     mem.add_row(
-        "weights", _gib(plan.weights), "int8 shards + bf16 scales + f32 arrays, from the specs"
+        "weights", _gib(plan.weights), f"{packed} + bf16 scales + float arrays, from the specs"
     )
     mem.add_row(
         "KV cache", _gib(plan.kv_cache), f"bf16 k/v, {cfg.num_layers} layers, batch/data x seq-len"

@@ -1,6 +1,7 @@
 """Quantized weights as a pytree, and their dequantization inside jitted code.
 
-Shapes: weight [..., K, N] int8, scales [..., G, N] bf16 with G row blocks of K/G rows.
+Shapes: weight [..., K, N] int8 (or int4 packed two per byte: uint8 [..., K/2, N]), scales
+[..., G, N] bf16 with G row blocks of K/G rows.
 value = weight.reshape(..., G, K/G, N) * scales[..., :, None, :]   (rounded to bf16, as the
 reference computes `int8 * bf16`).
 """
@@ -18,30 +19,57 @@ import jax.numpy as jnp
 
 
 @jax.tree_util.register_pytree_node_class
-class QuantizedWeight8bit:
-    """int8 weight + bf16 block scales; `.shape` is the logical shape (haiku checks it)."""
+class QuantizedWeight:
+    """Quantized weight + bf16 group scales; `.shape` is the logical shape (haiku checks it).
 
-    def __init__(self, weight: Any, scales: Any):
+    bits 8: `weight` int8 [..., K, N]. bits 4: `weight` uint8 [..., K/2, N], packed row i holding
+    logical row 2i in its low nibble and row 2i+1 in its high nibble (two's complement), so it
+    stays packed in device memory. `bits` is static (pytree aux data).
+    """
+
+    def __init__(self, weight: Any, scales: Any, bits: int = 8):
         self.weight = weight
         self.scales = scales
+        self.bits = bits
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape)
+        shape = tuple(self.weight.shape)
+        if self.bits == 8:
+            return shape
+        return (*shape[:-2], shape[-2] * (8 // self.bits), shape[-1])
 
     @property
     def dtype(self) -> Any:
         return self.weight.dtype
 
-    def tree_flatten(self) -> tuple[tuple[Any, Any], None]:
-        return (self.weight, self.scales), None
+    def tree_flatten(self) -> tuple[tuple[Any, Any], int]:
+        return (self.weight, self.scales), self.bits
 
     @classmethod
-    def tree_unflatten(cls, aux: None, children: tuple[Any, Any]) -> QuantizedWeight8bit:
-        return cls(*children)
+    def tree_unflatten(cls, aux: int, children: tuple[Any, Any]) -> QuantizedWeight:
+        return cls(*children, bits=aux)
 
     def __repr__(self) -> str:
-        return f"QuantizedWeight8bit(weight={self.weight!r}, scales={self.scales!r})"
+        return f"QuantizedWeight(bits={self.bits}, weight={self.weight!r}, scales={self.scales!r})"
+
+
+QuantizedWeight8bit = QuantizedWeight  # the release's name: the 8-bit case
+
+
+def unpack_int4(packed: jax.Array) -> jax.Array:
+    """uint8 [..., K/2, N] -> int8 [..., K, N]: low nibble = row 2i, high nibble = row 2i+1,
+    sign-extended with arithmetic shifts."""
+    p = jax.lax.bitcast_convert_type(packed, jnp.int8)
+    lo = jnp.right_shift(jnp.left_shift(p, 4), 4)  # [..., K/2, N]
+    hi = jnp.right_shift(p, 4)
+    *lead, kp, n = packed.shape
+    return jnp.stack([lo, hi], axis=-2).reshape(*lead, kp * 2, n)
+
+
+def int_values(w: QuantizedWeight) -> jax.Array:
+    """The integer values [..., K, N] (int8) of a quantized weight."""
+    return unpack_int4(w.weight) if w.bits == 4 else w.weight
 
 
 class ExpertSlice:
@@ -59,16 +87,16 @@ class ExpertSlice:
 
     def sliced(self) -> QuantizedWeight8bit:
         pick = lambda a: jax.lax.dynamic_index_in_dim(a, self.expert, axis=0, keepdims=False)  # noqa: E731
-        return QuantizedWeight8bit(pick(self.full.weight), pick(self.full.scales))
+        return QuantizedWeight(pick(self.full.weight), pick(self.full.scales), bits=self.full.bits)
 
 
 def dequantize(w: Any, dtype: Any = jnp.bfloat16) -> jax.Array:
     """Full-precision value of a (slice of a) quantized weight; plain arrays are cast."""
     if isinstance(w, ExpertSlice):
         w = w.sliced()
-    if not isinstance(w, QuantizedWeight8bit):
+    if not isinstance(w, QuantizedWeight):
         return jnp.asarray(w).astype(dtype)
-    weight, scales = w.weight, w.scales
+    weight, scales = int_values(w), w.scales
     *lead, k, n = weight.shape
     g = scales.shape[-2]
     blocks = weight.reshape(*lead, g, k // g, n).astype(dtype)  # [..., G, K/G, N]
@@ -78,7 +106,7 @@ def dequantize(w: Any, dtype: Any = jnp.bfloat16) -> jax.Array:
 
 def take_expert(w: Any, e: jax.Array) -> Any:
     """Expert `e`'s slice of an [E, K, N] (quantized) weight: reads only that expert's bytes."""
-    if isinstance(w, QuantizedWeight8bit) and _use_kernels():
+    if isinstance(w, QuantizedWeight) and w.bits == 8 and _use_kernels():
         return ExpertSlice(w, e)
     pick = lambda a: jax.lax.dynamic_index_in_dim(a, e, axis=0, keepdims=False)  # noqa: E731
     return jax.tree_util.tree_map(pick, w)
@@ -152,19 +180,26 @@ def bf16_tables(params: Any) -> Any:
     if not isinstance(params, dict) or scope not in params or name not in params[scope]:
         return params
     table = params[scope][name]
-    if table.dtype == jnp.bfloat16:
-        return params
+    if isinstance(table, QuantizedWeight) or table.dtype == jnp.bfloat16:
+        return params  # an int8-per-row table (native format) or bf16 already
     cast = jax.jit(lambda a: a.astype(jnp.bfloat16), out_shardings=table.sharding)
     out = dict(params)
     out[scope] = {**params[scope], name: cast(table)}
     return out
 
 
-def _chunk_rows(rows_per_block: int) -> int:
+def _chunk_rows(rows_per_block: int, bits: int = 8) -> int:
     for c in range(min(CHUNK_ROWS, rows_per_block), 31, -1):
-        if rows_per_block % c == 0:
+        if rows_per_block % c == 0 and (bits == 8 or c % 2 == 0):
             return c
-    return rows_per_block if rows_per_block <= 1024 else 0
+    even = bits == 8 or rows_per_block % 2 == 0
+    return rows_per_block if rows_per_block <= 1024 and even else 0
+
+
+def _kernel_operand(w: Any) -> bool:
+    """The native kernel takes int8 weights (an expert slice or a whole matrix); int4 and
+    plain arrays take the XLA paths."""
+    return isinstance(w, ExpertSlice) or (isinstance(w, QuantizedWeight) and w.bits == 8)
 
 
 def qmatmul(x: jax.Array, w: Any) -> jax.Array:
@@ -175,7 +210,7 @@ def qmatmul(x: jax.Array, w: Any) -> jax.Array:
     """
     xf = x if x.dtype == jnp.float32 else x.astype(jnp.bfloat16)
     m = math.prod(x.shape[:-1])
-    if isinstance(w, ExpertSlice | QuantizedWeight8bit) and m <= KERNEL_MAX_M and _use_kernels():
+    if _kernel_operand(w) and m <= KERNEL_MAX_M and _use_kernels():
         from grokctl import kernels
 
         full, e = (w.full, w.expert) if isinstance(w, ExpertSlice) else (w, 0)
@@ -183,23 +218,25 @@ def qmatmul(x: jax.Array, w: Any) -> jax.Array:
         return y.reshape(*x.shape[:-1], y.shape[-1])
     if isinstance(w, ExpertSlice):
         w = w.sliced()
-    if not isinstance(w, QuantizedWeight8bit):
+    if not isinstance(w, QuantizedWeight):
         return jnp.einsum(
             "...k,kn->...n", xf, w.astype(xf.dtype), preferred_element_type=jnp.float32
         )
-    k, n = w.weight.shape
+    k, n = w.shape
     g = w.scales.shape[-2]
-    c = _chunk_rows(k // g) if (_chunked.get() and m <= SMALL_M) else 0
+    c = _chunk_rows(k // g, w.bits) if (_chunked.get() and m <= SMALL_M) else 0
     if not c:
         wd = dequantize(w).astype(xf.dtype)
         return jnp.einsum("...k,kn->...n", xf, wd, preferred_element_type=jnp.float32)
     steps = k // c
-    w_chunks = w.weight.reshape(steps, c, n)  # [C, c, N]
+    w_chunks = w.weight.reshape(steps, c * w.bits // 8, n)  # [C, c, N] (int4: [C, c/2, N])
     s_chunks = jnp.repeat(w.scales.astype(jnp.bfloat16), steps // g, axis=0)  # [C, N]
     x_chunks = jnp.moveaxis(xf.astype(jnp.float32).reshape(m, steps, c), 1, 0)  # [C, M, c]
 
     def step(acc: jax.Array, inp: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
         wc, sc, xc = inp
+        if w.bits == 4:
+            wc = unpack_int4(wc)
         # int8 x bf16 scale rounded to bf16, explicitly: XLA may elide a bf16 round trip
         # (excess precision) but never a reduce_precision.
         wd = wc.astype(jnp.float32) * sc.astype(jnp.float32)[None, :]

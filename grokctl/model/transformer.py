@@ -7,6 +7,9 @@ Shapes: B batch, T new tokens, S cache length, D emb_size, V vocab, L layers, E 
         h += rms_norm_1(attention(rms_norm(h)))
         h += rms_norm_3(moe(rms_norm_2(h)))
     logits = rms_norm(h) . embeddings^T * output_multiplier      # bf16 [B, T, V]
+
+The tied embedding table is f32 (the release), bf16 (exact: the reference computes with it in
+bf16) or int8 per row (native checkpoints: weight int8 [V, D] x scales bf16 [V, 1]).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from grokctl.model.attention import attention
 from grokctl.model.cache import KVCache
 from grokctl.model.layers import BF16, param, rms_norm, rms_norm_apply
 from grokctl.model.moe import RouterStats, moe_layer, router_stats
-from grokctl.model.quant import unembed
+from grokctl.model.quant import QuantizedWeight, qmatmul
+from grokctl.model.quant import unembed as unembed_table
 
 
 class ForwardOut(NamedTuple):
@@ -62,7 +66,7 @@ def forward(
         with hk.experimental.name_scope("rms_norm"):
             final_scale = param("scale", (cfg.emb_size,))
 
-    h = jnp.take(embeddings, tokens, axis=0).astype(BF16)  # [B, T, D]
+    h = embed(embeddings, tokens)  # [B, T, D] bf16
     h = h * jnp.asarray(cfg.embedding_multiplier_scale, BF16)
 
     eps = cfg.rms_norm_eps
@@ -105,6 +109,22 @@ def forward(
     if not opts.with_routing:
         return ForwardOut(logits, new_cache, None, None, routing)
     return ForwardOut(logits, new_cache, jnp.stack(probs), jnp.stack(experts), routing)
+
+
+def embed(embeddings: Any, tokens: jax.Array) -> jax.Array:
+    """Rows of the tied table [V, D] (f32, bf16, or int8 per row: row * scale) as bf16."""
+    if isinstance(embeddings, QuantizedWeight):  # weight int8 [V, D], scales [V, 1]
+        rows = jnp.take(embeddings.weight, tokens, axis=0).astype(BF16)  # [B, T, D]
+        return rows * jnp.take(embeddings.scales, tokens, axis=0).astype(BF16)  # x [B, T, 1]
+    return jnp.take(embeddings, tokens, axis=0).astype(BF16)
+
+
+def unembed(h: jax.Array, embeddings: Any) -> jax.Array:
+    """Logits h . embeddings^T (bf16); an int8-per-row table: (h . W^T) * scales^T."""
+    if isinstance(embeddings, QuantizedWeight):
+        acc = qmatmul(h.astype(BF16), embeddings.weight.T)  # f32 [B, T, V]
+        return (acc * embeddings.scales[:, 0].astype(jnp.float32)).astype(BF16)
+    return unembed_table(h, embeddings)  # the native kernel on a bf16 table, else XLA's dot
 
 
 def transformed(cfg: ModelConfig, opts: ForwardOptions) -> Any:

@@ -1,0 +1,139 @@
+"""Symmetric int4 quantization per group of rows along the contracting axis (-2), bf16 scales.
+
+Shapes: w [..., K, N] (K contracting), G = K / group groups, scales [..., G, N] bf16,
+packed [..., K/2, N] uint8 with row i holding the value of row 2i in its low nibble and row 2i+1
+in its high nibble (two's-complement 4 bits; values in -7..7). The model's value of a weight is
+bf16(q * scale): the int x bf16 product rounded to bf16, as the int8 path computes it.
+
+Clipping search: for every group, each ratio of `CLIP_RATIOS` scales max|w| down before
+choosing the scale; the ratio with the least squared reconstruction error (against the exact
+source values) wins. Ratio 1.0 is plain round-to-nearest, so the search is never worse per
+group; `quantize_int4` reports whether it changed anything (`method`: "clip-search" or "rtn").
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import ml_dtypes
+import numpy as np
+
+from grokctl.errors import UsageError
+
+QMAX = 7
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+class Int4Weight(NamedTuple):
+    packed: np.ndarray  # uint8 [..., K/2, N]
+    scales: np.ndarray  # bf16 [..., K/group, N]
+    method: str  # "clip-search" when any group's clipping ratio < 1 measured better, else "rtn"
+    sq_error: float  # sum of squared reconstruction errors (f64)
+    max_abs_error: float
+
+
+def group_size_for(k: int, group: int) -> int:
+    """Rows per int4 group for a contracting dimension K: `group` when it divides K (and is
+    even), else the largest even divisor of K below it (the native format's `group_rows`: a
+    packed byte never straddles two groups)."""
+    from grokctl.checkpoint.native.format import group_rows
+
+    if group < 2:
+        raise UsageError(f"--group-size {group}: must be >= 2")
+    rows = group_rows(k, group, 4)
+    if not rows:
+        raise UsageError(f"contracting dimension {k} has no even divisor up to {group}")
+    return rows
+
+
+def to_bf16_value(x: np.ndarray) -> np.ndarray:
+    """f32 values rounded to bf16 (round-to-nearest-even), returned as f32."""
+    return np.asarray(x, np.float32).astype(BF16).astype(np.float32)
+
+
+def dequantize_blocks(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Exact model value of int weights [..., K, N] with block scales [..., G, N or 1]:
+    bf16(q * scale) as f32. (Per-row int8 embeddings: scales [V, 1], G = V.)"""
+    *lead, k, n = q.shape
+    g = scales.shape[-2]
+    qf = q.astype(np.float32).reshape(*lead, g, k // g, n)
+    v = qf * scales.astype(np.float32)[..., :, None, :]
+    return to_bf16_value(v).reshape(q.shape)
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int values in -8..7, [..., K, N] (K even) -> uint8 [..., K/2, N]: even rows low nibble."""
+    u = q.astype(np.int8).view(np.uint8) & 0x0F
+    return (u[..., 0::2, :] | (u[..., 1::2, :] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """uint8 [..., K/2, N] -> int8 [..., K, N] (sign-extended nibbles)."""
+    p = packed.view(np.int8)
+    lo = (p << 4).astype(np.int8) >> 4  # arithmetic shift sign-extends
+    hi = p >> 4
+    *lead, kh, n = packed.shape
+    out = np.empty((*lead, kh, 2, n), np.int8)
+    out[..., 0, :] = lo
+    out[..., 1, :] = hi
+    return out.reshape(*lead, 2 * kh, n)
+
+
+def dequantize_int4(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Exact model value (f32) of a packed int4 weight."""
+    return dequantize_blocks(unpack_int4(packed), scales)
+
+
+def _scales(amax: np.ndarray, ratio: float) -> np.ndarray:
+    """bf16 scales [..., G, N] for max|w| per group clipped to `ratio` of it."""
+    return (np.maximum(amax * np.float32(ratio), np.float32(1e-12)) / np.float32(QMAX)).astype(BF16)
+
+
+def _codes(wg: np.ndarray, scales: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """q = clip(round(w / scale), -7, 7) as f32 [..., G, g, N] (in `out` when given)."""
+    out = np.divide(wg, scales.astype(np.float32)[..., :, None, :], out=out)
+    np.rint(out, out=out)
+    return np.clip(out, -QMAX, QMAX, out=out)
+
+
+def _search_error(wg: np.ndarray, scales: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """Squared error per group [..., G, N] of q x scale (unrounded product: the search's
+    measure; the reported errors are of the exact bf16 values). Works in place in `buf`."""
+    _codes(wg, scales, buf)
+    np.multiply(buf, scales.astype(np.float32)[..., :, None, :], out=buf)
+    np.subtract(buf, wg, out=buf)
+    np.square(buf, out=buf)
+    return buf.sum(axis=-2, dtype=np.float32)
+
+
+def quantize_int4(w: np.ndarray, group: int, clip_search: bool = True) -> Int4Weight:
+    """Quantize f32 `w` [..., K, N] in groups of `group` rows (group divides K, even)."""
+    *lead, k, n = w.shape
+    if k % group or group % 2:
+        raise UsageError(f"group size {group} must be even and divide {k}")
+    w = np.asarray(w, np.float32)
+    wg = w.reshape(*lead, k // group, group, n)
+    amax = np.abs(wg).max(axis=-2)
+    candidates = [(_scales(amax, 1.0), "rtn")]
+    if clip_search:
+        buf = np.empty_like(wg)
+        best_s = candidates[0][0]
+        best_err = _search_error(wg, best_s, buf)
+        for ratio in CLIP_RATIOS[1:]:
+            s2 = _scales(amax, ratio)
+            e2 = _search_error(wg, s2, buf)
+            better = e2 < best_err
+            best_s = np.where(better, s2, best_s)
+            best_err = np.minimum(e2, best_err)
+        candidates.append((best_s, "clip-search"))
+    best: Int4Weight | None = None
+    for scales, method in candidates:  # exact errors; the search is kept only if it is better
+        q = _codes(wg, scales).astype(np.int8).reshape(w.shape)
+        diff = dequantize_blocks(q, scales) - w
+        sq = float(np.square(diff, dtype=np.float64).sum())
+        if best is None or sq < best.sq_error:
+            mx = float(np.abs(diff).max()) if diff.size else 0.0
+            best = Int4Weight(pack_int4(q), scales, method, sq, mx)
+    assert best is not None
+    return best
