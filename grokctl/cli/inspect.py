@@ -290,7 +290,9 @@ def _plan_lines(report: Any, width: int | None) -> list[str]:
             shown(plan.device_memory_source, 200),
         ]
     )
-    laid = layout.columns(["part", "per device", "bytes"], [r[:3] for r in rows], [0, 1, 1], None)
+    laid = layout.columns(
+        ["part", "per device", "bytes"], [r[:3] for r in rows], [False, True, True], None
+    )
     assert laid is not None
     lines = layout.wrap(title, width, "  ")
     for text, (*_, how) in zip(laid, [["", "", "", "how"], ["", "", "", ""], *rows]):
