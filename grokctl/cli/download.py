@@ -228,7 +228,7 @@ def _hub(
     tok_needed = 0 if tok["skip"] or (root / "tokenizer.model").is_file() else 2_229_219
     free = check_disk_space(root, plan.bytes_needed + tok_needed)
     if dry_run:
-        return _dry_run({**plan.to_json(), "dir": str(root), "free_bytes": free}, json_out)
+        return _dry_run({**plan.to_json(), "checkpoint": str(root), "free_bytes": free}, json_out)
     timeout = common["timeout"] or 60.0
     n = len(plan.files)
     done = [len(plan.present)]
@@ -265,7 +265,7 @@ def _hub(
             if res.downloaded
             else "all already present"
         )
-        _note(
+        _line(  # the result: stdout
             f"{repo}@{shown(plan.commit[:12])}: {n} files ({human_bytes(plan.bytes_total)}), {got} "
             f"in {root}; manifest {manifest.path.name}"
         )
@@ -276,7 +276,7 @@ def _hub(
         "revision": revision,
         "commit": plan.commit,
         "endpoint": plan.endpoint,
-        "dir": str(root),
+        "checkpoint": str(root),
         "files": n,
         "downloaded": len(res.downloaded),
         "bytes": plan.bytes_total,
@@ -312,7 +312,7 @@ def _magnet(
                 description=f"magnet {st.peers} peers {st.state}",
             )
 
-        result: dict[str, Any] = {"source": "magnet", "dir": str(root)}
+        result: dict[str, Any] = {"source": "magnet", "checkpoint": str(root)}
 
         def on_complete(res: Any) -> None:  # before seeding starts
             result.update(res.to_json(), manifest=str(manifest.path))
@@ -320,7 +320,7 @@ def _magnet(
                 return
             if not json_out:
                 rate = res.bytes_fetched / res.seconds / 1e6 if res.seconds else 0.0
-                _note(
+                _line(
                     f"magnet {res.info_hash[:12]} ({shown(res.name)}): {len(res.files)} files "
                     f"({human_bytes(res.bytes_total)}), {human_bytes(res.bytes_fetched)} fetched "
                     f"in {res.seconds:.1f} s ({rate:.1f} MB/s, {res.hash_failures} failed piece "
@@ -362,20 +362,22 @@ def _tokenizer(
         timeout=common["timeout"] or 60.0,
     )
     if not json_out:
-        _note(f"tokenizer.model: {res.action} (sha256 {res.sha256[:16]}… matches the pinned hash)")
+        _line(f"tokenizer.model: {res.action} (sha256 {res.sha256[:16]}… matches the pinned hash)")
     return res.to_json()
 
 
 def _dry_run(plan: dict[str, Any], json_out: bool) -> dict[str, Any]:
     if not json_out:
-        for f in plan["files"]:
+        for f in plan["listing"]:
             state = "present" if f["present"] else "to fetch"
             _line(f"{human_bytes(f['size']):>10}  {f['path']}  ({state})")
-        needed = plan.get("bytes_needed", sum(f["size"] for f in plan["files"] if not f["present"]))
+        needed = plan.get(
+            "bytes_needed", sum(f["size"] for f in plan["listing"] if not f["present"])
+        )
         free = f", {human_bytes(plan['free_bytes'])} free" if "free_bytes" in plan else ""
         _line(
-            f"{len(plan['files'])} files, {human_bytes(plan['bytes_total'])} in all, "
-            f"{human_bytes(needed)} to fetch into {plan['dir']}{free} (dry run: nothing fetched)"
+            f"{plan['files']} files, {human_bytes(plan['bytes'])} in all, "
+            f"{human_bytes(needed)} to fetch into {plan['checkpoint']}{free} (dry run: nothing fetched)"
         )
     return {**plan, "dry_run": True}
 

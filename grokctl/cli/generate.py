@@ -27,9 +27,15 @@ class Interrupted(GrokctlError):
     exit_code = 130
 
 
-def _opt(name: str, *flags: str, help: str, panel: str | None = SAMPLING) -> Any:
+def _opt(
+    name: str, *flags: str, help: str, panel: str | None = SAMPLING, default_text: str | None = None
+) -> Any:
+    """An option whose default, constraint and variable come from the settings table."""
     return typer.Option(
-        *flags, help=f"{help} {help_suffix(name)}", show_default=False, rich_help_panel=panel
+        *flags,
+        help=f"{help} {help_suffix(name, default_text)}",
+        show_default=False,
+        rich_help_panel=panel,
     )
 
 
@@ -57,8 +63,9 @@ def generate(
         _opt(
             "tokenizer",
             "--tokenizer",
-            help="SentencePiece model (default: <checkpoint>/tokenizer.model).",
+            help="SentencePiece model.",
             panel=None,
+            default_text="tokenizer.model in the checkpoint",
         ),
     ] = None,
     max_tokens: Annotated[

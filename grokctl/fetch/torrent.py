@@ -81,8 +81,11 @@ class TorrentResult:
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["seconds"] = round(self.seconds, 3)
-        if not self.dry_run:
-            out["files"] = len(self.files)  # the listing is for --dry-run
+        out["bytes"] = out.pop("bytes_total")
+        listing = out.pop("files")
+        out["files"] = len(self.files)  # `files` is a count in every command's json
+        if self.dry_run:
+            out["listing"] = listing  # the per-file listing is for --dry-run
         return out
 
 
