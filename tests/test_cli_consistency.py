@@ -35,7 +35,7 @@ def test_help_fits_80_columns(
     assert code == 0 and "Usage: grokctl" in out
     long = [line for line in out.splitlines() if len(line) > 80]
     assert not long, long
-    for bad in ("<bool>", "<list", "<str>", "<int", "<path>", "<float", "…"):
+    for bad in ("<bool>", "<list", "<str>", "<int", "<path>", "<float", "…", "[x>", "Env:"):
         assert bad not in out, (bad, out)
     text = " ".join(re.sub("[│╭╮╰╯─]", " ", out).split())  # the words, whatever the breaks
     if cmd in ("inspect", "generate"):

@@ -9,7 +9,7 @@ import typer
 
 from grokctl.cli import options
 from grokctl.cli.output import emit_json, err, human_bytes, out, progress
-from grokctl.config import Settings
+from grokctl.config import Settings, help_suffix
 from grokctl.errors import MissingResourceError, UsageError
 
 BT = "BitTorrent (--magnet)"
@@ -35,7 +35,7 @@ def download(
         typer.Option(
             "--dir",
             "-d",
-            help="Target directory (default: ./checkpoints). Env: GROKCTL_CHECKPOINT.",
+            help=f"Target directory. {help_suffix('checkpoint', default_text='./checkpoints')}",
             show_default=False,
         ),
     ] = None,
@@ -44,40 +44,41 @@ def download(
         typer.Option(
             "--include",
             help="Only files matching this pattern (repeatable or "
-            "comma-separated; a bare directory such as `ckpt-0` needs no quoting; "
-            "default: ckpt-0/*).",
+            "comma-separated; a bare directory such as `ckpt-0` needs no quoting). "
+            "(default: ckpt-0/*)",
         ),
     ] = None,
     exclude: Annotated[
         Patterns, typer.Option("--exclude", help="Skip files matching this.")
     ] = None,
     revision: Annotated[
-        str | None, typer.Option("--revision", help="Branch, tag or commit (default: main).")
+        str | None,
+        typer.Option("--revision", help=f"Branch, tag or commit. {help_suffix('revision')}"),
     ] = None,
     max_workers: Annotated[
-        int | None, typer.Option("--max-workers", min=1, help="Parallel transfers (default: 8).")
+        int | None,
+        typer.Option("--max-workers", help=f"Parallel transfers. {help_suffix('max_workers')}"),
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List the files and total size, check disk space.")
     ] = False,
     retries: Annotated[
-        int | None, typer.Option("--retries", min=0, help="Retries per file (default: 5).")
+        int | None, typer.Option("--retries", help=f"Retries per file. {help_suffix('retries')}")
     ] = None,
     timeout: Annotated[
         float | None,
         typer.Option(
             "--timeout",
-            min=0,
-            help="Give up after this many seconds without data "
-            "(default: 60 over HTTP, never over BitTorrent).",
+            help="Give up after this many seconds without data. "
+            f"{help_suffix('timeout', default_text='60 over HTTP, never over BitTorrent')}",
         ),
     ] = None,
     tokenizer_url: Annotated[
         str | None,
         typer.Option(
             "--tokenizer-url",
-            help="Where to fetch tokenizer.model (default: the "
-            "xai-org/grok-1 source tree). Env: GROKCTL_TOKENIZER_URL.",
+            help="Where to fetch tokenizer.model. "
+            f"{help_suffix('tokenizer_url', default_text='the xai-org/grok-1 source tree')}",
             rich_help_panel=TOK,
         ),
     ] = None,
@@ -117,7 +118,8 @@ def download(
         str | None,
         typer.Option(
             "--listen",
-            help="libtorrent listen interfaces (default: 0.0.0.0:6881 and \\[::]:6881).",
+            help="libtorrent listen interfaces. "
+            + help_suffix("listen", default_text="0.0.0.0:6881 and \\[::]:6881"),
             rich_help_panel=BT,
         ),
     ] = None,

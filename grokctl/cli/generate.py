@@ -119,7 +119,8 @@ def generate(
         Optional[bool],
         typer.Option(
             "--stream/--no-stream",
-            help="Stream tokens (default: single prompt on a terminal). Env GROKCTL_STREAM.",
+            help="Stream tokens as they come. "
+            + help_suffix("stream", default_text="on for one prompt on a terminal"),
             show_default=False,
         ),
     ] = None,
