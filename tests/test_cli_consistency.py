@@ -181,3 +181,19 @@ def test_inspect_grok1_summary_by_default(
     assert "decoder_layer_0" not in text  # the tensor listing is for --tensors
     assert "318,239,886,140" in text and f"{doc['plan']['total']:,}" in text
     assert "verdict: fits" in text
+
+
+def test_inspect_rules_fit_a_narrow_terminal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "60")
+    code, out, _ = run(capsys, "inspect", "--rules")
+    assert code == 0 and "…" not in out
+    assert all(len(line) <= 60 for line in out.splitlines())
+    assert "multi_head_attention/(query|key|value)/w$" in out.splitlines()
+
+
+def test_human_results_go_to_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The result on stdout, never on stderr (here random-checkpoint, once stderr-only)."""
+    code, out, err = run(capsys, "random-checkpoint", str(tmp_path / "r"), "--preset", "grok-tiny")
+    assert code == 0 and out.startswith("wrote 26 tensors") and "wrote" not in err

@@ -6,12 +6,9 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.measure import Measurement
-from rich.table import Table
 
 from grokctl.cli import layout, options
-from grokctl.cli.output import emit_json, out, warn
+from grokctl.cli.output import emit_json, warn
 from grokctl.config import Settings, help_suffix
 from grokctl.errors import UsageError
 from grokctl.paths import shown
@@ -29,16 +26,6 @@ def _gib(n: float) -> str:
         if n >= 1 << shift:
             return f"{n / (1 << shift):,.2f} {unit}"
     return f"{int(n)} B"
-
-
-def _emit(table: Table) -> None:
-    """A table on stdout; piped to a file or a pager it keeps its natural width (no folding)."""
-    if out.is_terminal:
-        out.print(table)
-        return
-    wide = out.options.update(max_width=1000)
-    width = max(out.width, Measurement.get(out, wide, table).maximum)
-    Console(file=sys.stdout, width=width, highlight=False, soft_wrap=True).print(table)
 
 
 def _count(n: int) -> str:
@@ -165,32 +152,28 @@ def inspect(
         return
     if show_rules:
         _print_rules(lib.rules_table(layout_name), layout_name, False, report.tensors)
+        sys.stdout.write("\n")
     _print_report(report, tensors or pattern is not None or layer is not None)
 
 
 def _print_rules(
-    rows: list[dict[str, Any]], layout: str, json_out: bool, tensors: Any = None
+    rows: list[dict[str, Any]], layout_name: str, json_out: bool, tensors: Any = None
 ) -> None:
     if json_out:
-        emit_json({"layout": layout, "rules": rows})
+        emit_json({"layout": layout_name, "rules": rows})
         return
-    table = Table(
-        title=f"Partition rules (layout {layout}; first match wins)", title_justify="left"
-    )
-    for col in ("kind", "parameter path regex / activation", "spec"):
-        table.add_column(col)
-    if tensors is not None:
-        table.add_column("tensors", justify="right")
-    for row in rows:
-        cells = [row["kind"], row["pattern"], row["spec"]]
-        if tensors is not None:
-            cells.append(
-                str(sum(t.rule == row["pattern"] for t in tensors))
-                if row["kind"] == "parameter"
-                else ""
-            )
-        table.add_row(*cells)
-    _emit(table)
+    width = layout.line_width()
+    header = ["kind", "parameter path regex / activation", "spec"]
+    cells = [[row["kind"], row["pattern"], row["spec"]] for row in rows]
+    if tensors is not None:  # how many tensors each parameter rule places
+        header.append("tensors")
+        for row, line in zip(rows, cells):
+            hits = sum(t.rule == row["pattern"] for t in tensors)
+            line.append(str(hits) if row["kind"] == "parameter" else "")
+    title = f"Partition rules (layout {layout_name}; first match wins)"
+    right = [False, False, False, True][: len(header)]
+    lines = [*layout.wrap(title, width, "  "), *layout.table(header, cells, right, width, key=1)]
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def _print_report(report: Any, with_tensors: bool) -> None:
