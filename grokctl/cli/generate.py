@@ -44,7 +44,7 @@ def generate(
     prompt: Annotated[
         Optional[list[str]],
         typer.Option(
-            "--prompt", "-p", help="Prompt text; repeat for a batch. Default: stdin when piped."
+            "--prompt", "-p", help="Prompt text; repeat for a batch. (default: stdin when piped)"
         ),
     ] = None,
     prompts_file: Annotated[

@@ -15,6 +15,8 @@ import typer
 from grokctl.config import PRESETS, Settings, help_suffix
 from grokctl.errors import UsageError
 
+MODEL = "Model and devices"  # a help panel of its own: its choices need a wide metavar column
+
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 # The checkpoint a command reads: `grokctl CMD DIR` and `grokctl CMD -c DIR` are the same.
 CheckpointArg = Annotated[
@@ -56,15 +58,18 @@ Preset = Annotated[
         help=f"Model preset: {', '.join(PRESETS)}; without config.json grok-1 is assumed. "
         f"{help_suffix('preset')}",
         show_default=False,
+        rich_help_panel=MODEL,
     ),
 ]
 Mesh = Annotated[
     Optional[str],
     typer.Option(
         "--mesh",
-        help="Device mesh DxM (data x model), e.g. 1x8. Default: all local devices on 'model'. "
-        f"{help_suffix('mesh')}",
+        metavar="DxM",
+        help="Device mesh (data x model), e.g. 1x8. "
+        f"{help_suffix('mesh', default_text='all local devices on the model axis')}",
         show_default=False,
+        rich_help_panel=MODEL,
     ),
 ]
 Seed = Annotated[Optional[int], typer.Option("--seed", help=f"Random seed. {help_suffix('seed')}")]
@@ -104,6 +109,7 @@ MoeKernel = Annotated[
         help="MoE kernel: sparse (selected experts only) or dense (the reference's all-experts "
         f"baseline). {help_suffix('moe')}",
         show_default=False,
+        rich_help_panel=MODEL,
     ),
 ]
 Layout = Annotated[
@@ -113,5 +119,6 @@ Layout = Annotated[
         help="MoE weight layout: tensor (shard the FFN dim) or expert (shard experts). "
         f"{help_suffix('layout')}",
         show_default=False,
+        rich_help_panel=MODEL,
     ),
 ]
