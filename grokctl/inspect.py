@@ -322,6 +322,7 @@ class Report:
     tensors: list[TensorInfo]  # all, placed
     selected: list[TensorInfo]  # after --filter / --layer
     plan: MemoryPlan
+    preset: str | None = None  # the preset named (the source, or the one a checkpoint assumes)
 
     def totals(self) -> dict[str, Any]:
         sel = self.selected
@@ -342,7 +343,8 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {
             "source": self.source,
-            "location": self.location,
+            "checkpoint": self.location if self.source == "checkpoint" else None,
+            "preset": self.preset,
             "config": self.config.to_json_dict(),
             "mesh": {"data": self.plan.data, "model": self.plan.model},
             "layout": self.layout,
@@ -404,7 +406,8 @@ def inspect(
         device_memory,
         device_memory_source,
     )
-    return Report(source, location, cfg, layout, placed, select(placed, pattern, layer), plan)
+    selected = select(placed, pattern, layer)
+    return Report(source, location, cfg, layout, placed, selected, plan, preset)
 
 
 def rules_table(layout: str = "tensor") -> list[dict[str, Any]]:

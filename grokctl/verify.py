@@ -83,7 +83,8 @@ class VerifyReport:
         return self.bytes_hashed / self.hash_seconds / 1e9 if self.hash_seconds else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = {"checkpoint": self.root, **dataclasses.asdict(self)}
+        del out["root"]  # `checkpoint`, as in every command's json
         out.update(ok=self.ok, hash_gb_per_s=round(self.hash_gb_per_s, 3))
         out["hash_seconds"], out["seconds"] = round(self.hash_seconds, 3), round(self.seconds, 3)
         return out

@@ -181,7 +181,7 @@ def test_dry_run_lists_files_and_refuses_when_the_disk_is_too_small(
     code, out, _ = run(capsys, "download", "--dir", str(dest), "--dry-run", "--json")
     assert code == 0
     plan = json.loads(out)
-    assert len(plan["files"]) == 26 and plan["bytes_total"] == sum(
+    assert plan["files"] == len(plan["listing"]) == 26 and plan["bytes"] == sum(
         f.stat().st_size for f in (repo_dir / "ckpt-0").iterdir()
     )
     assert plan["free_bytes"] > 0 and not dest.exists()

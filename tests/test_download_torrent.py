@@ -90,7 +90,7 @@ def test_magnet_download_verifies_and_leaves_a_manifest(
     assert time.monotonic() - t0 < 20
     result = json.loads(out)
     total = sum(f.stat().st_size for f in source.rglob("*") if f.is_file())
-    assert result["info_hash"] == seeder.info_hash and result["bytes_total"] == total
+    assert result["info_hash"] == seeder.info_hash and result["bytes"] == total
     assert result["bytes_fetched"] >= total and result["tokenizer"]["action"] == "copied"
     same_tree(dest, source)
     manifest = Manifest.load(dest)
@@ -141,7 +141,7 @@ def test_dry_run_fetches_metadata_only(
     )
     assert code == 0
     plan = json.loads(out)
-    assert plan["dry_run"] and len(plan["files"]) == 27
+    assert plan["dry_run"] and plan["files"] == len(plan["listing"]) == 27
     assert not (dest / "ckpt-0").exists() and (dest / TORRENT_NAME).is_file()
 
 

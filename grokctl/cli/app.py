@@ -7,8 +7,10 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 import typer
+import typer.main
 
 try:  # typer >= 0.20 vendors its own click
     from typer._click import exceptions as click_exc
@@ -66,6 +68,67 @@ def _register_all() -> None:
 
 
 _register_all()
+
+_METAVARS = {int: "INT", float: "FLOAT", str: "TEXT", bool: "BOOL"}
+
+
+def _metavar(param: Any) -> str:
+    """What `--help` shows for a parameter's value: nothing for a flag, the choices of a
+    setting with choices ([sparse|dense]), else INT / FLOAT / TEXT / PATH."""
+    if getattr(param, "is_flag", False):
+        return ""
+    long = next((o for o in param.opts if o.startswith("--")), "--" + (param.name or ""))
+    from grokctl.config import SETTINGS
+
+    st = SETTINGS.get(long[2:].replace("-", "_"))
+    if st is not None and st.choices:  # long lists (presets) are spelled out in the help text
+        shown = f"[{'|'.join(st.choices)}]"
+        return shown if len(shown) <= 20 else "NAME"
+    desc = getattr(param, "type_descriptor", None)
+    if desc is not None and desc.is_path:
+        return "PATH"
+    args = getattr(getattr(desc, "annotation", None), "__args__", None)
+    kind = (
+        args[0] if desc is not None and desc.is_list and args else getattr(desc, "annotation", str)
+    )
+    return _METAVARS.get(kind, "TEXT")
+
+
+def _polish(command: Any) -> Any:
+    """Help that reads well at 80 columns: every value shown as a plain metavar (never
+    `<bool>` or `<list[str]>`), choices listed; applied to every command once."""
+    for param in command.params:
+        if param.param_type_name == "argument":  # its name says what it is: no <path> after it
+            param.metavar = param.metavar or param.name.upper()
+            param.display_type_rich = lambda ctx: ""
+        elif param.metavar is None:
+            param.metavar = _metavar(param)
+    get_help_option = command.get_help_option
+
+    def help_option(ctx: Any) -> Any:
+        option = get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        if sub.short_help is None and sub.help:  # the command list shows one sentence each
+            first = " ".join(sub.help.split()).split(". ")[0].rstrip(".")
+            sub.short_help = first + "."
+        _polish(sub)
+    return command
+
+
+_COMMAND: Any = None
+
+
+def command() -> Any:
+    """The click command behind `app`, built and polished once."""
+    global _COMMAND
+    if _COMMAND is None:
+        _COMMAND = _polish(typer.main.get_command(app))
+    return _COMMAND
 
 
 _NO_ARGS: tuple[type[BaseException], ...] = tuple(
@@ -177,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("GROKCTL_DEBUG", "") not in ("", "0")
     try:
-        rv = app(args=argv, prog_name="grokctl", standalone_mode=False)
+        rv = command().main(args=argv, prog_name="grokctl", standalone_mode=False)
     except _NO_ARGS:
         return EXIT_USAGE
     except _EXIT as exc:

@@ -9,7 +9,7 @@ import typer
 
 from grokctl.cli import options
 from grokctl.cli.output import emit_json, err, human_bytes, out, progress
-from grokctl.config import Settings
+from grokctl.config import Settings, help_suffix
 from grokctl.errors import MissingResourceError, UsageError
 
 BT = "BitTorrent (--magnet)"
@@ -35,7 +35,7 @@ def download(
         typer.Option(
             "--dir",
             "-d",
-            help="Target directory (default: ./checkpoints). Env: GROKCTL_CHECKPOINT.",
+            help=f"Target directory. {help_suffix('checkpoint', default_text='./checkpoints')}",
             show_default=False,
         ),
     ] = None,
@@ -44,40 +44,41 @@ def download(
         typer.Option(
             "--include",
             help="Only files matching this pattern (repeatable or "
-            "comma-separated; a bare directory such as `ckpt-0` needs no quoting; "
-            "default: ckpt-0/*).",
+            "comma-separated; a bare directory such as `ckpt-0` needs no quoting). "
+            "(default: ckpt-0/*)",
         ),
     ] = None,
     exclude: Annotated[
         Patterns, typer.Option("--exclude", help="Skip files matching this.")
     ] = None,
     revision: Annotated[
-        str | None, typer.Option("--revision", help="Branch, tag or commit (default: main).")
+        str | None,
+        typer.Option("--revision", help=f"Branch, tag or commit. {help_suffix('revision')}"),
     ] = None,
     max_workers: Annotated[
-        int | None, typer.Option("--max-workers", min=1, help="Parallel transfers (default: 8).")
+        int | None,
+        typer.Option("--max-workers", help=f"Parallel transfers. {help_suffix('max_workers')}"),
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List the files and total size, check disk space.")
     ] = False,
     retries: Annotated[
-        int | None, typer.Option("--retries", min=0, help="Retries per file (default: 5).")
+        int | None, typer.Option("--retries", help=f"Retries per file. {help_suffix('retries')}")
     ] = None,
     timeout: Annotated[
         float | None,
         typer.Option(
             "--timeout",
-            min=0,
-            help="Give up after this many seconds without data "
-            "(default: 60 over HTTP, never over BitTorrent).",
+            help="Give up after this many seconds without data. "
+            f"{help_suffix('timeout', default_text='60 over HTTP, never over BitTorrent')}",
         ),
     ] = None,
     tokenizer_url: Annotated[
         str | None,
         typer.Option(
             "--tokenizer-url",
-            help="Where to fetch tokenizer.model (default: the "
-            "xai-org/grok-1 source tree). Env: GROKCTL_TOKENIZER_URL.",
+            help="Where to fetch tokenizer.model. "
+            f"{help_suffix('tokenizer_url', default_text='the xai-org/grok-1 source tree')}",
             rich_help_panel=TOK,
         ),
     ] = None,
@@ -117,7 +118,8 @@ def download(
         str | None,
         typer.Option(
             "--listen",
-            help="libtorrent listen interfaces (default: 0.0.0.0:6881 and \\[::]:6881).",
+            help="libtorrent listen interfaces. "
+            + help_suffix("listen", default_text="0.0.0.0:6881 and \\[::]:6881"),
             rich_help_panel=BT,
         ),
     ] = None,
@@ -228,7 +230,7 @@ def _hub(
     tok_needed = 0 if tok["skip"] or (root / "tokenizer.model").is_file() else 2_229_219
     free = check_disk_space(root, plan.bytes_needed + tok_needed)
     if dry_run:
-        return _dry_run({**plan.to_json(), "dir": str(root), "free_bytes": free}, json_out)
+        return _dry_run({**plan.to_json(), "checkpoint": str(root), "free_bytes": free}, json_out)
     timeout = common["timeout"] or 60.0
     n = len(plan.files)
     done = [len(plan.present)]
@@ -265,7 +267,7 @@ def _hub(
             if res.downloaded
             else "all already present"
         )
-        _note(
+        _line(  # the result: stdout
             f"{repo}@{shown(plan.commit[:12])}: {n} files ({human_bytes(plan.bytes_total)}), {got} "
             f"in {root}; manifest {manifest.path.name}"
         )
@@ -276,7 +278,7 @@ def _hub(
         "revision": revision,
         "commit": plan.commit,
         "endpoint": plan.endpoint,
-        "dir": str(root),
+        "checkpoint": str(root),
         "files": n,
         "downloaded": len(res.downloaded),
         "bytes": plan.bytes_total,
@@ -312,7 +314,7 @@ def _magnet(
                 description=f"magnet {st.peers} peers {st.state}",
             )
 
-        result: dict[str, Any] = {"source": "magnet", "dir": str(root)}
+        result: dict[str, Any] = {"source": "magnet", "checkpoint": str(root)}
 
         def on_complete(res: Any) -> None:  # before seeding starts
             result.update(res.to_json(), manifest=str(manifest.path))
@@ -320,7 +322,7 @@ def _magnet(
                 return
             if not json_out:
                 rate = res.bytes_fetched / res.seconds / 1e6 if res.seconds else 0.0
-                _note(
+                _line(
                     f"magnet {res.info_hash[:12]} ({shown(res.name)}): {len(res.files)} files "
                     f"({human_bytes(res.bytes_total)}), {human_bytes(res.bytes_fetched)} fetched "
                     f"in {res.seconds:.1f} s ({rate:.1f} MB/s, {res.hash_failures} failed piece "
@@ -362,20 +364,22 @@ def _tokenizer(
         timeout=common["timeout"] or 60.0,
     )
     if not json_out:
-        _note(f"tokenizer.model: {res.action} (sha256 {res.sha256[:16]}… matches the pinned hash)")
+        _line(f"tokenizer.model: {res.action} (sha256 {res.sha256[:16]}… matches the pinned hash)")
     return res.to_json()
 
 
 def _dry_run(plan: dict[str, Any], json_out: bool) -> dict[str, Any]:
     if not json_out:
-        for f in plan["files"]:
+        for f in plan["listing"]:
             state = "present" if f["present"] else "to fetch"
             _line(f"{human_bytes(f['size']):>10}  {f['path']}  ({state})")
-        needed = plan.get("bytes_needed", sum(f["size"] for f in plan["files"] if not f["present"]))
+        needed = plan.get(
+            "bytes_needed", sum(f["size"] for f in plan["listing"] if not f["present"])
+        )
         free = f", {human_bytes(plan['free_bytes'])} free" if "free_bytes" in plan else ""
         _line(
-            f"{len(plan['files'])} files, {human_bytes(plan['bytes_total'])} in all, "
-            f"{human_bytes(needed)} to fetch into {plan['dir']}{free} (dry run: nothing fetched)"
+            f"{plan['files']} files, {human_bytes(plan['bytes'])} in all, "
+            f"{human_bytes(needed)} to fetch into {plan['checkpoint']}{free} (dry run: nothing fetched)"
         )
     return {**plan, "dry_run": True}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -13,8 +14,9 @@ import typer
 
 from grokctl.cli import options
 from grokctl.cli.output import emit_json, err, human_bytes, info, mark_mid_line, progress, warn
+from grokctl.cli.prompts import gather_prompts
 from grokctl.config import Settings, help_suffix
-from grokctl.errors import GrokctlError, MissingResourceError, UsageError
+from grokctl.errors import GrokctlError, UsageError
 
 SAMPLING = "Sampling"
 
@@ -25,71 +27,24 @@ class Interrupted(GrokctlError):
     exit_code = 130
 
 
-def parse_token_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise UsageError(
-            f"--token-ids {text!r}: expected comma-separated integers, e.g. 1,2,3"
-        ) from None
-    if not ids:
-        raise UsageError("--token-ids is empty")
-    return ids
-
-
-def decode_utf8(data: bytes, what: str) -> str:
-    """UTF-8 text, or a UsageError naming the line (1-based) of the first invalid byte."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise UsageError(
-            f"{what}: line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x} at column {col})"
-        ) from None
-
-
-def _stdin_bytes() -> bytes:
-    stream = sys.stdin
-    buf = getattr(stream, "buffer", None)
-    if buf is not None:
-        return bytes(buf.read())
-    return stream.read().encode()
-
-
-def read_prompts_file(path: Path) -> list[str]:
-    what = "--prompts-file " + ("- (stdin)" if str(path) == "-" else str(path))
-    try:
-        data = _stdin_bytes() if str(path) == "-" else path.read_bytes()
-    except OSError as exc:
-        raise MissingResourceError(f"--prompts-file {path}: {exc.strerror}") from None
-    prompts = [line for line in decode_utf8(data, what).splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError(f"{what}: no prompts (one per line)")
-    return prompts
-
-
-def read_piped_prompt() -> str | None:
-    """The prompt from stdin when it is piped (`echo hi | grokctl generate ...`), else None."""
-    stream = sys.stdin
-    if stream is None or stream.closed or stream.isatty():
-        return None
-    text = decode_utf8(_stdin_bytes(), "stdin")
-    text = text[:-1] if text.endswith("\n") else text
-    return text if text.strip() else None
-
-
-def _opt(name: str, *flags: str, help: str, panel: str | None = SAMPLING) -> Any:
+def _opt(
+    name: str, *flags: str, help: str, panel: str | None = SAMPLING, default_text: str | None = None
+) -> Any:
+    """An option whose default, constraint and variable come from the settings table."""
     return typer.Option(
-        *flags, help=f"{help} {help_suffix(name)}", show_default=False, rich_help_panel=panel
+        *flags,
+        help=f"{help} {help_suffix(name, default_text)}",
+        show_default=False,
+        rich_help_panel=panel,
     )
 
 
 def generate(
+    directory: options.CheckpointArg = None,
     prompt: Annotated[
         Optional[list[str]],
         typer.Option(
-            "--prompt", "-p", help="Prompt text; repeat for a batch. Default: stdin when piped."
+            "--prompt", "-p", help="Prompt text; repeat for a batch. (default: stdin when piped)"
         ),
     ] = None,
     prompts_file: Annotated[
@@ -108,8 +63,9 @@ def generate(
         _opt(
             "tokenizer",
             "--tokenizer",
-            help="SentencePiece model (default: <checkpoint>/tokenizer.model).",
+            help="SentencePiece model.",
             panel=None,
+            default_text="tokenizer.model in the checkpoint",
         ),
     ] = None,
     max_tokens: Annotated[
@@ -163,7 +119,8 @@ def generate(
         Optional[bool],
         typer.Option(
             "--stream/--no-stream",
-            help="Stream tokens (default: single prompt on a terminal). Env GROKCTL_STREAM.",
+            help="Stream tokens as they come. "
+            + help_suffix("stream", default_text="on for one prompt on a terminal"),
             show_default=False,
         ),
     ] = None,
@@ -184,44 +141,17 @@ def generate(
         ),
     ] = None,
 ) -> None:
-    """Generate text from a Grok-1 checkpoint (int8 weights, sparse experts, KV cache)."""
+    """Generate text from a Grok-1 checkpoint (int8 weights, sparse experts, KV cache). With
+    --json: one JSON object per prompt, one per line (JSON Lines)."""
     s = Settings("generate")
-    ckpt = s.get("checkpoint", checkpoint)
-    from grokctl.generation import SamplingParams
-
-    params = SamplingParams(
-        max_tokens=s.get("max_tokens", max_tokens),
-        temperature=s.get("temperature", temperature),
-        top_p=s.get("top_p", top_p),
-        top_k=s.get("top_k", top_k),
-        seed=s.get("seed", seed),
-        stop=tuple(s.get("stop", stop)),
-        min_p=s.get("min_p", min_p),
-        repeat_penalty=s.get("repeat_penalty", repeat_penalty),
-        repeat_last_n=s.get("repeat_last_n", repeat_last_n),
-        logprobs=s.get("logprobs", logprobs),
-    ).validate()
-    stream = s.get("stream", stream)
-    moe_kernel = s.get("moe", moe)
-    layout_name = s.get("layout", layout)
-    mesh_text = s.get("mesh", mesh)
-    preset_name = s.get("preset", preset)
-    tokenizer_path = s.get("tokenizer", tokenizer)
-    if ckpt is None:
-        raise UsageError("no checkpoint: pass --checkpoint DIR (or set GROKCTL_CHECKPOINT)")
-    texts: list[str] = list(prompt or [])
-    if prompts_file is not None:
-        texts += read_prompts_file(prompts_file)
-    id_prompts = [parse_token_ids(t) for t in token_ids or []]
-    if not texts and not id_prompts:
-        piped = read_piped_prompt()
-        if piped is None:
-            raise UsageError(
-                "no prompt: give --prompt TEXT, --prompts-file FILE, --token-ids 1,2,3 "
-                "or pipe the prompt on stdin"
-            )
-        texts.append(piped)
-    if params.logprobs and not json_out:
+    run = _resolve(
+        s, options.checkpoint(s, directory, checkpoint), tokenizer, json_out, stream,
+        routing_report, preset, mesh, moe, layout,
+        SamplingArgs(max_tokens, temperature, top_p, top_k, seed, stop, min_p, repeat_penalty,
+                     repeat_last_n, logprobs),
+    )  # fmt: skip
+    texts, id_prompts = gather_prompts(prompt, prompts_file, token_ids)
+    if run.params.logprobs and not json_out:
         warn("--logprobs is reported in --json output only")
 
     from grokctl import distributed
@@ -233,87 +163,117 @@ def generate(
         timeout_s=s.get("init_timeout"),
     )
     primary = distributed.is_primary() if multi else True
+    early, all_prompts = _prepare(run, texts, id_prompts, primary)
+    model = _load(s, run, early, need_tokenizer=bool(texts), primary=primary, multi=multi)
+    results, streamer = _run(model, run, all_prompts, texts, primary)
+    if run.routing_report is not None and results.routing is not None:
+        _write_routing_report(results.routing, run.routing_report, run.checkpoint, primary,
+                              json_out)  # fmt: skip
+    if primary:
+        _print_results(results.completions, streamer, json_out)
+    if any(r.finish_reason == "interrupted" for r in results.completions):
+        raise Interrupted("interrupted")
 
-    # Everything that can be refused is refused before minutes of weight loading.
+
+@dataclasses.dataclass(frozen=True)
+class SamplingArgs:
+    """The sampling flags as given (None: not on the command line)."""
+
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    stop: list[str] | None
+    min_p: float | None
+    repeat_penalty: float | None
+    repeat_last_n: int | None
+    logprobs: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRun:
+    """Every setting of one `generate`, resolved (flag > GROKCTL_* > grokctl.toml > default)."""
+
+    checkpoint: Path
+    params: Any  # generation.SamplingParams
+    tokenizer: Path | None
+    stream: bool | None
+    moe: str
+    layout: str
+    mesh: str | None
+    preset: str | None
+    json_out: bool
+    routing_report: Path | None
+
+
+def _resolve(
+    s: Settings,
+    ckpt: Path | None,
+    tokenizer: Path | None,
+    json_out: bool,
+    stream: bool | None,
+    routing_report: Path | None,
+    preset: str | None,
+    mesh: str | None,
+    moe: str | None,
+    layout: str | None,
+    sampling: SamplingArgs,
+) -> GenerateRun:
+    """Options -> settings: each through `Settings` (defaults and ranges from the one table)."""
+    from grokctl.generation import SamplingParams
+
+    if ckpt is None:
+        raise UsageError("no checkpoint: give CHECKPOINT or -c DIR (or set GROKCTL_CHECKPOINT)")
+    values = {
+        f.name: s.get(f.name, getattr(sampling, f.name)) for f in dataclasses.fields(sampling)
+    }
+    values["stop"] = tuple(values["stop"])
+    return GenerateRun(
+        checkpoint=ckpt,
+        params=SamplingParams(**values).validate(),
+        tokenizer=s.get("tokenizer", tokenizer),
+        stream=s.get("stream", stream),
+        moe=s.get("moe", moe),
+        layout=s.get("layout", layout),
+        mesh=s.get("mesh", mesh),
+        preset=s.get("preset", preset),
+        json_out=json_out,
+        routing_report=routing_report,
+    )
+
+
+def _prepare(
+    run: GenerateRun, texts: list[str], id_prompts: list[list[int]], primary: bool
+) -> tuple[Any, list[list[int]]]:
+    """Everything that can be refused, refused before minutes of weight loading: the config,
+    the tokenizer, every prompt against the context, the routing report's directory. Returns
+    the tokenizer (when text prompts need one) and every prompt as token ids."""
     from grokctl.checkpoint.index import checkpoint_root
     from grokctl.config import assumed_preset, load_model_config
     from grokctl.generation import check_prompts, context_warning
     from grokctl.tokenizer import Tokenizer, resolve_tokenizer_path
 
-    root = checkpoint_root(ckpt)
-    assumed = assumed_preset(root, preset_name)
-    if assumed is not None and preset_name is None and primary:
+    root = checkpoint_root(run.checkpoint)
+    assumed = assumed_preset(root, run.preset)
+    if assumed is not None and run.preset is None and primary:
         warn(f"{root} has no config.json: assuming preset {assumed} (--preset chooses another)")
-    early = Tokenizer(resolve_tokenizer_path(tokenizer_path, root)) if texts else None
+    early = Tokenizer(resolve_tokenizer_path(run.tokenizer, root)) if texts else None
     encoded = [early.encode(t) for t in texts] if early else []
     all_prompts: list[list[int]] = [*encoded, *id_prompts]  # texts encoded once, here
-    cfg = load_model_config(root, preset_name)
+    cfg = load_model_config(root, run.preset)
     check_prompts(cfg, all_prompts)
-    if primary and (note := context_warning(cfg, all_prompts, params.max_tokens)):
+    if primary and (note := context_warning(cfg, all_prompts, run.params.max_tokens)):
         warn(note)
-    if routing_report is not None and primary:  # --routing-report: refuse before loading
+    if run.routing_report is not None and primary:
         from grokctl.routing import check_report_dir
 
-        check_report_dir(routing_report)
-
-    model = _load(s, ckpt, mesh_text, moe_kernel, layout_name, preset_name, early, tokenizer_path,
-                  bool(texts), json_out, primary, multi)  # fmt: skip
-
-    streaming = stream if stream is not None else (len(all_prompts) == 1 and sys.stdout.isatty())
-    streaming = streaming and not json_out and primary and model.tokenizer is not None
-    streamer = (
-        _Streamer(model.tokenizer.decode, params.stop) if streaming and model.tokenizer else None
-    )
-    echo = texts[0] if streamer is not None and texts else None
-    # --routing-report: summed inside the same prefill/decode programs (docs/routing.md)
-    routing_rec = model.collect_routing() if routing_report is not None else None
-    with _status(enabled=primary and not json_out and err.is_terminal) as status:
-
-        def on_token(row: int, token: int) -> None:
-            if status.first():  # the first token: compiling is over
-                if echo is not None:
-                    err.print(echo, style="dim", end="", markup=False, highlight=False)
-            if streamer is not None:
-                streamer(row, token)
-
-        results = model.generate(
-            all_prompts,
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            seed=params.seed,
-            stop=params.stop,
-            on_token=on_token,
-            min_p=params.min_p,
-            repeat_penalty=params.repeat_penalty,
-            repeat_last_n=params.repeat_last_n,
-            logprobs=params.logprobs,
-        )
-    for r, text in zip(results, texts):  # label the text prompts (they went in as ids)
-        r.prompt = text
-    if routing_rec is not None and routing_report is not None:
-        _write_routing_report(routing_rec.stop(), routing_report, ckpt, primary, json_out)
-    interrupted = any(r.finish_reason == "interrupted" for r in results)
-    if primary:
-        _print_results(results, streamer, json_out)
-    if interrupted:
-        raise Interrupted("interrupted")
+        check_report_dir(run.routing_report)
+    return early, all_prompts
 
 
 def _load(
-    s: Settings,
-    ckpt: Path,
-    mesh_text: str | None,
-    moe_kernel: str,
-    layout_name: str,
-    preset_name: str | None,
-    early: Any,
-    tokenizer_path: Path | None,
-    need_tokenizer: bool,
-    json_out: bool,
-    primary: bool,
-    multi: bool,
+    s: Settings, run: GenerateRun, early: Any, need_tokenizer: bool, primary: bool, multi: bool
 ) -> Any:
     """The model on its mesh, with a progress bar on a terminal and one summary line."""
     from grokctl import distributed
@@ -321,15 +281,15 @@ def _load(
 
     start = time.perf_counter()
     try:
-        with progress("bytes", enabled=not json_out and primary) as bar:
+        with progress("bytes", enabled=not run.json_out and primary) as bar:
             task = bar.add_task("loading weights", total=None)
             model = load_model(
-                ckpt,
-                mesh=mesh_text,
-                moe=moe_kernel,
-                layout=layout_name,
-                preset=preset_name,
-                tokenizer=early or tokenizer_path,  # the tokenizer already loaded, if any
+                run.checkpoint,
+                mesh=run.mesh,
+                moe=run.moe,
+                layout=run.layout,
+                preset=run.preset,
+                tokenizer=early or run.tokenizer,  # the tokenizer already loaded, if any
                 require_tokenizer=need_tokenizer,
                 on_progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
@@ -339,7 +299,7 @@ def _load(
             raise UsageError(str(exc).replace("--mesh", where)) from None
         raise
     st = model.load_stats
-    if primary and not json_out:
+    if primary and not run.json_out:
         shape = model.mesh.shape
         who = f"process 0 of {distributed.process_count()}: " if multi else ""
         mine = " (this process's shards)" if multi else ""
@@ -349,6 +309,45 @@ def _load(
             f"(data x model) in {time.perf_counter() - start:.1f}s[/]"
         )
     return model
+
+
+@dataclasses.dataclass
+class _Results:
+    completions: list[Any]
+    routing: Any = None  # routing statistics with --routing-report
+
+
+def _run(
+    model: Any, run: GenerateRun, prompts: list[list[int]], texts: list[str], primary: bool
+) -> tuple[_Results, _Streamer | None]:
+    """Generate: a status line until the first token (on a terminal), then streamed text when
+    streaming (a single prompt on a terminal by default)."""
+    streaming = (
+        run.stream if run.stream is not None else (len(prompts) == 1 and sys.stdout.isatty())
+    )
+    streaming = streaming and not run.json_out and primary and model.tokenizer is not None
+    streamer = _Streamer(model.tokenizer.decode, run.params.stop) if streaming else None
+    echo = texts[0] if streamer is not None and texts else None
+    # --routing-report: summed inside the same prefill/decode programs (docs/routing.md)
+    routing_rec = model.collect_routing() if run.routing_report is not None else None
+    p = run.params
+    with _status(enabled=primary and not run.json_out and err.is_terminal) as status:
+
+        def on_token(row: int, token: int) -> None:
+            if status.first() and echo is not None:  # the first token: compiling is over
+                err.print(echo, style="dim", end="", markup=False, highlight=False)
+            if streamer is not None:
+                streamer(row, token)
+
+        completions = model.generate(
+            prompts, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+            top_k=p.top_k, seed=p.seed, stop=p.stop, on_token=on_token, min_p=p.min_p,
+            repeat_penalty=p.repeat_penalty, repeat_last_n=p.repeat_last_n, logprobs=p.logprobs,
+        )  # fmt: skip
+    for r, text in zip(completions, texts):  # label the text prompts (they went in as ids)
+        r.prompt = text
+    routing = routing_rec.stop() if routing_rec is not None else None
+    return _Results(completions, routing), streamer
 
 
 def _print_results(results: list[Any], streamer: _Streamer | None, json_out: bool) -> None:

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich import box
-from rich.console import Console
-from rich.measure import Measurement
-from rich.table import Table
 
-from grokctl.cli import options
-from grokctl.cli.output import emit_json, out, warn
+from grokctl.cli import layout, options
+from grokctl.cli.output import emit_json, warn
 from grokctl.config import Settings, help_suffix
 from grokctl.errors import UsageError
+from grokctl.paths import shown
 
 _DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}  # int8, int4 as they are
 
@@ -30,16 +26,6 @@ def _gib(n: float) -> str:
         if n >= 1 << shift:
             return f"{n / (1 << shift):,.2f} {unit}"
     return f"{int(n)} B"
-
-
-def _emit(table: Table) -> None:
-    """A table on stdout; piped to a file or a pager it keeps its natural width (no folding)."""
-    if out.is_terminal:
-        out.print(table)
-        return
-    wide = out.options.update(max_width=1000)
-    width = max(out.width, Measurement.get(out, wide, table).maximum)
-    Console(file=sys.stdout, width=width, highlight=False, soft_wrap=True).print(table)
 
 
 def _count(n: int) -> str:
@@ -57,14 +43,8 @@ def _size(n: float) -> str:
 
 
 def inspect(
-    directory: Annotated[
-        Path | None,
-        typer.Argument(
-            help="Checkpoint directory (holding ckpt-0/). Env: GROKCTL_CHECKPOINT.",
-            metavar="DIR",
-            show_default=False,
-        ),
-    ] = None,
+    directory: options.CheckpointArg = None,
+    checkpoint: options.Checkpoint = None,
     preset: options.Preset = None,
     mesh: options.Mesh = None,
     layout: options.Layout = None,
@@ -89,7 +69,10 @@ def inspect(
     device_memory: Annotated[
         str | None,
         typer.Option(
-            "--device-memory", help="Memory per device: 80 (GiB), 80GB, 24GiB. Default: detected."
+            "--device-memory",
+            help="Memory per device: 80 (GiB), 80GB, 24GiB. "
+            f"{help_suffix('device_memory', default_text='detected')}",
+            show_default=False,
         ),
     ] = None,
     pattern: Annotated[
@@ -97,8 +80,14 @@ def inspect(
         typer.Option("--filter", help="Only parameters whose path matches this regex."),
     ] = None,
     layer: Annotated[
-        int | None, typer.Option("--layer", min=0, help="Only parameters of decoder layer N.")
+        int | None, typer.Option("--layer", help="Only parameters of decoder layer N.")
     ] = None,
+    tensors: Annotated[
+        bool,
+        typer.Option(
+            "--tensors", help="Also list every tensor (file, shape, dtype, spec, shard, bytes)."
+        ),
+    ] = False,
     show_rules: Annotated[
         bool, typer.Option("--rules", help="Show the partition-rule table.")
     ] = False,
@@ -120,22 +109,20 @@ def inspect(
     ] = None,
     json_out: options.Json = False,
 ) -> None:
-    """Every parameter's file, shape, dtype, int8 layout, bytes, partition spec and per-device shard,
-    and a per-device memory plan (weights + KV cache + working space) with a fits verdict.
-    Reads no tensor data; `--preset grok-1` with no files works from shapes alone."""
+    """What a checkpoint holds and whether it fits a mesh: totals, a per-device memory plan
+    (weights + KV cache + working space) and a fits verdict; with --tensors every parameter's
+    file, shape, dtype, int8 layout, bytes, partition spec and per-device shard. Reads no tensor
+    data; `--preset grok-1` with no files works from shapes alone."""
     from grokctl import inspect as lib
     from grokctl.model.sharding import parse_mesh_shape
 
     s = Settings("inspect")
     layout_name = s.get("layout", layout)
-    if show_rules and directory is None and preset is None:
+    given = directory is not None or checkpoint is not None
+    if show_rules and not given and preset is None:
         _print_rules(lib.rules_table(layout_name), layout_name, json_out)
         return
-    ckpt = (
-        directory
-        if directory is not None
-        else (None if preset else s.get("checkpoint", None, kind=Path))
-    )
+    ckpt = options.checkpoint(s, directory, checkpoint) if given or not preset else None
     preset_name = s.get("preset", preset)
     if ckpt is None and preset_name is None:
         raise UsageError("nothing to inspect: give a checkpoint DIR or --preset NAME (e.g. grok-1)")
@@ -183,137 +170,159 @@ def inspect(
         return
     if show_rules:
         _print_rules(lib.rules_table(layout_name), layout_name, False, report.tensors)
-    _print_report(report)
+        sys.stdout.write("\n")
+    _print_report(report, tensors or pattern is not None or layer is not None)
 
 
 def _print_rules(
-    rows: list[dict[str, Any]], layout: str, json_out: bool, tensors: Any = None
+    rows: list[dict[str, Any]], layout_name: str, json_out: bool, tensors: Any = None
 ) -> None:
     if json_out:
-        emit_json({"layout": layout, "rules": rows})
+        emit_json({"layout": layout_name, "rules": rows})
         return
-    table = Table(
-        title=f"Partition rules (layout {layout}; first match wins)", title_justify="left"
-    )
-    for col in ("kind", "parameter path regex / activation", "spec"):
-        table.add_column(col)
-    if tensors is not None:
-        table.add_column("tensors", justify="right")
-    for row in rows:
-        cells = [row["kind"], row["pattern"], row["spec"]]
-        if tensors is not None:
-            cells.append(
-                str(sum(t.rule == row["pattern"] for t in tensors))
-                if row["kind"] == "parameter"
-                else ""
-            )
-        table.add_row(*cells)
-    _emit(table)
+    width = layout.line_width()
+    header = ["kind", "parameter path regex / activation", "spec"]
+    cells = [[row["kind"], row["pattern"], row["spec"]] for row in rows]
+    if tensors is not None:  # how many tensors each parameter rule places
+        header.append("tensors")
+        for row, line in zip(rows, cells):
+            hits = sum(t.rule == row["pattern"] for t in tensors)
+            line.append(str(hits) if row["kind"] == "parameter" else "")
+    title = f"Partition rules (layout {layout_name}; first match wins)"
+    right = [False, False, False, True][: len(header)]
+    lines = [*layout.wrap(title, width, "  "), *layout.table(header, cells, right, width, key=1)]
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
-def _print_report(report: Any) -> None:
+def _print_report(report: Any, with_tensors: bool) -> None:
+    """Plain text laid out to the terminal's width (wrapped, never cut): the model line, the
+    tensor listing (with --tensors), totals, the memory plan and the verdict."""
+    width = layout.line_width()
     cfg, plan, totals = report.config, report.plan, report.totals()
-    out.print(
-        f"[bold]{report.location}[/] ({report.source}): {cfg.num_layers} layers, emb {cfg.emb_size}, "
-        f"{cfg.num_q_heads} q / {cfg.num_kv_heads} kv heads x {cfg.key_size}, {cfg.num_experts} experts "
-        f"top-{cfg.num_selected_experts}, ffn {cfg.ffn_size}, vocab {cfg.vocab_size}, context {cfg.sequence_len}"
+    lines = layout.wrap(
+        f"{report.location} ({report.source}): {cfg.num_layers} layers, emb {cfg.emb_size}, "
+        f"{cfg.num_q_heads} q / {cfg.num_kv_heads} kv heads x {cfg.key_size}, "
+        f"{cfg.num_experts} experts top-{cfg.num_selected_experts}, ffn {cfg.ffn_size}, "
+        f"vocab {cfg.vocab_size}, context {cfg.sequence_len}",
+        width,
+        "  ",
     )
-    table = Table(
-        title=f"Tensors ({totals['selected_tensors']} of {totals['tensors']}) on a "
-        f"{plan.data}x{plan.model} mesh (data x model), layout {report.layout}",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
+    if with_tensors:
+        lines += ["", *_tensor_lines(report, totals, width)]
+    lines += ["", *_totals_lines(totals, width), "", *_plan_lines(report, width)]
+    lines += layout.wrap(_verdict(plan), width, "  ")
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+
+
+def _tensor_lines(report: Any, totals: dict[str, Any], width: int | None) -> list[str]:
+    plan = report.plan
+    title = (
+        f"Tensors ({totals['selected_tensors']} of {totals['tensors']}) on a "
+        f"{plan.data}x{plan.model} mesh (data x model), layout {report.layout}; bytes exact"
     )
-    for col in ("parameter", "file", "shape", "dtype", "scales", "on disk", "spec"):
-        table.add_column(
-            col,
-            justify="right" if col == "on disk" else "left",
-            no_wrap=col != "parameter",  # on a narrow terminal the path folds, numbers stay whole
-            overflow="fold",
-        )
-    table.add_column("shard", no_wrap=True)
-    table.add_column("per device", justify="right", no_wrap=True)
+    header = ["parameter", "file", "shape", "dtype", "scales", "on disk", "spec", "shard",
+              "per device"]  # fmt: skip
+    right = [False, False, False, False, False, True, False, False, True]
+    rows = []
     for t in report.selected:
         scales = f"bf16 {_shape(t.scales_shape)}" if t.quantized else ""
         if t.quantized and t.scales_spec != t.spec:
             scales += f" ({t.scales_spec})"  # e.g. 8 scale blocks kept whole over 16 devices
-        table.add_row(
-            t.name,
-            t.file.rsplit("/", 1)[-1],
-            _shape(t.shape),
-            _DTYPES.get(t.dtype, t.dtype),
-            scales,
-            f"{t.file_bytes:,}",
-            t.spec,
-            _shape(t.shard_shape),
-            _size(t.device_bytes),
-        )
-    _emit(table)
+        rows.append([
+            shown(t.name, 200), t.file.rsplit("/", 1)[-1], _shape(t.shape),
+            _DTYPES.get(t.dtype, t.dtype), scales, f"{t.file_bytes:,}", t.spec,
+            _shape(t.shard_shape), f"{t.device_bytes:,}",
+        ])  # fmt: skip
+    if not rows:
+        return [*layout.wrap(title, width, "  "), "  (no parameter matches)"]
+    return [*layout.wrap(title, width, "  "), *layout.table(header, rows, right, width)]
 
-    summary = Table(title="Totals", title_justify="left", show_header=False)
-    summary.add_column(justify="left")
-    summary.add_column(justify="right")
-    if totals["int4_tensors"]:
-        summary.add_row("tensors (int4)", f"{totals['tensors']} ({totals['int4_tensors']})")
-    else:
-        summary.add_row("tensors (int8)", f"{totals['tensors']} ({totals['int8_tensors']})")
-    summary.add_row("parameters", f"{totals['parameters']:,} ({_count(totals['parameters'])})")
+
+def _totals_lines(totals: dict[str, Any], width: int | None) -> list[str]:
     active = totals["active_parameters_per_token"]
-    summary.add_row("active parameters per token", f"{active:,} ({_count(active)})")
-    summary.add_row(
-        "bytes on disk", f"{totals['bytes_on_disk']:,} ({_size(totals['bytes_on_disk'])})"
-    )
-    if totals["selected_tensors"] != totals["tensors"]:
-        summary.add_row("selected: on disk", f"{totals['selected_bytes_on_disk']:,}")
-        summary.add_row("selected: per device", _size(totals["selected_device_bytes"]))
-    _emit(summary)
-
-    mem = Table(
-        title=f"Memory per device: {plan.data}x{plan.model} mesh, batch {plan.batch}"
-        + (f" (padded to {plan.padded_batch})" if plan.padded_batch != plan.batch else "")
-        + f", seq-len {plan.seq_len}",
-        title_justify="left",
-    )
-    mem.add_column("part")
-    mem.add_column("per device", justify="right")
-    mem.add_column("how", justify="left")
-    w = plan.working
-    packed = "int4 shards (2 per byte)" if totals["int4_tensors"] else "int8 shards"
-    mem.add_row(
-        "weights", _gib(plan.weights), f"{packed} + bf16 scales + float arrays, from the specs"
-    )
-    mem.add_row(
-        "KV cache", _gib(plan.kv_cache), f"bf16 k/v, {cfg.num_layers} layers, batch/data x seq-len"
-    )
-    mem.add_row(
-        "working space",
-        _gib(plan.working_total),
-        f"dequant {_gib(w['dequant'])} + residual {_gib(w['residual'])} + logits "
-        f"{_gib(w['logits'])} + max(attention {_gib(w['attention'])}, moe {_gib(w['moe'])})",
-    )
-    mem.add_row("[bold]total[/]", f"[bold]{_gib(plan.total)}[/]", "")
-    mem.add_row(
-        "device memory",
-        _gib(plan.device_memory) if plan.device_memory else "unknown",
-        plan.device_memory_source,
-    )
-    _emit(mem)
-    if plan.fits is None:
-        out.print("verdict: unknown (pass --device-memory SIZE)")
-    elif plan.fits:
-        pct = 100 * plan.total / plan.device_memory
-        out.print(
-            f"[green]fits[/]: {_gib(plan.total)} of {_gib(plan.device_memory)} per device ({pct:.0f}%)"
-        )
+    if totals["int4_tensors"]:
+        kind = ["tensors (int4)", f"{totals['tensors']} ({totals['int4_tensors']})"]
     else:
-        need = plan.total - plan.device_memory
-        out.print(
-            f"[red]does not fit[/]: needs {_gib(plan.total)} per device, {_gib(need)} more than "
-            f"{_gib(plan.device_memory)}; try more devices on the model axis (--mesh {plan.data}x{plan.model * 2}), a smaller "
-            "--batch or --seq-len"
-        )
+        kind = ["tensors (int8)", f"{totals['tensors']} ({totals['int8_tensors']})"]
+    rows = [
+        kind,
+        ["parameters", f"{totals['parameters']:,} ({_count(totals['parameters'])})"],
+        ["active parameters per token", f"{active:,} ({_count(active)})"],
+        ["bytes on disk", f"{totals['bytes_on_disk']:,} ({_size(totals['bytes_on_disk'])})"],
+    ]
+    if totals["selected_tensors"] != totals["tensors"]:
+        rows.append(["selected: on disk", f"{totals['selected_bytes_on_disk']:,}"])
+        rows.append(["selected: per device", f"{totals['selected_device_bytes']:,}"])
+    return ["Totals", *_pairs(rows, width)]
+
+
+def _pairs(rows: list[list[str]], width: int | None) -> list[str]:
+    """`name  value` lines, values aligned; a value that does not fit goes under its name."""
+    w = max(len(r[0]) for r in rows)
+    lines = []
+    for name, value in rows:
+        one = f"  {name.ljust(w)}  {value}"
+        lines += [one] if width is None or len(one) <= width else [f"  {name}", f"    {value}"]
+    return lines
+
+
+def _plan_lines(report: Any, width: int | None) -> list[str]:
+    cfg, plan, w = report.config, report.plan, report.plan.working
+    padded = f" (padded to {plan.padded_batch})" if plan.padded_batch != plan.batch else ""
+    title = (
+        f"Memory per device: {plan.data}x{plan.model} mesh, batch {plan.batch}{padded}, "
+        f"seq-len {plan.seq_len}"
+    )
+    packed = "int4 shards (2 per byte)" if report.totals()["int4_tensors"] else "int8 shards"
+    parts = [
+        ("weights", plan.weights, f"{packed} + bf16 scales + float arrays, from the specs"),
+        ("KV cache", plan.kv_cache, f"bf16 k/v, {cfg.num_layers} layers, batch/data x seq-len"),
+        (
+            "working space",
+            plan.working_total,
+            f"dequant {w['dequant']:,} + residual {w['residual']:,} + logits {w['logits']:,} + "
+            f"max(attention {w['attention']:,}, moe {w['moe']:,})",
+        ),
+        ("total", plan.total, ""),
+    ]
+    rows = [[name, _gib(n), f"{n:,} B", how] for name, n, how in parts]
+    mem = plan.device_memory
+    rows.append(
+        [
+            "device memory",
+            _gib(mem) if mem else "unknown",
+            f"{mem:,} B" if mem else "",
+            shown(plan.device_memory_source, 200),
+        ]
+    )
+    laid = layout.columns(
+        ["part", "per device", "bytes"], [r[:3] for r in rows], [False, True, True], None
+    )
+    assert laid is not None
+    lines = layout.wrap(title, width, "  ")
+    for text, (*_, how) in zip(laid, [["", "", "", "how"], ["", "", "", ""], *rows]):
+        one = f"  {text}  {how}" if how else f"  {text}"
+        if width is None or len(one) <= width:
+            lines.append(one)
+        else:  # the explanation goes under its row, wrapped
+            lines += layout.wrap(f"  {text}", width, "    ")
+            lines += layout.wrap(f"      {how}", width, "      ")
+    return lines
+
+
+def _verdict(plan: Any) -> str:
+    if plan.fits is None:
+        return "verdict: unknown (pass --device-memory SIZE)"
+    if plan.fits:
+        pct = 100 * plan.total / plan.device_memory
+        return f"verdict: fits: {_gib(plan.total)} of {_gib(plan.device_memory)} per device ({pct:.0f}%)"
+    need = plan.total - plan.device_memory
+    return (
+        f"verdict: does not fit: needs {_gib(plan.total)} per device, {_gib(need)} more than "
+        f"{_gib(plan.device_memory)}; try more devices on the model axis "
+        f"(--mesh {plan.data}x{plan.model * 2}), a smaller --batch or --seq-len"
+    )
 
 
 def register(app: typer.Typer) -> None:

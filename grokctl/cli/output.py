@@ -113,3 +113,16 @@ _mid_line: dict[str, bool] = {}
 def mark_mid_line(stream: str, mid: bool) -> None:
     """Record whether `stream` ends in the middle of a line (streamed text)."""
     _mid_line[stream] = mid
+
+
+def emit_table(table: Any) -> None:
+    """A rich table on stdout; piped to a file or a pager it keeps its natural width (never
+    folded or cut)."""
+    from rich.measure import Measurement
+
+    if out.is_terminal:
+        out.print(table)
+        return
+    wide = out.options.update(max_width=1000)
+    width = max(out.width, Measurement.get(out, wide, table).maximum)
+    Console(file=sys.stdout, width=width, highlight=False, soft_wrap=True).print(table)

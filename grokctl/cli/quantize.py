@@ -11,8 +11,7 @@ from rich import box
 from rich.table import Table
 
 from grokctl.cli import options
-from grokctl.cli.inspect import _emit
-from grokctl.cli.output import emit_json, err, info, out, progress
+from grokctl.cli.output import emit_json, emit_table, err, info, out, progress
 from grokctl.errors import UsageError
 from grokctl.units import human_bytes
 
@@ -127,7 +126,7 @@ def _print_plan(p: Any) -> None:
     for s in d["shards"]:
         table.add_row(s["file"], str(s["tensors"]), human_bytes(s["bytes"]))
     table.add_row("total (tensor data)", str(d["tensors"]), human_bytes(d["output_bytes"]))
-    _emit(table)
+    emit_table(table)
     dev = d["per_device"]
     m = d["mesh"]
     short = d["free_bytes"] is not None and d["free_bytes"] < d["needed_bytes"]
@@ -169,7 +168,7 @@ def _emit_report(report: dict[str, Any], json_out: bool) -> None:
             f"{t['rel_rms_error']:.4f}",
             f"{t['max_abs_error']:.4g}",
         )
-    _emit(table)
+    emit_table(table)
     for f in report["group_size_fallbacks"]:
         out.print(f"group size {f['group_size']} for {f['name']} (K = {f['contracting']})")
     e2e = report.get("end_to_end")

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from grokctl.cli import options
-from grokctl.cli.output import emit_json, human_bytes, info, progress
+from grokctl.cli.output import emit_json, human_bytes, out, progress
 from grokctl.config import PRESETS, Settings, help_suffix
 from grokctl.errors import MissingResourceError, UsageError
 
@@ -115,7 +115,7 @@ def random_checkpoint(
         ) from None
     index = CheckpointIndex.open(path)
     result = {
-        "path": str(path),
+        "checkpoint": str(path),
         "preset": preset_name,
         "config": str(config_file) if config_file is not None else None,
         "tensors": len(index),
@@ -126,9 +126,11 @@ def random_checkpoint(
     if json_out:
         emit_json(result)
     else:
-        info(
+        out.print(
             f"wrote {result['tensors']} tensors ({human_bytes(index.file_bytes)}, "
-            f"{cfg.param_count() / 1e6:.1f} M parameters) to {path}"
+            f"{cfg.param_count() / 1e6:.1f} M parameters) to {path}",
+            markup=False,
+            highlight=False,
         )
 
 

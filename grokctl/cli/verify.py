@@ -10,19 +10,16 @@ import typer
 
 from grokctl.cli import options
 from grokctl.cli.output import emit_json, human_bytes, out, progress
-from grokctl.config import Settings
+from grokctl.config import Settings, help_suffix
 from grokctl.errors import IntegrityError
 from grokctl.paths import shown
 
+DEFAULT_DIR = "checkpoints"  # where `download` puts the checkpoint by default
+
 
 def verify(
-    directory: Annotated[
-        Path | None,
-        typer.Argument(
-            help="Checkpoint directory (default: ./checkpoints). Env: GROKCTL_CHECKPOINT.",
-            show_default=False,
-        ),
-    ] = None,
+    directory: options.CheckpointArg = None,
+    checkpoint: options.Checkpoint = None,
     deep: Annotated[
         bool, typer.Option("--deep", help="Also scan every float tensor for NaN/Inf.")
     ] = False,
@@ -41,7 +38,12 @@ def verify(
         Path | None, typer.Option("--torrent-file", help="The .torrent to check pieces against.")
     ] = None,
     workers: Annotated[
-        int | None, typer.Option("--workers", min=1, help="Hashing threads (default: all cores).")
+        int | None,
+        typer.Option(
+            "--workers",
+            help=f"Hashing threads. {help_suffix('workers', default_text='all cores')}",
+            show_default=False,
+        ),
     ] = None,
     preset: options.Preset = None,
     json_out: options.Json = False,
@@ -53,7 +55,7 @@ def verify(
     from grokctl.verify import verify_checkpoint
 
     s = Settings("verify")
-    root = Path(s.get("checkpoint", directory, "checkpoints", kind=Path))
+    root = options.checkpoint(s, directory, checkpoint, DEFAULT_DIR) or Path(DEFAULT_DIR)
     with progress("bytes", enabled=not json_out) as bar:
 
         def on_phase(desc: str, total: int) -> Callable[[int], None]:

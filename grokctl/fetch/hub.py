@@ -93,7 +93,8 @@ class HubPlan:
             "revision": self.revision,
             "commit": self.commit,
             "endpoint": self.endpoint,
-            "files": [
+            "files": len(self.files),
+            "listing": [
                 {
                     "path": f.path,
                     "size": f.size,
@@ -102,7 +103,7 @@ class HubPlan:
                 }
                 for f in self.files
             ],
-            "bytes_total": self.bytes_total,
+            "bytes": self.bytes_total,
             "bytes_present": self.bytes_present,
             "bytes_needed": self.bytes_needed,
         }

@@ -79,10 +79,19 @@ class TorrentResult:
     dry_run: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["seconds"] = round(self.seconds, 3)
-        if not self.dry_run:
-            out["files"] = len(self.files)  # the listing is for --dry-run
+        out: dict[str, Any] = {
+            "info_hash": self.info_hash,
+            "name": self.name,
+            "files": len(self.files),  # `files` is a count in every command's json
+            "bytes": self.bytes_total,
+            "bytes_fetched": self.bytes_fetched,
+            "seconds": round(self.seconds, 3),
+            "hash_failures": self.hash_failures,
+            "torrent": self.torrent,
+            "dry_run": self.dry_run,
+        }
+        if self.dry_run:
+            out["listing"] = [dict(f) for f in self.files]  # the per-file listing: --dry-run
         return out
 
 
