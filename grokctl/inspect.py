@@ -33,7 +33,7 @@ from grokctl.checkpoint.index import CheckpointIndex
 from grokctl.checkpoint.layout import BF16, INT8, param_specs
 from grokctl.checkpoint.refs import QuantRef
 from grokctl.checkpoint.xai.files import CKPT_SUBDIR, tensor_filename
-from grokctl.config import ModelConfig
+from grokctl.config import ModelConfig, default
 from grokctl.errors import UsageError
 from grokctl.model import sharding as shd
 
@@ -208,8 +208,8 @@ def plan_memory(
     model: int,
     batch: int,
     seq_len: int,
-    layout: str = "tensor",
-    moe: str = "sparse",
+    layout: str = default("layout"),
+    moe: str = default("moe"),
     device_memory: int | None = None,
     device_memory_source: str = "not given",
 ) -> MemoryPlan:
@@ -300,14 +300,14 @@ def inspect(
     checkpoint: str | None = None,
     preset: str | None = None,
     mesh: tuple[int, int] = (1, 1),
-    layout: str = "tensor",
+    layout: str = default("layout"),
     batch: int = 1,
     seq_len: int | None = None,
     device_memory: int | None = None,
     device_memory_source: str = "not given",
     pattern: str | None = None,
     layer: int | None = None,
-    moe: str = "sparse",
+    moe: str = default("moe"),
 ) -> Report:
     """The whole report. With `checkpoint`, from its index (headers only); else from `preset`."""
     from grokctl.config import load_model_config
@@ -343,7 +343,7 @@ def inspect(
     return Report(source, location, cfg, layout, placed, select(placed, pattern, layer), plan)
 
 
-def rules_table(layout: str = "tensor") -> list[dict[str, Any]]:
+def rules_table(layout: str = default("layout")) -> list[dict[str, Any]]:
     """The partition rules as rows (pattern, spec, what it shards), parameters then activations."""
     rows: list[dict[str, Any]] = [
         {"kind": "parameter", "pattern": pattern, "spec": shd.spec_text(spec), "axes": list(spec)}
