@@ -410,7 +410,13 @@ SETTINGS: dict[str, Setting] = {
         None,
         command_defaults=(("download", Path("checkpoints")), ("verify", Path("checkpoints"))),
     ),
-    "preset": Setting(str, None, choices=tuple(PRESETS), commands=COMMANDS[1:]),
+    "preset": Setting(
+        str,
+        None,
+        choices=tuple(PRESETS),
+        commands=COMMANDS[1:],
+        command_defaults=(("random-checkpoint", "grok-demo"),),
+    ),
     "seed": Setting(int, 0, commands=("generate", "random-checkpoint")),
     # the model on devices
     "mesh": Setting(str, None, check=_check_mesh, commands=_RUN),
