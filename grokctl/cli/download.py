@@ -19,6 +19,8 @@ BT = "BitTorrent (--magnet)"
 
 
 TOK = "Tokenizer"
+# "0.0.0.0:6881 and \[::]:6881" (`[` escaped for rich markup)
+_LISTEN_SHOWN = " and ".join(default("listen").split(",")).replace("[", "\\[")
 
 Patterns = list[str] | None
 
@@ -27,7 +29,7 @@ def download(
     source: Annotated[
         str | None,
         typer.Argument(
-            help="Hugging Face repo id (default xai-org/grok-1); with --magnet a magnet link or "
+            help=f"Hugging Face repo id (default {default('repo')}); with --magnet a magnet link or "
             ".torrent file (default: the official Grok-1 magnet). A magnet: link implies --magnet.",
             show_default=False,
         ),
@@ -126,7 +128,7 @@ def download(
         str | None,
         typer.Option(
             "--listen",
-            help="libtorrent listen interfaces (default: 0.0.0.0:6881 and \\[::]:6881).",
+            help=f"libtorrent listen interfaces (default: {_LISTEN_SHOWN}).",
             rich_help_panel=BT,
         ),
     ] = None,
