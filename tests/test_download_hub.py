@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 from hub_server import HubServer  # tests/ is on sys.path under pytest
 
+import grokctl
 from grokctl.cli.app import main
 from grokctl.fetch.common import PARTIAL_DIR, matches, select, split_patterns
 from grokctl.fetch.manifest import MANIFEST_NAME, Manifest
@@ -358,5 +358,5 @@ def test_library_call_without_the_cli(hub: HubServer, repo_dir: Path, tmp_path: 
     for f in files:
         assert (dest / f.relative_to(repo_dir)).read_bytes() == f.read_bytes()
 
-    again = download(dataclasses.replace(req, tokenizer=False))
+    again = grokctl.download(directory=dest, include=req.include, tokenizer=False)  # the API's
     assert again.hub.downloaded == [] and again.tokenizer is None

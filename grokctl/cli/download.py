@@ -136,7 +136,7 @@ def download(
 ) -> None:
     """Download the Grok-1 checkpoint (300 GB) and its tokenizer into a plain directory, resumably,
     and write grokctl-manifest.json (sizes, sha256, source) next to the files."""
-    from grokctl.fetch.common import split_patterns
+    from grokctl.fetch.common import DEFAULT_INCLUDE, split_patterns
     from grokctl.fetch.download import DownloadHooks, DownloadRequest, download
 
     s = Settings("download")
@@ -144,7 +144,7 @@ def download(
         directory=Path(s.get("checkpoint", directory)),
         source=source,
         magnet=magnet,
-        include=split_patterns(include) or DownloadRequest().include,
+        include=split_patterns(include) or list(DEFAULT_INCLUDE),
         exclude=split_patterns(exclude),
         revision=s.get("revision", revision),
         max_workers=s.get("max_workers", max_workers),
