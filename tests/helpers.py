@@ -81,3 +81,20 @@ def one_line_error(run: Run) -> str:
     assert len(lines) == 1, f"expected one error line, got:\n{run.err}"
     assert "Traceback" not in run.err
     return lines[0]
+
+
+# Reading a full-size stand-in's headers reads a few MB; its data would be 318 GB.
+HEADERS_READ_LIMIT = 256 << 20
+
+
+def bytes_read() -> int | None:
+    """Bytes this process has read through read(2) and friends so far (Linux /proc/self/io
+    `rchar`), or None where the kernel does not say: a counter for "read the headers only"."""
+    try:
+        with open("/proc/self/io") as fh:
+            for line in fh:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None

@@ -7,8 +7,6 @@ scales fit together at the released sizes (a bug there would otherwise first sho
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,7 +59,6 @@ def test_grok1_program_lowers_on_1x8(phase: str) -> None:
     cache = _abstract_cache(engine, batch, length)
     rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
     tokens = jax.ShapeDtypeStruct((batch, t), jnp.int32)
-    start = time.perf_counter()
     lowered = engine._forward_jit.lower(
         engine.params, tokens, cache, rows, rows, all_logits=(phase == "decode")
     )
@@ -72,7 +69,6 @@ def test_grok1_program_lowers_on_1x8(phase: str) -> None:
     text = lowered.as_text()
     # int8 weights enter the program as int8: no full-precision copy of the model is an input.
     assert "tensor<8x6144x32768xi8>" in text
-    assert time.perf_counter() - start < 600
 
 
 @pytest.mark.slow
