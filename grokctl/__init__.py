@@ -14,4 +14,14 @@ def load_model(path: str, mesh: Any = None, **kwargs: Any) -> Any:
     return _load(path, mesh=mesh, **kwargs)
 
 
-__all__ = ["__version__", "load_model"]
+def download(request: Any = None, hooks: Any = None, **fields: Any) -> Any:
+    """Download the checkpoint (and tokenizer.model): a `grokctl.fetch.download.DownloadRequest`,
+    or its fields as keywords (`grokctl.download(directory=Path("ckpt"), dry_run=True)`); see
+    `grokctl.fetch.download.download`."""
+    from grokctl.fetch.download import DownloadRequest
+    from grokctl.fetch.download import download as _download
+
+    return _download(request or DownloadRequest(**fields), hooks)
+
+
+__all__ = ["__version__", "download", "load_model"]

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from grokctl.checkpoint.index import CheckpointIndex, checkpoint_root
-from grokctl.config import ModelConfig
+from grokctl.config import ModelConfig, default
 from grokctl.engine import Engine, enable_compilation_cache
 from grokctl.generation import Completion, OnToken, SamplingParams, generate
 from grokctl.loader import LoadStats, load_params
@@ -87,17 +87,17 @@ class GrokModel:
     def generate(
         self,
         prompts: str | Sequence[str | Sequence[int]],
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int = 0,
-        stop: Sequence[str] = (),
+        max_tokens: int = default("max_tokens"),
+        temperature: float = default("temperature"),
+        top_p: float = default("top_p"),
+        top_k: int = default("top_k"),
+        seed: int = default("seed"),
+        stop: Sequence[str] = default("stop"),
         on_token: OnToken | None = None,
-        min_p: float = 0.0,
-        repeat_penalty: float = 1.0,
-        repeat_last_n: int = 64,
-        logprobs: int = 0,
+        min_p: float = default("min_p"),
+        repeat_penalty: float = default("repeat_penalty"),
+        repeat_last_n: int = default("repeat_last_n"),
+        logprobs: int = default("logprobs"),
     ) -> list[Completion]:
         """Generate for one or several prompts (text, or lists of token ids), as one batch.
 
@@ -139,8 +139,8 @@ class GrokModel:
 def load_model(
     path: str | os.PathLike[str],
     mesh: Mesh | str | None = None,
-    moe: str = "sparse",
-    layout: str = "tensor",
+    moe: str = default("moe"),
+    layout: str = default("layout"),
     preset: str | None = None,
     tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
     require_tokenizer: bool = False,

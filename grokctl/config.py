@@ -350,6 +350,12 @@ class Setting:
     commands: tuple[str, ...] = COMMANDS
     many: bool = False  # a list (repeatable flag; a TOML array; one value from the environment)
     check: Callable[[Any], str | None] | None = None  # extra check: the problem, or None
+    # (command, default) pairs where a command's default differs from `default`
+    command_defaults: tuple[tuple[str, Any], ...] = ()
+
+    def default_for(self, command: str | None) -> Any:
+        """The default of this setting for `command` (its own, when it has one)."""
+        return dict(self.command_defaults).get(command or "", self.default)
 
     @property
     def constraint(self) -> str:
@@ -399,8 +405,18 @@ _RUN = ("generate", "inspect")
 # The one table of runtime settings and their defaults: `--help` texts and Settings read it.
 SETTINGS: dict[str, Setting] = {
     # every command
-    "checkpoint": Setting(Path, None),
-    "preset": Setting(str, None, choices=tuple(PRESETS), commands=COMMANDS[1:]),
+    "checkpoint": Setting(
+        Path,
+        None,
+        command_defaults=(("download", Path("checkpoints")), ("verify", Path("checkpoints"))),
+    ),
+    "preset": Setting(
+        str,
+        None,
+        choices=tuple(PRESETS),
+        commands=COMMANDS[1:],
+        command_defaults=(("random-checkpoint", "grok-demo"),),
+    ),
     "seed": Setting(int, 0, commands=("generate", "random-checkpoint")),
     # the model on devices
     "mesh": Setting(str, None, check=_check_mesh, commands=_RUN),
@@ -431,19 +447,27 @@ SETTINGS: dict[str, Setting] = {
     # download
     "repo": Setting(str, "xai-org/grok-1", commands=_DL),
     "revision": Setting(str, "main", commands=_DL),
-    "magnet": Setting(str, None, commands=_DL),
+    "magnet": Setting(
+        str,
+        "magnet:?xt=urn:btih:5f96d43576e3d386c9ba65b883210a393b68210e"
+        "&tr=https%3A%2F%2Facademictorrents.com%2Fannounce.php"
+        "&tr=udp%3A%2F%2Ftracker.coppersurfer.tk%3A6969"
+        "&tr=udp%3A%2F%2Ftracker.opentrackr.org%3A1337%2Fannounce",
+        commands=_DL,
+    ),  # the official Grok-1 torrent
     "max_workers": Setting(int, 8, lo=1, commands=_DL),
     "retries": Setting(int, 5, lo=0, commands=_DL),
     "timeout": Setting(float, None, lo=0, commands=_DL),
     "tokenizer_url": Setting(str, None, commands=_DL),
-    "listen": Setting(str, None, commands=_DL),
+    "listen": Setting(str, "0.0.0.0:6881,[::]:6881", commands=_DL),
     # random-checkpoint
     "layers": Setting(int, None, lo=1, commands=("random-checkpoint",)),
 }
 
 
-def default(name: str) -> Any:
-    return SETTINGS[name].default
+def default(name: str, command: str | None = None) -> Any:
+    """The default of setting `name` (for `command`, when its default differs)."""
+    return SETTINGS[name].default_for(command)
 
 
 def help_suffix(name: str, default_text: str | None = None) -> str:
@@ -585,7 +609,7 @@ class Settings:
             k = kind or (type(default) if default not in (None, _UNSET) else str)
             st = Setting(k if isinstance(k, type) else str)
         if default is _UNSET:
-            default = st.default
+            default = st.default_for(self.command)
         if flag is not None and not (st.many and len(flag) == 0):
             value, source = flag, "--" + key.replace("_", "-")
         else:

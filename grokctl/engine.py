@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from grokctl.config import ModelConfig
+from grokctl.config import ModelConfig, default
 from grokctl.model import sharding as shd
 from grokctl.model.cache import KVCache, cache_shapes
 from grokctl.model.moe import RouterStats
@@ -64,7 +64,7 @@ class Engine:
         cfg: ModelConfig,
         params: Any,
         mesh: Mesh,
-        moe_kernel: str = "sparse",
+        moe_kernel: str = default("moe"),
     ):
         self.cfg = cfg
         self.params = params

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from grokctl.config import SETTINGS, ModelConfig
+from grokctl.config import SETTINGS, ModelConfig, default
 from grokctl.engine import Engine, bucket
 from grokctl.errors import UsageError
 from grokctl.sampling import adjust_logits, row_seed, top_logprobs
@@ -27,25 +27,21 @@ FINISH_CONTEXT = "context"  # the context window is full
 FINISH_INTERRUPTED = "interrupted"  # Ctrl-C: the tokens so far
 
 
-def _default(name: str) -> Any:
-    return SETTINGS[name].default
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How tokens are chosen; defaults and ranges are those of `grokctl.config.SETTINGS`."""
 
-    max_tokens: int = _default("max_tokens")
-    temperature: float = _default("temperature")
-    top_p: float = _default("top_p")
-    top_k: int = _default("top_k")
-    seed: int = _default("seed")
-    stop: tuple[str, ...] = ()
+    max_tokens: int = default("max_tokens")
+    temperature: float = default("temperature")
+    top_p: float = default("top_p")
+    top_k: int = default("top_k")
+    seed: int = default("seed")
+    stop: tuple[str, ...] = default("stop")
     stop_at_eos: bool = True
-    min_p: float = _default("min_p")
-    repeat_penalty: float = _default("repeat_penalty")
-    repeat_last_n: int = _default("repeat_last_n")
-    logprobs: int = _default("logprobs")
+    min_p: float = default("min_p")
+    repeat_penalty: float = default("repeat_penalty")
+    repeat_last_n: int = default("repeat_last_n")
+    logprobs: int = default("logprobs")
 
     def validate(self) -> SamplingParams:
         for name in (
@@ -184,105 +180,190 @@ def generate(
     """Generate for a batch of prompts. Ctrl-C (KeyboardInterrupt) during generation is not
     raised: every unfinished row ends with finish reason "interrupted" and its tokens so far."""
     params.validate()
-    cfg = engine.cfg
     if params.stop and decode_text is None:
         raise UsageError(
             "--stop needs a tokenizer to compare text (not available with --token-ids alone)"
         )
-    check_prompts(cfg, prompts)
-    ctx = cfg.sequence_len
+    check_prompts(engine.cfg, prompts)
+    batch = _Batch.of(engine, prompts, params, vocab_limit)
+    rows = _Rows(prompts, params, batch.b)
+    timing = _decode_loop(engine, batch, rows, decode_text, on_token)
+    return _completions(prompts, rows, batch, timing, decode_text)
 
-    n = len(prompts)
-    b = engine.padded_batch(n)
-    rows = _Rows(prompts, params, b)
-    lengths = np.array([len(p) for p in prompts] + [1] * (b - n), np.int32)
-    t_bucket = bucket(int(lengths.max()), ctx)
-    cache_len = bucket(int(lengths.max()) + params.max_tokens, ctx)
-    tokens = np.zeros((b, t_bucket), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-    seen: Counter[tuple[int, ...]] = Counter()
-    seeds = []
-    for p in prompts:
-        seeds.append(row_seed(params.seed, list(p), seen[tuple(p)]))
-        seen[tuple(p)] += 1
-    seeds += [0] * (b - n)
-    temp = np.full(b, params.temperature, np.float32)
-    top_p = np.full(b, params.top_p, np.float32)
-    top_k = np.full(b, params.top_k, np.int32)
-    penalty = np.full(b, params.repeat_penalty, np.float32)
-    min_p = np.full(b, params.min_p, np.float32)
-    limit = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
 
-    def choose(logits: jax.Array, step: int) -> tuple[jax.Array, np.ndarray]:
-        adjusted = logits
-        if params.adjusts_logits:  # through the engine: its compile time is counted apart
-            adjusted = engine._run("adjust", _adjust, (logits, rows.recent(), penalty, min_p))
-        tok = engine.sample(adjusted, np.array(seeds), step, temp, top_p, top_k, limit)
-        host = np.asarray(jax.device_get(tok))
-        if rows.logprobs is not None:
-            lp = engine._run(
-                "logprobs", _top_logprobs, (logits, tok), n=params.logprobs, vocab_limit=limit
-            )
-            chosen, ids, top = (engine.fetch(x) for x in lp)
-            for i in range(n):
-                if rows.finish[i] is None:
-                    rows.logprobs[i].append(
-                        {
-                            "token_id": int(host[i]),
-                            "logprob": round(float(chosen[i]), 5),
-                            "top": [
-                                {"token_id": int(t), "logprob": round(float(v), 5)}
-                                for t, v in zip(ids[i], top[i])
-                            ],
-                        }
-                    )
-        return tok, host
+@dataclasses.dataclass
+class _Batch:
+    """The prompts right-padded into one batch of `b` rows (the engine's batch padding), the
+    cache length, and each row's sampling parameters as arrays."""
 
-    compile0 = engine.compile_seconds
+    n: int  # prompts
+    b: int  # rows, padded
+    tokens: np.ndarray  # [b, T bucket] int32
+    lengths: np.ndarray  # [b] prompt lengths (1 for padding rows)
+    cache_len: int
+    seeds: np.ndarray  # [b] one per row (see `row_seed`)
+    temperature: np.ndarray
+    top_p: np.ndarray
+    top_k: np.ndarray
+    repeat_penalty: np.ndarray
+    min_p: np.ndarray
+    vocab_limit: int
+
+    @classmethod
+    def of(
+        cls,
+        engine: Engine,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        vocab_limit: int | None,
+    ) -> _Batch:
+        cfg = engine.cfg
+        n = len(prompts)
+        b = engine.padded_batch(n)
+        lengths = np.array([len(p) for p in prompts] + [1] * (b - n), np.int32)
+        longest = int(lengths.max())
+        tokens = np.zeros((b, bucket(longest, cfg.sequence_len)), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+        seen: Counter[tuple[int, ...]] = Counter()
+        seeds = []
+        for p in prompts:  # a repeated prompt gets its own seed, the same in any batch
+            seeds.append(row_seed(params.seed, list(p), seen[tuple(p)]))
+            seen[tuple(p)] += 1
+        seeds += [0] * (b - n)
+
+        def full(value: float, dtype: Any) -> np.ndarray:
+            return np.full(b, value, dtype)
+
+        return cls(
+            n=n,
+            b=b,
+            tokens=tokens,
+            lengths=lengths,
+            cache_len=bucket(longest + params.max_tokens, cfg.sequence_len),
+            seeds=np.array(seeds),
+            temperature=full(params.temperature, np.float32),
+            top_p=full(params.top_p, np.float32),
+            top_k=full(params.top_k, np.int32),
+            repeat_penalty=full(params.repeat_penalty, np.float32),
+            min_p=full(params.min_p, np.float32),
+            vocab_limit=min(vocab_limit or cfg.vocab_size, cfg.vocab_size),
+        )
+
+
+def _choose(
+    engine: Engine, batch: _Batch, rows: _Rows, logits: jax.Array, step: int
+) -> tuple[jax.Array, np.ndarray]:
+    """Sample one token per row (on the device, and its host copy); with `logprobs`, record the
+    top-N log-probabilities of each unfinished row's token."""
+    params = rows.params
+    adjusted = logits
+    if params.adjusts_logits:  # through the engine: its compile time is counted apart
+        window = rows.recent()
+        adjusted = engine._run(
+            "adjust", _adjust, (logits, window, batch.repeat_penalty, batch.min_p)
+        )
+    tok = engine.sample(
+        adjusted, batch.seeds, step, batch.temperature, batch.top_p, batch.top_k,
+        batch.vocab_limit,
+    )  # fmt: skip
+    host = np.asarray(jax.device_get(tok))
+    if rows.logprobs is not None:
+        lp = engine._run(
+            "logprobs", _top_logprobs, (logits, tok), n=params.logprobs,
+            vocab_limit=batch.vocab_limit,
+        )  # fmt: skip
+        chosen, ids, top = (engine.fetch(x) for x in lp)
+        for i in range(rows.n):
+            if rows.finish[i] is None:
+                rows.logprobs[i].append(
+                    {
+                        "token_id": int(host[i]),
+                        "logprob": round(float(chosen[i]), 5),
+                        "top": [
+                            {"token_id": int(t), "logprob": round(float(v), 5)}
+                            for t, v in zip(ids[i], top[i])
+                        ],
+                    }
+                )
+    return tok, host
+
+
+@dataclasses.dataclass
+class _Timing:
+    prefill_s: float = 0.0  # without compilation
+    decode_s: float = 0.0
+    compile_s: float = 0.0
+    steps: int = 0  # decode steps run
+
+
+def _decode_loop(
+    engine: Engine,
+    batch: _Batch,
+    rows: _Rows,
+    decode_text: Decoder | None,
+    on_token: OnToken | None,
+) -> _Timing:
+    """Prefill, then one decode step at a time until every row has finished (or the cache is
+    full, or Ctrl-C); compile time is measured apart from prefill and decode time."""
+    timing = _Timing()
+    compile0 = compile1 = engine.compile_seconds
     t0 = time.perf_counter()
-    t_prefill = t_decode = 0.0
-    compile1 = compile0
-    step = 0
     try:
-        cache = engine.new_cache(b, cache_len)
-        logits, cache = engine.prefill(tokens, lengths, cache)
-        next_tok, host_tok = choose(logits, 0)
-        t_prefill = time.perf_counter() - t0 - (engine.compile_seconds - compile0)
+        cache = engine.new_cache(batch.b, batch.cache_len)
+        logits, cache = engine.prefill(batch.tokens, batch.lengths, cache)
+        next_tok, host_tok = _choose(engine, batch, rows, logits, 0)
+        timing.prefill_s = time.perf_counter() - t0 - (engine.compile_seconds - compile0)
         compile1 = engine.compile_seconds
         t1 = time.perf_counter()
         while True:
-            _accept(rows, host_tok, lengths, cfg, decode_text, on_token)
+            _accept(rows, host_tok, batch.lengths, engine.cfg, decode_text, on_token)
             if rows.done:
                 break
-            if int(lengths.max()) + step + 1 >= cache_len:  # cache full for the longest row
-                rows.finish = [f or FINISH_CONTEXT for f in rows.finish]
+            if int(batch.lengths.max()) + timing.steps + 1 >= batch.cache_len:
+                rows.finish = [f or FINISH_CONTEXT for f in rows.finish]  # full for the longest
                 break
-            step += 1
+            timing.steps += 1
             logits, cache = engine.decode(next_tok, cache)
-            next_tok, host_tok = choose(logits, step)
-        t_decode = time.perf_counter() - t1 - (engine.compile_seconds - compile1)
+            next_tok, host_tok = _choose(engine, batch, rows, logits, timing.steps)
+        timing.decode_s = time.perf_counter() - t1 - (engine.compile_seconds - compile1)
     except KeyboardInterrupt:
         rows.interrupt()
-    compile_s = engine.compile_seconds - compile0
+    timing.compile_s = engine.compile_seconds - compile0
+    return timing
 
+
+def _completions(
+    prompts: Sequence[Sequence[int]],
+    rows: _Rows,
+    batch: _Batch,
+    timing: _Timing,
+    decode_text: Decoder | None,
+) -> list[Completion]:
+    """One Completion per prompt: its tokens, text (cut at a stop string), finish reason, rates."""
+    n = batch.n
+    prefill_rate = (
+        float(batch.lengths[:n].sum()) / timing.prefill_s if timing.prefill_s > 0 else 0.0
+    )
+    decode_rate = (
+        (timing.steps * n) / timing.decode_s if timing.decode_s > 0 and timing.steps else 0.0
+    )
     results = []
     for i, p in enumerate(prompts):
-        final: str | None = rows.texts[i]
-        if final is None and decode_text is not None:
-            final = decode_text(rows.out[i])
+        text: str | None = rows.texts[i]
+        if text is None and decode_text is not None:
+            text = decode_text(rows.out[i])
+        logprobs = rows.logprobs[i][: len(rows.out[i])] if rows.logprobs is not None else None
         results.append(
             Completion(
                 prompt_token_ids=list(p),
                 token_ids=rows.out[i],
                 finish_reason=rows.finish[i] or FINISH_LENGTH,
-                text=final,
-                prefill_tokens_per_s=float(lengths[:n].sum()) / t_prefill if t_prefill > 0 else 0.0,
-                decode_tokens_per_s=(step * n) / t_decode if t_decode > 0 and step else 0.0,
-                compile_seconds=compile_s,
-                logprobs=rows.logprobs[i][: len(rows.out[i])]
-                if rows.logprobs is not None
-                else None,
+                text=text,
+                prefill_tokens_per_s=prefill_rate,
+                decode_tokens_per_s=decode_rate,
+                compile_seconds=timing.compile_s,
+                logprobs=logprobs,
             )
         )
     return results
@@ -308,13 +389,22 @@ def _accept(
         rows.out[i].append(tok)
         if on_token:
             on_token(i, tok)
-        if params.stop and decode_text is not None:
-            text = decode_text(rows.out[i])
-            cut = _stop_cut(text, params.stop)
-            if cut is not None:
-                rows.finish[i], rows.texts[i] = FINISH_STOP, text[:cut]
-                continue
+        if _hit_stop(rows, i, decode_text):
+            continue
         if len(rows.out[i]) >= params.max_tokens:
             rows.finish[i] = FINISH_LENGTH
         elif lengths[i] + len(rows.out[i]) >= cfg.sequence_len:
             rows.finish[i] = FINISH_CONTEXT
+
+
+def _hit_stop(rows: _Rows, i: int, decode_text: Decoder | None) -> bool:
+    """Has row `i`'s text reached a stop string? Then it finishes with its text cut before it."""
+    stops = rows.params.stop
+    if not stops or decode_text is None:
+        return False
+    text = decode_text(rows.out[i])
+    cut = _stop_cut(text, stops)
+    if cut is None:
+        return False
+    rows.finish[i], rows.texts[i] = FINISH_STOP, text[:cut]
+    return True

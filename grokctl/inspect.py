@@ -36,7 +36,7 @@ from grokctl.checkpoint.layout import BF16, INT8, param_specs
 from grokctl.checkpoint.native.format import EMBEDDINGS
 from grokctl.checkpoint.refs import QuantRef
 from grokctl.checkpoint.xai.files import CKPT_SUBDIR, tensor_filename
-from grokctl.config import ModelConfig
+from grokctl.config import ModelConfig, default
 from grokctl.errors import UsageError
 from grokctl.model import sharding as shd
 
@@ -263,8 +263,8 @@ def plan_memory(
     model: int,
     batch: int,
     seq_len: int,
-    layout: str = "tensor",
-    moe: str = "sparse",
+    layout: str = default("layout"),
+    moe: str = default("moe"),
     device_memory: int | None = None,
     device_memory_source: str = "not given",
 ) -> MemoryPlan:
@@ -358,14 +358,14 @@ def inspect(
     checkpoint: str | None = None,
     preset: str | None = None,
     mesh: tuple[int, int] = (1, 1),
-    layout: str = "tensor",
+    layout: str = default("layout"),
     batch: int = 1,
     seq_len: int | None = None,
     device_memory: int | None = None,
     device_memory_source: str = "not given",
     pattern: str | None = None,
     layer: int | None = None,
-    moe: str = "sparse",
+    moe: str = default("moe"),
     bits: int | None = None,
     group_size: int | None = None,
 ) -> Report:
@@ -410,7 +410,7 @@ def inspect(
     return Report(source, location, cfg, layout, placed, selected, plan, preset)
 
 
-def rules_table(layout: str = "tensor") -> list[dict[str, Any]]:
+def rules_table(layout: str = default("layout")) -> list[dict[str, Any]]:
     """The partition rules as rows (pattern, spec, what it shards), parameters then activations."""
     rows: list[dict[str, Any]] = [
         {"kind": "parameter", "pattern": pattern, "spec": shd.spec_text(spec), "axes": list(spec)}

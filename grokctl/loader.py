@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from grokctl.checkpoint.index import CheckpointIndex, IndexEntry
 from grokctl.checkpoint.refs import ArrayRef, QuantRef
+from grokctl.config import default
 from grokctl.errors import IntegrityError
 from grokctl.model.quant import QuantizedWeight
 from grokctl.model.sharding import mesh_shape, named, param_spec, replicated
@@ -235,7 +236,7 @@ def load_entry(
 def load_params(
     index: CheckpointIndex,
     mesh: Mesh,
-    layout: str = "tensor",
+    layout: str = default("layout"),
     on_progress: OnProgress | None = None,
     workers: int = DEFAULT_WORKERS,
 ) -> tuple[Params, LoadStats]:

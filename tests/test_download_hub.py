@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hub_server import HubServer  # tests/ is on sys.path under pytest
 
+import grokctl
 from grokctl.cli.app import main
 from grokctl.fetch.common import PARTIAL_DIR, matches, select, split_patterns
 from grokctl.fetch.manifest import MANIFEST_NAME, Manifest
@@ -322,3 +323,40 @@ def test_pattern_matching() -> None:
     assert not matches("config.json", "ckpt-0/*")
     assert select(["a/x", "a/y", "b/z"], ["a"], ["*y"]) == ["a/x"]
     assert select(["a/x", "b/z"], [], []) == ["a/x", "b/z"]
+
+
+def test_library_call_without_the_cli(hub: HubServer, repo_dir: Path, tmp_path: Path) -> None:
+    """`fetch.download.download` is the whole download: plan, disk check, transfers, tokenizer;
+    its hooks report progress and each phase; its record is the CLI's --json."""
+    from grokctl.fetch.download import DownloadHooks, DownloadRequest, download
+
+    dest = tmp_path / "lib"
+    req = DownloadRequest(
+        dest, include=["ckpt-0", "config.json"], tokenizer_url=hub.url + "/raw/tokenizer.model"
+    )
+    plan = download(DownloadRequest(dest, include=req.include, dry_run=True, tokenizer=False))
+    files = sorted(f for f in repo_dir.rglob("*") if f.is_file())
+    total = sum(f.stat().st_size for f in files)
+    assert plan.dry_run and plan.hub is None and not dest.exists()  # nothing fetched
+    assert len(plan.hub_plan.files) == len(files) == 27 and plan.hub_plan.bytes_needed == total
+
+    events: list[tuple[str, object]] = []
+    hooks = DownloadHooks(
+        progress=lambda desc, done, of: events.append(("progress", (desc, done, of))),
+        fetched=lambda res: events.append(("fetched", len(res.hub.downloaded))),
+        tokenizer=lambda res: events.append(("tokenizer", res.action)),
+    )
+    res = download(req, hooks)
+    kinds = [k for k, _ in events]
+    assert kinds[-2:] == ["fetched", "tokenizer"] and set(kinds[:-2]) == {"progress"}
+    assert events[-2][1] == 27 and events[-1][1] == "downloaded"
+    last = events[-3][1]
+    assert last == ("xai-org/grok-1 27/27 files", total, total), last
+    record = res.to_json()
+    assert record["downloaded"] == 27 and record["bytes"] == total
+    assert record["tokenizer"]["action"] == "downloaded" and record["dir"] == str(dest)
+    for f in files:
+        assert (dest / f.relative_to(repo_dir)).read_bytes() == f.read_bytes()
+
+    again = grokctl.download(directory=dest, include=req.include, tokenizer=False)  # the API's
+    assert again.hub.downloaded == [] and again.tokenizer is None

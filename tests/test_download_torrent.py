@@ -82,12 +82,10 @@ def test_magnet_download_verifies_and_leaves_a_manifest(
     dest = tmp_path / "dl"
     args = [a for a in loopback(seeder) if a != "--no-tokenizer"]
     args += ["--tokenizer-from", str(grok1_tokenizer)]  # the torrent has no tokenizer
-    t0 = time.monotonic()
     code, out, _ = run(
         capsys, "download", "--magnet", seeder.magnet, "--dir", str(dest), *args, "--json"
     )
     assert code == 0, out
-    assert time.monotonic() - t0 < 20
     result = json.loads(out)
     total = sum(f.stat().st_size for f in source.rglob("*") if f.is_file())
     assert result["info_hash"] == seeder.info_hash and result["bytes"] == total

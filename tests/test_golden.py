@@ -1,18 +1,18 @@
 """Numerics against the official reference: the golden outputs of ../shared/fixtures/grok-tiny.
 
-Acceptance rules and thresholds are the fixture's own (README.md, config.json -> acceptance);
-they are read from the fixture, never loosened here.
+Acceptance rules and thresholds are the fixture's own, scored by tests/golden.py (read from the
+fixture, never loosened here).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import grokctl
+from tests.golden import assert_rule1, load_acceptance
 from tests.helpers import grokctl as run_cli
 
 CASES = ("plain", "full", "leftpad", "rightpad", "midpad", "single")
@@ -25,7 +25,7 @@ def golden(grok_tiny: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def acceptance(grok_tiny: Path) -> dict[str, float]:
-    return json.loads((grok_tiny / "config.json").read_text())["fixture"]["acceptance"]
+    return load_acceptance(grok_tiny)
 
 
 @pytest.fixture(scope="module", params=["sparse", "dense"])
@@ -39,21 +39,6 @@ def model(request: pytest.FixtureRequest, grok_tiny: Path):  # type: ignore[no-u
     )
 
 
-def rule1(pairs: list[tuple[np.ndarray, np.ndarray]], acc: dict[str, float]) -> dict[str, float]:
-    """Pooled over valid positions: median of per-position max |diff|, mean |diff|, fraction <= atol."""
-    d = np.concatenate([np.abs(a - b).max(-1) for a, b in pairs])
-    mean_abs = float(np.mean(np.concatenate([np.abs(a - b).ravel() for a, b in pairs])))
-    stats = {
-        "median": float(np.median(d)),
-        "mean_abs": mean_abs,
-        "frac": float(np.mean(d <= acc["atol"])),
-    }
-    assert stats["median"] <= acc["median_max_abs"], stats
-    assert stats["mean_abs"] <= acc["mean_abs"], stats
-    assert stats["frac"] >= acc["frac_pos_within"], stats
-    return stats
-
-
 def test_logits_match_reference(model, golden, acceptance) -> None:  # type: ignore[no-untyped-def]
     pairs = []
     for case in CASES:
@@ -61,7 +46,7 @@ def test_logits_match_reference(model, golden, acceptance) -> None:  # type: ign
         logits = model.logits(golden[f"tokens_{case}"][None])[0]
         assert logits.dtype == np.float32 and logits.shape == golden[f"logits_{case}"].shape
         pairs.append((logits[valid], golden[f"logits_{case}"][valid]))
-    stats = rule1(pairs, acceptance)
+    stats = assert_rule1(pairs, acceptance)
     # Not just within tolerance: well inside it (a structural bug scores > 0.5 median).
     assert stats["median"] < 0.2
 
@@ -97,7 +82,7 @@ def test_teacher_forced_decode_matches_reference(model, golden, acceptance) -> N
         pairs.append((steps_arr, golden[f"gen_step_logits_{i}"]))
         decisive = golden[f"gen_decisive_{i}"]
         assert np.array_equal(steps_arr.argmax(-1)[decisive], gold[decisive])
-    rule1(pairs, acceptance)
+    assert_rule1(pairs, acceptance)
 
 
 def test_free_running_greedy_through_cli(grok_tiny: Path, golden) -> None:  # type: ignore[no-untyped-def]

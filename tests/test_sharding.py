@@ -13,6 +13,7 @@ import grokctl
 from grokctl.cli.app import main
 from grokctl.errors import UsageError
 from grokctl.model import sharding as shd
+from tests.golden import Pairs, assert_rule1, load_acceptance
 
 CASES = ("plain", "leftpad", "rightpad", "midpad")  # right-padded to 64 and run as one batch
 T = 64
@@ -27,16 +28,13 @@ def _batch(golden: np.lib.npyio.NpzFile) -> tuple[np.ndarray, np.ndarray]:
     return tokens, valid
 
 
-def _score(logits: np.ndarray, golden: np.lib.npyio.NpzFile) -> tuple[float, float, float]:
-    """The fixture's rule 1: (median of per-position max |diff|, mean |diff|, frac d <= 0.5)."""
-    d, absd = [], []
+def _pairs(logits: np.ndarray, golden: np.lib.npyio.NpzFile) -> Pairs:
+    """(ours, reference) logits at the valid positions of each case of the batch."""
+    pairs = []
     for i, case in enumerate(CASES):
         valid = golden[f"valid_{case}"]
-        diff = np.abs(logits[i, : len(valid)] - golden[f"logits_{case}"])[valid]
-        d.append(diff.max(-1))
-        absd.append(diff.ravel())
-    dd = np.concatenate(d)
-    return float(np.median(dd)), float(np.concatenate(absd).mean()), float(np.mean(dd <= 0.5))
+        pairs.append((logits[i, : len(valid)][valid], golden[f"logits_{case}"][valid]))
+    return pairs
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +64,9 @@ def test_every_mesh_passes_the_golden_acceptance(
     grok_tiny: Path, mesh_logits: dict[str, np.ndarray]
 ) -> None:
     golden = np.load(grok_tiny / "golden.npz")
+    acc = load_acceptance(grok_tiny)
     for name, logits in mesh_logits.items():
-        median, mean_abs, frac = _score(logits, golden)
-        assert median <= 0.203125 and mean_abs <= 0.08 and frac >= 0.91, (
-            name,
-            median,
-            mean_abs,
-            frac,
-        )
+        assert_rule1(_pairs(logits, golden), acc, name)
 
 
 @pytest.mark.slow

@@ -13,10 +13,10 @@ import typer
 
 from grokctl.cli import options
 from grokctl.cli.output import emit_json, human_bytes, out, progress
-from grokctl.config import PRESETS, Settings, help_suffix
+from grokctl.config import PRESETS, Settings, default, help_suffix
 from grokctl.errors import MissingResourceError, UsageError
 
-DEFAULT_PRESET = "grok-demo"
+DEFAULT_PRESET: str = default("preset", "random-checkpoint")
 
 
 def check_output_dir(out_dir: Path) -> None:
@@ -75,7 +75,7 @@ def random_checkpoint(
     from grokctl.errors import MissingResourceError, UsageError
 
     st = Settings("random-checkpoint")
-    preset_name = st.get("preset", preset, DEFAULT_PRESET)
+    preset_name = st.get("preset", preset)
     seed_value = st.get("seed", seed)
     layers = st.get("layers", layers)
     cfg = get_preset(preset_name)

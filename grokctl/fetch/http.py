@@ -26,10 +26,14 @@ from urllib.parse import urlsplit
 import httpx2
 
 from grokctl.atomic import replace_into
+from grokctl.config import default
 from grokctl.errors import GrokctlError, IntegrityError, MissingResourceError
 from grokctl.fetch.common import sha256_file
 from grokctl.paths import shown
 from grokctl.units import human_bytes
+
+RETRIES: int = default("retries")  # per file (grokctl.config.SETTINGS)
+HTTP_TIMEOUT_S = 60.0  # seconds without data over HTTP when `timeout` is not set
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -92,8 +96,8 @@ def transfer(
     t: Transfer,
     session: httpx2.Client,
     *,
-    retries: int = 5,
-    timeout: float = 60.0,
+    retries: int = RETRIES,
+    timeout: float = HTTP_TIMEOUT_S,
     on_bytes: Callable[[int], None] | None = None,
     cancel: threading.Event | None = None,
     retry_wait: float = 1.0,

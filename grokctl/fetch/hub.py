@@ -21,14 +21,15 @@ from typing import Any
 
 import httpx2
 
+from grokctl.config import default
 from grokctl.errors import GrokctlError, IntegrityError, MissingResourceError, UsageError
 from grokctl.fetch.common import git_blob_sha1, partial_dir, prune_partial, select, sha256_file
-from grokctl.fetch.http import Cancelled, Transfer, part_path, transfer
+from grokctl.fetch.http import HTTP_TIMEOUT_S, RETRIES, Cancelled, Transfer, part_path, transfer
 from grokctl.fetch.manifest import FileRecord, Manifest
 from grokctl.paths import check_relative_path, shown
 
-DEFAULT_REPO = "xai-org/grok-1"
-DEFAULT_REVISION = "main"
+DEFAULT_REPO: str = default("repo")  # stated once, in grokctl.config.SETTINGS
+DEFAULT_REVISION: str = default("revision")
 
 
 def hub_endpoint() -> str:
@@ -276,9 +277,9 @@ def download_hub(
     root: Path,
     manifest: Manifest,
     *,
-    max_workers: int = 8,
-    retries: int = 5,
-    timeout: float = 60.0,
+    max_workers: int = default("max_workers"),
+    retries: int = RETRIES,
+    timeout: float = HTTP_TIMEOUT_S,
     on_bytes: Callable[[int], None] | None = None,
     on_file: Callable[[str], None] | None = None,
 ) -> HubResult:

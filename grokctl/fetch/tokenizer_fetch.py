@@ -16,7 +16,7 @@ from typing import Any
 from grokctl.atomic import replace_into
 from grokctl.errors import IntegrityError, MissingResourceError
 from grokctl.fetch.common import partial_dir, prune_partial, sha256_file
-from grokctl.fetch.http import Transfer, part_path, transfer
+from grokctl.fetch.http import HTTP_TIMEOUT_S, RETRIES, Transfer, part_path, transfer
 from grokctl.fetch.manifest import FileRecord, Manifest
 from grokctl.tokenizer import GROK1_TOKENIZER_BYTES, GROK1_TOKENIZER_SHA256, TOKENIZER_FILENAME
 
@@ -54,8 +54,8 @@ def fetch_tokenizer(
     url: str = TOKENIZER_URL,
     headers: dict[str, str] | None = None,
     offline: bool = False,
-    retries: int = 5,
-    timeout: float = 60.0,
+    retries: int = RETRIES,
+    timeout: float = HTTP_TIMEOUT_S,
     on_bytes: Callable[[int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> TokenizerResult:

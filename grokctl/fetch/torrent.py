@@ -21,20 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from grokctl.atomic import atomic_write_bytes
+from grokctl.config import default
 from grokctl.errors import GrokctlError, UsageError
 from grokctl.fetch.common import check_disk_space, partial_dir, prune_partial, select, sha256_file
 from grokctl.fetch.manifest import FileRecord, Manifest
 from grokctl.fetch.pieces import torrent_files
 from grokctl.paths import check_relative_path, shown
 
-OFFICIAL_MAGNET = (
-    "magnet:?xt=urn:btih:5f96d43576e3d386c9ba65b883210a393b68210e"
-    "&tr=https%3A%2F%2Facademictorrents.com%2Fannounce.php"
-    "&tr=udp%3A%2F%2Ftracker.coppersurfer.tk%3A6969"
-    "&tr=udp%3A%2F%2Ftracker.opentrackr.org%3A1337%2Fannounce"
-)
+OFFICIAL_MAGNET: str = default("magnet")  # stated once, in grokctl.config.SETTINGS
 TORRENT_NAME = "grokctl.torrent"
-DEFAULT_LISTEN = "0.0.0.0:6881,[::]:6881"
+DEFAULT_LISTEN: str = default("listen")
 
 
 def _lt() -> Any:

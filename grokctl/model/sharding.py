@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from grokctl.config import default
 from grokctl.errors import UsageError
 
 DATA, MODEL = "data", "model"
@@ -70,20 +71,20 @@ ACTIVATION_RULES: tuple[tuple[str, Spec], ...] = (
 )
 
 
-def rules(layout: str = "tensor") -> tuple[Rule, ...]:
+def rules(layout: str = default("layout")) -> tuple[Rule, ...]:
     if layout not in LAYOUTS:
         raise UsageError(f"unknown --layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
     return (EXPERT_PARALLEL_RULES + PARAM_RULES) if layout == "expert" else PARAM_RULES
 
 
-def logical_spec(name: str, layout: str = "tensor") -> Spec:
+def logical_spec(name: str, layout: str = default("layout")) -> Spec:
     for pattern, spec in rules(layout):
         if re.search(pattern, name):
             return spec
     raise KeyError(f"no partition rule matches parameter {name!r}")
 
 
-def matching_rule(name: str, layout: str = "tensor") -> str:
+def matching_rule(name: str, layout: str = default("layout")) -> str:
     """The pattern of the first rule that matches `name` (what `inspect --rules` shows)."""
     for pattern, _ in rules(layout):
         if re.search(pattern, name):
@@ -159,7 +160,7 @@ def param_spec(
     name: str,
     shape: Sequence[int],
     mesh_sizes: dict[str, int],
-    layout: str = "tensor",
+    layout: str = default("layout"),
     scales: bool = False,
 ) -> PartitionSpec:
     """Spec of a parameter (or of its int8 scales [..., G, N], which follow the weight)."""

@@ -21,7 +21,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grokctl.config import ModelConfig
+from grokctl.config import ModelConfig, default
 from grokctl.model.attention import attention
 from grokctl.model.cache import KVCache
 from grokctl.model.layers import BF16, param, rms_norm, rms_norm_apply
@@ -40,7 +40,7 @@ class ForwardOut(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ForwardOptions:
-    moe_kernel: str = "sparse"
+    moe_kernel: str = default("moe")
     with_routing: bool = False  # return every token's router probs and experts
     routing_stats: bool = False  # return RouterStats over the tokens `count` marks
 
