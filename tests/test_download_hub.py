@@ -354,7 +354,7 @@ def test_library_call_without_the_cli(hub: HubServer, repo_dir: Path, tmp_path: 
     assert last == ("xai-org/grok-1 27/27 files", total, total), last
     record = res.to_json()
     assert record["downloaded"] == 27 and record["bytes"] == total
-    assert record["tokenizer"]["action"] == "downloaded" and record["dir"] == str(dest)
+    assert record["tokenizer"]["action"] == "downloaded" and record["checkpoint"] == str(dest)
     for f in files:
         assert (dest / f.relative_to(repo_dir)).read_bytes() == f.read_bytes()
 

@@ -23,7 +23,8 @@ from grokctl.checkpoint.index import CheckpointIndex
 from grokctl.cli.app import main
 from grokctl.errors import IntegrityError, UsageError
 from grokctl.model.sharding import make_mesh
-from tests.test_golden import CASES, rule1
+from tests.golden import assert_rule1
+from tests.test_golden import CASES
 
 SHARD = 400_000  # bytes: the 1.5 MB fixture lands in several shards
 
@@ -289,7 +290,7 @@ def test_native_int8_logits_bit_identical_and_golden(
         assert np.array_equal(a, b) and np.array_equal(a, c)
         valid = golden[f"valid_{case}"]
         pairs.append((b[0][valid], golden[f"logits_{case}"][valid]))
-    stats = rule1(pairs, acceptance)
+    stats = assert_rule1(pairs, acceptance)
     assert stats["median"] < 0.2
 
 

@@ -18,9 +18,10 @@ import pytest
 import grokctl
 from grokctl import quantize as q
 from grokctl.cli.app import main
+from tests.golden import assert_rule1
 from tests.helpers import REPO
 from tests.helpers import grokctl as run_cli
-from tests.test_golden import CASES, rule1
+from tests.test_golden import CASES
 
 # int4 (group 128, clipping search) on grok-tiny, measured (docs/quantize.md): top-1 0.637,
 # KL mean 0.298 / max 3.42, max |dlogit| 7.53, greedy token agreement 0.344; per tensor relative
@@ -88,7 +89,7 @@ def test_int8_repack_is_lossless(grok_tiny: Path, int8_dst: Path, one_device) ->
         assert np.array_equal(got, m_src.logits(toks)[0])  # bit-identical
         valid = golden[f"valid_{case}"]
         pairs.append((got[valid], golden[f"logits_{case}"][valid]))
-    rule1(pairs, acc)
+    assert_rule1(pairs, acc)
     rep = _report(int8_dst)
     e2e = rep["end_to_end"]
     assert e2e["top1_agreement"] == 1.0 and e2e["kl_max"] == 0.0
