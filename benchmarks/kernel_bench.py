@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,16 +20,8 @@ import numpy as np
 
 from grokctl import kernels
 
-
-def median_ms(fn, *args, reps: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    fn(*args).block_until_ready()
-    wall, cpu = [], []
-    for _ in range(reps):
-        t, c = time.perf_counter(), time.process_time()
-        fn(*args).block_until_ready()
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    return round(float(np.median(wall)) * 1e3, 2), round(float(np.median(cpu)) * 1e3, 2)
+sys.path.insert(0, os.path.dirname(__file__))  # the sibling benchmark's timer
+from qmatmul_bench import median_ms  # noqa: E402
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,3 +99,24 @@ def bytes_read() -> int | None:
     except OSError:
         pass
     return None
+
+
+def write_manifest(root: Path) -> Any:
+    """A grokctl-manifest.json vouching for every file under `root` as it is now (size, sha256)."""
+    from grokctl.fetch.common import sha256_file
+    from grokctl.fetch.manifest import FileRecord, Manifest
+
+    m = Manifest(root)
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            rel = f.relative_to(root).as_posix()
+            m.record(rel, FileRecord(f.stat().st_size, sha256_file(f), "local", None, "2024"))
+    m.save()
+    return m
+
+
+def flip_byte(path: Path, offset: int = -100) -> None:
+    """Corrupt one bit of a real file, in place."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))

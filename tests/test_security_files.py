@@ -21,8 +21,8 @@ from grokctl.checkpoint.xai.writer import dumps_tensor
 from grokctl.cli.app import main
 from grokctl.config import preset
 from grokctl.errors import IntegrityError
-from grokctl.fetch.common import sha256_file
-from grokctl.fetch.manifest import MANIFEST_NAME, FileRecord, Manifest
+from grokctl.fetch.manifest import MANIFEST_NAME, Manifest
+from tests.helpers import flip_byte, write_manifest
 
 NORM = "ckpt-0/tensor00001_000"  # language_model/rms_norm/scale: float32 [128]
 EMB = "ckpt-0/tensor00000_000"
@@ -270,19 +270,7 @@ def test_config_json_that_is_not_a_json_object(
 
 
 def with_manifest(root: Path) -> Manifest:
-    m = Manifest(root)
-    for f in sorted(root.rglob("*")):
-        if f.is_file():
-            rel = f.relative_to(root).as_posix()
-            m.record(rel, FileRecord(f.stat().st_size, sha256_file(f), "local", None, "2024"))
-    m.save()
-    return m
-
-
-def flip_byte(path: Path, offset: int = -100) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
+    return write_manifest(root)
 
 
 def edit_manifest(root: Path, edit: Callable[[dict], object]) -> None:

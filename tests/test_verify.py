@@ -22,10 +22,8 @@ from grokctl.checkpoint.xai.sizes import (
 from grokctl.checkpoint.xai.writer import dumps_tensor
 from grokctl.cli.app import main
 from grokctl.config import preset
-from grokctl.fetch.common import sha256_file
-from grokctl.fetch.manifest import FileRecord, Manifest
 from grokctl.verify import verify_checkpoint
-from tests.helpers import HEADERS_READ_LIMIT, bytes_read
+from tests.helpers import HEADERS_READ_LIMIT, bytes_read, flip_byte, write_manifest
 
 NORM = "ckpt-0/tensor00001_000"  # language_model/rms_norm/scale: float32 [emb]
 EMB = "ckpt-0/tensor00000_000"
@@ -47,19 +45,8 @@ def ckpt(pristine: Path, tmp_path: Path) -> Path:
 
 
 def with_manifest(root: Path) -> Path:
-    m = Manifest(root)
-    for f in sorted(root.rglob("*")):
-        if f.is_file():
-            rel = f.relative_to(root).as_posix()
-            m.record(rel, FileRecord(f.stat().st_size, sha256_file(f), "local", None, "2024"))
-    m.save()
+    write_manifest(root)
     return root
-
-
-def flip_byte(path: Path, offset: int = -100) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def verify_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict]:
