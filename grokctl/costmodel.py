@@ -135,9 +135,16 @@ def index_precision(index: Any) -> Precision:
     by = index.by_name()
     emb = by["language_model/in_out_embed/embeddings"].dtype
     moe = next(e for e in index if part_of(e.name) == "experts")
-    weights = "int8" if moe.quantized else {"float32": "f32"}.get(moe.dtype, "bf16")
+    bits = getattr(moe.ref, "bits", 8)
+    if moe.quantized:
+        weights = "int4" if bits == 4 else "int8"
+    else:
+        weights = {"float32": "f32"}.get(moe.dtype, "bf16")
+    group = moe.ref.weight.shape[-2] * 8 // bits // moe.ref.scales.shape[-2] if bits == 4 else 32
     return Precision(
-        weights=weights, embeddings={"float32": "f32", "int8": "int8"}.get(emb, "bf16")
+        weights=weights,
+        group_size=group,
+        embeddings={"float32": "f32", "int8": "int8"}.get(emb, "bf16"),
     )
 
 
