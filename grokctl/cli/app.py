@@ -275,7 +275,9 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    sys.exit(main())
+    from grokctl.cli import finish
+
+    finish(main())
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ DEFAULT_REPO: str = default("repo")  # stated once, in grokctl.config.SETTINGS
 DEFAULT_REVISION: str = default("revision")
 
 
+CANCEL_GRACE_S = 2.0  # after Ctrl-C: how long transfers get to stop before we go on
+
+
 def hub_endpoint() -> str:
     """HF_ENDPOINT as set now (huggingface_hub reads it once, at import)."""
     from huggingface_hub import constants
@@ -336,20 +339,26 @@ def download_hub(
 
     todo = [f for f in plan.files if f.path not in plan.present]
     errors: list[BaseException] = []
-    with cf.ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-        futures = [pool.submit(one, f) for f in todo]
-        try:
-            pending = set(futures)
-            while pending:
-                done, pending = cf.wait(pending, timeout=0.5)
-                errors.extend(e for fut in done if (e := fut.exception()) is not None)
-        except BaseException:  # Ctrl-C: stop the transfers, keep their part files
-            cancel.set()
-            for fut in futures:
-                fut.cancel()
-            cf.wait(futures)
-            manifest.save()
-            raise
+    # Not a `with` block: its exit would join every worker, also one still blocked after Ctrl-C.
+    pool = cf.ThreadPoolExecutor(max_workers=max(1, max_workers))
+    futures = [pool.submit(one, f) for f in todo]
+    try:
+        pending = set(futures)
+        while pending:
+            done, pending = cf.wait(pending, timeout=0.5)
+            errors.extend(e for fut in done if (e := fut.exception()) is not None)
+    except BaseException:  # Ctrl-C: stop the transfers, keep their part files
+        cancel.set()
+        for fut in futures:
+            fut.cancel()
+        # The transfers' sockets are shut down on cancel, so they return at once; one that
+        # is still blocked (e.g. waiting for response headers) is not waited for: the part
+        # files and the manifest are what a rerun resumes from.
+        cf.wait(futures, timeout=CANCEL_GRACE_S)
+        manifest.save()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     manifest.save()
     prune_partial(root)
     real = [e for e in errors if not isinstance(e, Cancelled)]
