@@ -250,6 +250,7 @@ def _get(
                     if cancel is not None and cancel.is_set():
                         raise Cancelled("cancelled")
                     fh.write(chunk)
+                    fh.flush()  # the part file on disk is what a rerun resumes from: keep it current
                     st.update(chunk)
                     st.done += len(chunk)
                     st.fetched += len(chunk)
