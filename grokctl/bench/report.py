@@ -18,6 +18,7 @@ from grokctl import costmodel
 from grokctl.bench.cases import CaseResult, percentiles_ms
 from grokctl.config import ModelConfig
 from grokctl.errors import GrokctlError, MissingResourceError, UsageError
+from grokctl.units import binary_bytes, human_count
 
 SCHEMA = "grokctl-bench/1"
 FORMATS = ("md", "json", "jsonl", "csv")
@@ -127,20 +128,6 @@ def _si(x: float, unit: str) -> str:
     return f"{x:.2f} {unit}"
 
 
-def _binary(n: float) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def _count(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return str(int(n))
-
-
 def _lat(r: dict[str, Any]) -> str:
     p = r["ttft_ms"] or r["token_ms"]
     return f"{p['p50']:.1f} / {p['p90']:.1f} / {p['p99']:.1f}" if p else ""
@@ -174,8 +161,8 @@ def to_markdown(records: Sequence[dict[str, Any]]) -> str:
         rows.append(
             [
                 f"{m['name']} {r['precision']['weights']}",
-                _binary(m["stored_bytes"]),
-                _count(m["params"]),
+                binary_bytes(m["stored_bytes"]),
+                human_count(m["params"], 2),
                 f"{r['backend']} x{_devices(r['mesh'])}",
                 r["mesh"],
                 r["moe"],

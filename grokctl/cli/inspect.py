@@ -12,27 +12,13 @@ from grokctl.cli.output import emit_json, warn
 from grokctl.config import Settings, help_suffix
 from grokctl.errors import UsageError
 from grokctl.paths import shown
+from grokctl.units import binary_bytes, human_count
 
 _DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}  # int8, int4 as they are
 
 
 def _shape(shape: Any) -> str:
     return "x".join(str(d) for d in shape) if shape else "scalar"
-
-
-def _gib(n: float) -> str:
-    """Binary units (device memory is sold in GiB): 37.06 GiB, 192.00 MiB, 512 B."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):,.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def _count(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return str(n)
 
 
 def _size(n: float) -> str:
@@ -247,8 +233,8 @@ def _totals_lines(totals: dict[str, Any], width: int | None) -> list[str]:
         kind = ["tensors (int8)", f"{totals['tensors']} ({totals['int8_tensors']})"]
     rows = [
         kind,
-        ["parameters", f"{totals['parameters']:,} ({_count(totals['parameters'])})"],
-        ["active parameters per token", f"{active:,} ({_count(active)})"],
+        ["parameters", f"{totals['parameters']:,} ({human_count(totals['parameters'])})"],
+        ["active parameters per token", f"{active:,} ({human_count(active)})"],
         ["bytes on disk", f"{totals['bytes_on_disk']:,} ({_size(totals['bytes_on_disk'])})"],
     ]
     if totals["selected_tensors"] != totals["tensors"]:
@@ -286,12 +272,12 @@ def _plan_lines(report: Any, width: int | None) -> list[str]:
         ),
         ("total", plan.total, ""),
     ]
-    rows = [[name, _gib(n), f"{n:,} B", how] for name, n, how in parts]
+    rows = [[name, binary_bytes(n, grouped=True), f"{n:,} B", how] for name, n, how in parts]
     mem = plan.device_memory
     rows.append(
         [
             "device memory",
-            _gib(mem) if mem else "unknown",
+            binary_bytes(mem, grouped=True) if mem else "unknown",
             f"{mem:,} B" if mem else "",
             shown(plan.device_memory_source, 200),
         ]
@@ -316,11 +302,11 @@ def _verdict(plan: Any) -> str:
         return "verdict: unknown (pass --device-memory SIZE)"
     if plan.fits:
         pct = 100 * plan.total / plan.device_memory
-        return f"verdict: fits: {_gib(plan.total)} of {_gib(plan.device_memory)} per device ({pct:.0f}%)"
+        return f"verdict: fits: {binary_bytes(plan.total, grouped=True)} of {binary_bytes(plan.device_memory, grouped=True)} per device ({pct:.0f}%)"
     need = plan.total - plan.device_memory
     return (
-        f"verdict: does not fit: needs {_gib(plan.total)} per device, {_gib(need)} more than "
-        f"{_gib(plan.device_memory)}; try more devices on the model axis "
+        f"verdict: does not fit: needs {binary_bytes(plan.total, grouped=True)} per device, {binary_bytes(need, grouped=True)} more than "
+        f"{binary_bytes(plan.device_memory, grouped=True)}; try more devices on the model axis "
         f"(--mesh {plan.data}x{plan.model * 2}), a smaller --batch or --seq-len"
     )
 
