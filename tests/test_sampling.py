@@ -110,3 +110,16 @@ def test_top_logprobs_are_the_log_softmax() -> None:
     np.testing.assert_array_equal(np.asarray(ids), [[1, 2], [0, 1]])
     np.testing.assert_allclose(np.asarray(top)[0], [lp0[1], lp0[2]], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(chosen), [lp0[2], np.log(1 / 3)], rtol=1e-5)
+
+
+def test_first_argmax_matches_argmax_with_ties_and_nan() -> None:
+    from grokctl.sampling import first_argmax
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(-3, 4, (6, 257)).astype(np.float32)  # many ties
+    x[2, 100] = np.nan
+    x[2, 7] = np.nan  # first NaN wins, as in jnp.argmax
+    x[4] = -np.inf
+    got = np.asarray(jax.jit(first_argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+    assert got[2] == 7 and got[4] == 0
