@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
     not kernels.available(), reason="CPU kernels unavailable (no compiler?)"
 )
 
-ISAS = ["scalar", "avx2", "avx512"]
+ISAS = ["scalar", "avx2", "avx512", "avx512_bf16"]
 
 
 @pytest.fixture(params=ISAS)
@@ -31,7 +31,7 @@ def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     best = kernels.info()["isa"]
     if order[request.param] > order[best]:
         pytest.skip(f"CPU has {best} only")
-    if request.param != "avx512":
+    if request.param != ISAS[-1]:
         monkeypatch.setenv("GROKCTL_CPU_ISA", request.param)
     assert kernels.info()["isa"] == request.param
     return str(request.param)
@@ -63,6 +63,9 @@ def _check(got: jax.Array, x: jax.Array, wd: jax.Array) -> None:
         (9, 96, 300, 1),
         (1, 24, 7, 3),
         (14, 72, 70, 3),
+        (2, 30, 40, 10),  # odd rows per scale group: no row pairs (the plain AVX-512 loop)
+        (1, 600, 50, 2),  # several row slabs, a group boundary inside one (partial sums)
+        (3, 4104, 33, 6),  # 16 slabs of 264 rows + tail
     ],
 )
 @pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
@@ -93,6 +96,16 @@ def test_matmul_nt_bf16_matches(isa: str, m: int, d: int, v: int) -> None:
     x = jnp.asarray(rng.standard_normal((m, d)), jnp.bfloat16)
     got = jax.jit(kernels.matmul_nt_bf16)(x, table)
     _check(got, x, table.T)
+
+
+@pytest.mark.parametrize(("m", "d", "v"), [(1, 1024, 1000), (6, 40, 13), (2, 7, 5), (3, 70, 9)])
+@pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_nt_int8_matches(isa: str, m: int, d: int, v: int, xdtype) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(d + 7)
+    table = jnp.asarray(rng.integers(-128, 128, (v, d), dtype=np.int8))
+    x = jnp.asarray(rng.standard_normal((m, d)), xdtype)
+    got = jax.jit(kernels.matmul_nt_int8)(x, table)
+    _check(got, x, table.T.astype(jnp.float32))
 
 
 def _jit(fn):  # type: ignore[no-untyped-def]

@@ -5,6 +5,8 @@
   accumulation; weights streamed once and dequantized in registers (AVX-512 / AVX2 / scalar,
   chosen at run time), threaded over N.
 - `matmul_nt_bf16(x, table)`: x [M, D] @ table[V, D]^T (bf16 table) -> f32 [M, V] (the logits).
+- `matmul_nt_int8(x, table)`: x [M, D] @ table[V, D]^T (int8 table, exact as bf16) -> f32 [M, V]
+  (the logits of an int8-per-row embedding table, before its row scales).
 
 The shared library is built by `make install` (`python -m grokctl.kernels.build`) into
 `grokctl/kernels/_build/`, or on first use into the user cache directory. Whenever it cannot be
@@ -34,7 +36,8 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 BUILD_DIR = Path(__file__).with_name("_build")
 QMATMUL_TARGET = "grokctl_qmatmul"
 MATMUL_NT_TARGET = "grokctl_matmul_nt_bf16"
-ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
+MATMUL_NT_INT8_TARGET = "grokctl_matmul_nt_int8"
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
 
 
 def enabled_by_env() -> bool:
@@ -130,6 +133,9 @@ def _library() -> ctypes.CDLL | None:
         jax.ffi.register_ffi_target(
             MATMUL_NT_TARGET, jax.ffi.pycapsule(lib.GrokctlMatmulNT), platform="cpu"
         )
+        jax.ffi.register_ffi_target(
+            MATMUL_NT_INT8_TARGET, jax.ffi.pycapsule(lib.GrokctlMatmulNTQ8), platform="cpu"
+        )
         return lib
     except Exception as exc:  # any failure means: use the pure-JAX path
         log.debug("grokctl CPU kernels unavailable: %s", exc)
@@ -171,5 +177,14 @@ def matmul_nt_bf16(x: jax.Array, table: jax.Array) -> jax.Array:
     _require()
     call = jax.ffi.ffi_call(
         MATMUL_NT_TARGET, jax.ShapeDtypeStruct((x.shape[0], table.shape[0]), jnp.float32)
+    )
+    return call(x, table)  # type: ignore[no-any-return]
+
+
+def matmul_nt_int8(x: jax.Array, table: jax.Array) -> jax.Array:
+    """x [M, D] (f32 or bf16) @ table[V, D]^T (int8) -> f32 [M, V]."""
+    _require()
+    call = jax.ffi.ffi_call(
+        MATMUL_NT_INT8_TARGET, jax.ShapeDtypeStruct((x.shape[0], table.shape[0]), jnp.float32)
     )
     return call(x, table)  # type: ignore[no-any-return]

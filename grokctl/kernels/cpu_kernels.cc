@@ -52,6 +52,7 @@ inline float round_bf16(float f) {
 
 struct QProblem {
   const float* x;     // [M, K]
+  const uint16_t* xb; // [M, K] bf16 bits when x was given in bf16, else nullptr
   const int8_t* w;    // [K, N]
   const uint16_t* s;  // [G, N] bf16 bits
   float* y;           // [M, N]
@@ -60,8 +61,17 @@ struct QProblem {
 
 struct NTProblem {
   const float* x;     // [M, D]
+  const uint16_t* xb; // [M, D] bf16 bits when x was given in bf16, else nullptr
   const uint16_t* t;  // [V, D] bf16 bits
   float* y;           // [M, V]
+  int64_t M, D, V;
+};
+
+struct NTQ8Problem {  // y[M, V] = x[M, D] @ q[V, D]^T (int8 table rows; the caller scales rows)
+  const float* x;
+  const uint16_t* xb;  // bf16 bits or nullptr
+  const int8_t* t;
+  float* y;
   int64_t M, D, V;
 };
 
@@ -100,6 +110,18 @@ void nt_rows_scalar(const NTProblem& p, int64_t v0, int64_t v1) {
       const float* xm = p.x + m * p.D;
       float acc = 0.0f;
       for (int64_t d = 0; d < p.D; ++d) acc += xm[d] * bf16_to_f32(tr[d]);
+      p.y[m * p.V + v] = acc;
+    }
+  }
+}
+
+void ntq8_rows_scalar(const NTQ8Problem& p, int64_t v0, int64_t v1) {
+  for (int64_t v = v0; v < v1; ++v) {
+    const int8_t* tr = p.t + v * p.D;
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* xm = p.x + m * p.D;
+      float acc = 0.0f;
+      for (int64_t d = 0; d < p.D; ++d) acc += xm[d] * float(tr[d]);
       p.y[m * p.V + v] = acc;
     }
   }
@@ -296,6 +318,211 @@ AVX512 void nt_rows_512(const NTProblem& p, int64_t v0, int64_t v1) {
   }
 }
 
+
+// ---------------------------------------------------------------- AVX-512 + BF16
+// Two weight rows k, k+1 are dequantized together and interleaved into bf16 pairs (one pair per
+// column in each 32-bit lane), rounded by vcvtne2ps2bf16 (round to nearest even, the same value
+// as round_bf16 for every finite product; it flushes bf16-subnormal results, below 1e-38, to
+// zero). bf16 activations then take the pair with one vdpbf16ps (x_k w_k + x_k+1 w_k+1 per lane,
+// exact products, f32 sums); f32 activations (the expert output projection) unpack the pair to
+// two f32 vectors and FMA, summing k then k+1 as the plain AVX-512 path does.
+// About half the vector instructions per weight of the path above.
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
+
+AVX512BF16 inline __m512i dq_pairs_512(const int8_t* r0, const int8_t* r1, __mmask16 mask,
+                                       __m512 s_lo, __m512 s_hi) {
+  const __m128i a = _mm_maskz_loadu_epi8(mask, r0), b = _mm_maskz_loadu_epi8(mask, r1);
+  const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpacklo_epi8(a, b))), s_lo);
+  const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpackhi_epi8(a, b))), s_hi);
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+inline uint32_t bf16_pair(const uint16_t* xb) {  // xb[0] low half, xb[1] high half
+  return uint32_t(xb[0]) | (uint32_t(xb[1]) << 16);
+}
+
+// Work unit of the GEMV: a slab of kSlabRows weight rows x a chunk of at most kSlabCols(M)
+// columns. A unit streams its slab row after row (each row a contiguous run of up to 24 KB, the
+// next row right after it when the chunk is the whole width): the hardware prefetchers see one
+// long stream. Its f32 accumulators (M x chunk) stay in L1. Slabs write partial sums that the
+// caller adds in slab order, so results do not depend on the thread count.
+// Rows per slab: at least 256, at most 16 slabs (a fixed function of K, not of the threads).
+inline int64_t slab_rows(int64_t K) { return std::max<int64_t>(256, ((K + 15) / 16 + 7) / 8 * 8); }
+inline int64_t slab_cols(int64_t M) { return std::max<int64_t>(64, (6144 / std::max<int64_t>(M, 1)) / 64 * 64); }
+
+// Rows [m0, m0+MB) x columns [n0, n0+16 nv), weight rows [k, k + 2P) (one scale group).
+template <int MB, int P, bool BX>
+AVX512BF16 void qb_rows_512(const QProblem& p, const uint16_t* srow, float* acc, int64_t acc_stride,
+                            int64_t m0, int64_t n0, int nv, __mmask16 last, int64_t k) {
+  const int8_t* wr[2 * P];
+  __m512i xp[MB][P];     // bf16 x pairs (BX)
+  __m512 xf[MB][2 * P];  // f32 x (!BX)
+  for (int u = 0; u < 2 * P; ++u) wr[u] = p.w + (k + u) * p.N + n0;
+  for (int m = 0; m < MB; ++m) {
+    if constexpr (BX) {
+      for (int q = 0; q < P; ++q)
+        xp[m][q] = _mm512_set1_epi32(int(bf16_pair(p.xb + (m0 + m) * p.K + k + 2 * q)));
+    } else {
+      for (int u = 0; u < 2 * P; ++u) xf[m][u] = _mm512_set1_ps(p.x[(m0 + m) * p.K + k + u]);
+    }
+  }
+  const __m512i hi_mask = _mm512_set1_epi32(int(0xffff0000u));
+  const __m512i dup_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i dup_hi = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+  for (int v = 0; v < nv; ++v) {
+    const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
+    const __m512i sw = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, srow + v * 16)), 16);
+    const __m512 s_lo = _mm512_castsi512_ps(_mm512_permutexvar_epi32(dup_lo, sw));
+    const __m512 s_hi = _mm512_castsi512_ps(_mm512_permutexvar_epi32(dup_hi, sw));
+    __m512 a[MB];
+    if ((v & 3) == 0)  // the next pass's rows, one line each per 64 columns (software prefetch:
+      for (int u = 0; u < 2 * P; ++u)  // the rows are separate streams to the prefetchers)
+        _mm_prefetch(reinterpret_cast<const char*>(wr[u] + 2 * P * p.N + v * 16), _MM_HINT_T0);
+    for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(acc + m * acc_stride + v * 16);
+    for (int q = 0; q < P; ++q) {
+      const __m512i w = dq_pairs_512(wr[2 * q] + v * 16, wr[2 * q + 1] + v * 16, mask, s_lo, s_hi);
+      if constexpr (BX) {
+        for (int m = 0; m < MB; ++m)
+          a[m] = _mm512_dpbf16_ps(a[m], reinterpret_cast<__m512bh>(w),
+                                  reinterpret_cast<__m512bh>(xp[m][q]));
+      } else {
+        const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(w, hi_mask));
+        for (int m = 0; m < MB; ++m) {
+          a[m] = _mm512_fmadd_ps(xf[m][2 * q], w0, a[m]);
+          a[m] = _mm512_fmadd_ps(xf[m][2 * q + 1], w1, a[m]);
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) _mm512_store_ps(acc + m * acc_stride + v * 16, a[m]);
+  }
+}
+
+// Rows [m0, m0+MB), weight rows [k0, k1), columns [n0, n0+w): partial sums into out (row stride N).
+template <int MB, bool BX>
+AVX512BF16 void qb_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0,
+                            int64_t w, float* out) {
+  alignas(64) static thread_local float acc[6144 + 64 * 4];
+  const int64_t stride = (w + 15) / 16 * 16;
+  const int nv = int(stride / 16);
+  const __mmask16 last = (w % 16) ? __mmask16((1u << (w % 16)) - 1) : __mmask16(0xffff);
+  std::memset(acc, 0, sizeof(float) * stride * MB);
+  const int64_t kb = p.K / p.G;  // even (checked by the caller)
+  for (int64_t k = k0; k < k1;) {
+    const int64_t gend = std::min(k1, (k / kb + 1) * kb);
+    const uint16_t* srow = p.s + (k / kb) * p.N + n0;
+    for (; k + 8 <= gend; k += 8) qb_rows_512<MB, 4, BX>(p, srow, acc, stride, m0, n0, nv, last, k);
+    for (; k + 2 <= gend; k += 2) qb_rows_512<MB, 1, BX>(p, srow, acc, stride, m0, n0, nv, last, k);
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < nv; ++v) {
+      const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
+      _mm512_mask_storeu_ps(out + (m0 + m) * p.N + n0 + v * 16, mask,
+                            _mm512_load_ps(acc + m * stride + v * 16));
+    }
+}
+
+template <bool BX>
+AVX512BF16 void qb_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
+                             float* out) {
+  const int64_t w = n1 - n0;
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) qb_unit_512<4, BX>(p, m, k0, k1, n0, w, out);
+  switch (p.M - m) {
+    case 3: qb_unit_512<3, BX>(p, m, k0, k1, n0, w, out); break;
+    case 2: qb_unit_512<2, BX>(p, m, k0, k1, n0, w, out); break;
+    case 1: qb_unit_512<1, BX>(p, m, k0, k1, n0, w, out); break;
+    default: break;
+  }
+}
+
+// Logits over a bf16 table with bf16 activations: one vdpbf16ps per 32 table elements.
+template <int MB, int R>
+AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v) {
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < p.D; d += 32) {
+    const int64_t rem = p.D - d;
+    const __mmask32 mask = rem >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << rem) - 1);
+    __m512i xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, p.xb + (m0 + m) * p.D + d);
+    for (int r = 0; r < R; ++r) {
+      // the next block's line at this offset (the block after these R rows, same stream)
+      _mm_prefetch(reinterpret_cast<const char*>(p.t + (v + R + r) * p.D + d), _MM_HINT_T0);
+      const __m512i t = _mm512_maskz_loadu_epi16(mask, p.t + (v + r) * p.D + d);
+      for (int m = 0; m < MB; ++m)
+        acc[r][m] = _mm512_dpbf16_ps(acc[r][m], reinterpret_cast<__m512bh>(t),
+                                     reinterpret_cast<__m512bh>(xv[m]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int MB>
+AVX512BF16 void ntb_rows_m_512(const NTProblem& p, int64_t m0, int64_t v0, int64_t v1) {
+  int64_t v = v0;
+  for (; v + 4 <= v1; v += 4) ntb_block_512<MB, 4>(p, m0, v);
+  for (; v < v1; ++v) ntb_block_512<MB, 1>(p, m0, v);
+}
+
+AVX512BF16 void ntb_rows_512(const NTProblem& p, int64_t v0, int64_t v1) {
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) ntb_rows_m_512<4>(p, m, v0, v1);
+  switch (p.M - m) {
+    case 3: ntb_rows_m_512<3>(p, m, v0, v1); break;
+    case 2: ntb_rows_m_512<2>(p, m, v0, v1); break;
+    case 1: ntb_rows_m_512<1>(p, m, v0, v1); break;
+    default: break;
+  }
+}
+
+// Logits over an int8 table (native checkpoints' int8-per-row embeddings): int8 -> bf16 is
+// exact, so one vdpbf16ps per 32 elements after widening.
+template <int MB, int R>
+AVX512BF16 void ntq8_block_512(const NTQ8Problem& p, int64_t m0, int64_t v) {
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < p.D; d += 32) {
+    const int64_t rem = p.D - d;
+    const __mmask32 mask = rem >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << rem) - 1);
+    __m512i xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, p.xb + (m0 + m) * p.D + d);
+    for (int r = 0; r < R; ++r) {
+      if ((d & 63) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(p.t + (v + R + r) * p.D + d), _MM_HINT_T0);
+      const __m256i q = _mm256_maskz_loadu_epi8(mask, p.t + (v + r) * p.D + d);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+      const __m512bh t = _mm512_cvtne2ps_pbh(hi, lo);
+      for (int m = 0; m < MB; ++m)
+        acc[r][m] = _mm512_dpbf16_ps(acc[r][m], t, reinterpret_cast<__m512bh>(xv[m]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int MB>
+AVX512BF16 void ntq8_rows_m_512(const NTQ8Problem& p, int64_t m0, int64_t v0, int64_t v1) {
+  int64_t v = v0;
+  for (; v + 4 <= v1; v += 4) ntq8_block_512<MB, 4>(p, m0, v);
+  for (; v < v1; ++v) ntq8_block_512<MB, 1>(p, m0, v);
+}
+
+AVX512BF16 void ntq8_rows_512(const NTQ8Problem& p, int64_t v0, int64_t v1) {
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) ntq8_rows_m_512<4>(p, m, v0, v1);
+  switch (p.M - m) {
+    case 3: ntq8_rows_m_512<3>(p, m, v0, v1); break;
+    case 2: ntq8_rows_m_512<2>(p, m, v0, v1); break;
+    case 1: ntq8_rows_m_512<1>(p, m, v0, v1); break;
+    default: break;
+  }
+}
+
 // ---------------------------------------------------------------- AVX2 + FMA
 #define AVX2 __attribute__((target("avx2,fma")))
 
@@ -422,29 +649,73 @@ AVX2 void nt_rows_256(const NTProblem& p, int64_t v0, int64_t v1) {
     default: break;
   }
 }
+
+template <int MB, int R>
+AVX2 void ntq8_block_256(const NTQ8Problem& p, int64_t m0, int64_t v) {
+  __m256 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+  const int64_t d8 = p.D / 8 * 8;
+  for (int64_t d = 0; d < d8; d += 8) {
+    __m256 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(p.x + (m0 + m) * p.D + d);
+    for (int r = 0; r < R; ++r) {
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.t + (v + r) * p.D + d));
+      const __m256 t = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(xv[m], t, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      float s = hsum256(acc[r][m]);
+      const float* xm = p.x + (m0 + m) * p.D;
+      const int8_t* tr = p.t + (v + r) * p.D;
+      for (int64_t d = d8; d < p.D; ++d) s += xm[d] * float(tr[d]);
+      p.y[(m0 + m) * p.V + v + r] = s;
+    }
+}
+
+template <int MB>
+AVX2 void ntq8_rows_m_256(const NTQ8Problem& p, int64_t m0, int64_t v0, int64_t v1) {
+  int64_t v = v0;
+  for (; v + 4 <= v1; v += 4) ntq8_block_256<MB, 4>(p, m0, v);
+  for (; v < v1; ++v) ntq8_block_256<MB, 1>(p, m0, v);
+}
+
+AVX2 void ntq8_rows_256(const NTQ8Problem& p, int64_t v0, int64_t v1) {
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) ntq8_rows_m_256<4>(p, m, v0, v1);
+  switch (p.M - m) {
+    case 3: ntq8_rows_m_256<3>(p, m, v0, v1); break;
+    case 2: ntq8_rows_m_256<2>(p, m, v0, v1); break;
+    case 1: ntq8_rows_m_256<1>(p, m, v0, v1); break;
+    default: break;
+  }
+}
 #endif  // GROKCTL_X86
 
 // ---------------------------------------------------------------- dispatch
-enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 int detect_isa() {
 #ifdef GROKCTL_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
-    return kAvx512;
+    return __builtin_cpu_supports("avx512bf16") ? kAvx512Bf16 : kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
 #endif
   return kScalar;
 }
 
-// The best ISA this CPU has, capped by GROKCTL_CPU_ISA ("scalar" | "avx2"; read per call so
-// tests can exercise every path on one machine).
+// The best ISA this CPU has, capped by GROKCTL_CPU_ISA ("scalar" | "avx2" | "avx512"; read per
+// call so tests can exercise every path on one machine).
 int isa() {
   static const int detected = detect_isa();
   const char* cap = std::getenv("GROKCTL_CPU_ISA");
   if (cap && std::strcmp(cap, "scalar") == 0) return kScalar;
   if (cap && std::strcmp(cap, "avx2") == 0) return std::min<int>(detected, kAvx2);
+  if (cap && std::strcmp(cap, "avx512") == 0) return std::min<int>(detected, kAvx512);
   return detected;
 }
 
@@ -501,6 +772,12 @@ void parallel_for(ffi::ThreadPool& pool, int64_t units, F&& body) {
   for (int64_t d; (d = st->done.load(std::memory_order_acquire)) < units;) st->done.wait(d);
 }
 
+const uint16_t* bf16_bits(ffi::AnyBuffer x) {
+  return x.element_type() == ffi::DataType::BF16
+             ? reinterpret_cast<const uint16_t*>(x.untyped_data())
+             : nullptr;
+}
+
 const float* as_f32(ffi::AnyBuffer x, std::vector<float>& tmp) {
   if (x.element_type() == ffi::DataType::F32) return x.typed_data<float>();
   const size_t n = x.element_count();
@@ -533,6 +810,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   }
   static thread_local std::vector<float> xtmp;
   QProblem p{as_f32(x, xtmp),
+             bf16_bits(x),
              reinterpret_cast<const int8_t*>(w.untyped_data()) + e * K * N,
              reinterpret_cast<const uint16_t*>(s.untyped_data()) + e * G * N,
              y->typed_data(),
@@ -540,8 +818,9 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
              K,
              N,
              G};
-  const int level = isa();
-  const bool gemm = level == kAvx512 && M >= kGemmRows;
+  int level = isa();
+  const bool gemm = level >= kAvx512 && M >= kGemmRows;
+  if (level == kAvx512Bf16 && ((K / G) % 2 != 0 || gemm)) level = kAvx512;  // row pairs
   // GEMV: as few, wide chunks as give every thread the same share; GEMM: panel-wide chunks.
   int64_t width = kPanelCols;
   if (!gemm) {
@@ -549,6 +828,40 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     const int64_t per_thread = (N + threads - 1) / threads;
     const int64_t rounds = (per_thread + kCols - 1) / kCols;
     width = std::min(kCols, ((per_thread + rounds - 1) / rounds + 63) / 64 * 64);
+  }
+  if (level == kAvx512Bf16) {  // slabs of rows x column chunks, partial sums added in order
+#ifdef GROKCTL_X86
+    const int64_t rows = slab_rows(K), slabs = (K + rows - 1) / rows;
+    const int64_t max_cols = slab_cols(M);
+    int64_t chunks = (N + max_cols - 1) / max_cols;
+    const int64_t want = 2 * int64_t(max_threads());  // enough units to balance the threads
+    if (slabs * chunks < want) chunks = std::min((want + slabs - 1) / slabs, (N + 63) / 64);
+    const int64_t cols = ((N + chunks - 1) / chunks + 15) / 16 * 16;
+    chunks = (N + cols - 1) / cols;
+    static thread_local std::vector<float> partial;
+    float* out = y->typed_data();
+    if (slabs > 1) {
+      partial.resize(size_t(slabs * M * N));
+      out = partial.data();
+    }
+    parallel_for(pool, slabs * chunks, [&](int64_t i) {
+      const int64_t k0 = (i / chunks) * rows, k1 = std::min(K, k0 + rows);
+      const int64_t n0 = (i % chunks) * cols, n1 = std::min(N, n0 + cols);
+      float* dst = slabs > 1 ? out + (i / chunks) * M * N : out;
+      if (p.xb) qb_block_512<true>(p, k0, k1, n0, n1, dst);
+      else qb_block_512<false>(p, k0, k1, n0, n1, dst);
+    });
+    if (slabs > 1) {
+      float* yd = y->typed_data();
+      const int64_t total = M * N;
+      std::memcpy(yd, out, sizeof(float) * total);
+      for (int64_t sl = 1; sl < slabs; ++sl) {
+        const float* src = out + sl * total;
+        for (int64_t j = 0; j < total; ++j) yd[j] += src[j];
+      }
+    }
+    return ffi::Error::Success();
+#endif
   }
   const int64_t units = (N + width - 1) / width;
   parallel_for(pool, units, [&](int64_t i) {
@@ -572,17 +885,43 @@ ffi::Error MatmulNTImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer t
       xd[1] != td[1])
     return ffi::Error::InvalidArgument("grokctl_matmul_nt_bf16: bad table or shapes");
   static thread_local std::vector<float> xtmp;
-  NTProblem p{as_f32(x, xtmp), reinterpret_cast<const uint16_t*>(t.untyped_data()),
+  NTProblem p{as_f32(x, xtmp), bf16_bits(x), reinterpret_cast<const uint16_t*>(t.untyped_data()),
               y->typed_data(), xd[0], xd[1], td[0]};
   const int64_t units = (p.V + kTableRows - 1) / kTableRows;
   const int level = isa();
   parallel_for(pool, units, [&](int64_t i) {
     const int64_t v0 = i * kTableRows, v1 = std::min(p.V, v0 + kTableRows);
 #ifdef GROKCTL_X86
-    if (level == kAvx512) return nt_rows_512(p, v0, v1);
+    if (level == kAvx512Bf16 && p.xb) return ntb_rows_512(p, v0, v1);
+    if (level >= kAvx512) return nt_rows_512(p, v0, v1);
     if (level == kAvx2) return nt_rows_256(p, v0, v1);
 #endif
     nt_rows_scalar(p, v0, v1);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulNTQ8Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
+                          ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto xd = x.dimensions();
+  const auto td = t.dimensions();
+  if (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("grokctl_matmul_nt_int8: x must be f32 or bf16");
+  if (t.element_type() != ffi::DataType::S8 || xd.size() != 2 || td.size() != 2 ||
+      xd[1] != td[1])
+    return ffi::Error::InvalidArgument("grokctl_matmul_nt_int8: bad table or shapes");
+  static thread_local std::vector<float> xtmp;
+  NTQ8Problem p{as_f32(x, xtmp), bf16_bits(x), reinterpret_cast<const int8_t*>(t.untyped_data()),
+                y->typed_data(), xd[0], xd[1], td[0]};
+  const int64_t units = (p.V + kTableRows - 1) / kTableRows;
+  const int level = isa();
+  parallel_for(pool, units, [&](int64_t i) {
+    const int64_t v0 = i * kTableRows, v1 = std::min(p.V, v0 + kTableRows);
+#ifdef GROKCTL_X86
+    if (level == kAvx512Bf16 && p.xb) return ntq8_rows_512(p, v0, v1);
+    if (level >= kAvx2) return ntq8_rows_256(p, v0, v1);
+#endif
+    ntq8_rows_scalar(p, v0, v1);
   });
   return ffi::Error::Success();
 }
@@ -599,6 +938,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlQMatmul, QMatmulImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlMatmulNT, MatmulNTImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlMatmulNTQ8, MatmulNTQ8Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
