@@ -79,6 +79,63 @@ def test_qmatmul_matches_exact_dequant_dot(
     _check(got, x, dequantize(w))  # bf16-rounded int8 * scale, as the reference
 
 
+def _quantized4(
+    rng: np.random.Generator, k: int, n: int, g: int, e: int = 0
+) -> quant.QuantizedWeight:
+    from grokctl.checkpoint.native.format import pack_int4
+
+    shape = (e, k, n) if e else (k, n)
+    q = rng.integers(-8, 8, shape).astype(np.int8)
+    scales = rng.uniform(0.01, 0.1, (*shape[:-2], g, n))
+    return quant.QuantizedWeight(
+        jnp.asarray(pack_int4(q)), jnp.asarray(scales, jnp.bfloat16), bits=4
+    )
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "g"),
+    [
+        (1, 256, 512, 2),
+        (3, 64, 100, 4),
+        (5, 128, 37, 8),
+        (9, 96, 300, 1),
+        (2, 600, 50, 3),
+        (1, 4104, 24, 6),
+    ],
+)
+@pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
+def test_qmatmul4_matches_exact_dequant_dot(
+    isa: str, m: int, k: int, n: int, g: int, xdtype
+) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(m * 77 + n)
+    w = _quantized4(rng, k, n, g)
+    x = jnp.asarray(rng.standard_normal((m, k)), xdtype)
+    got = jax.jit(kernels.qmatmul4)(x, w.weight, w.scales)
+    _check(got, x, dequantize(w))  # nibble x scale rounded to bf16, as the XLA path
+
+
+def test_qmatmul4_expert_index_and_wiring() -> None:
+    rng = np.random.default_rng(5)
+    w = _quantized4(rng, 64, 40, 2, e=3)
+    x = jnp.asarray(rng.standard_normal((2, 64)), jnp.bfloat16)
+    fn = jax.jit(kernels.qmatmul4)
+    for e in range(3):
+        one = quant.QuantizedWeight(w.weight[e], w.scales[e], bits=4)
+        _check(fn(x, w.weight, w.scales, e), x, dequantize(one))
+
+    def f(x_, w_, e_):  # type: ignore[no-untyped-def]
+        return quant.qmatmul(x_, quant.take_expert(w_, e_))
+
+    e1 = jnp.asarray(1, jnp.int32)
+    with chunked_qmatmul(True):
+        text = _program(f, x, w, e1)
+        fast = _jit(f)(x, w, e1)
+    assert kernels.QMATMUL4_TARGET in text and "dynamic_slice" not in text
+    with chunked_qmatmul(False):
+        slow = _jit(f)(x, w, e1)
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-5, atol=1e-4)
+
+
 def test_qmatmul_expert_index_reads_that_expert(isa: str) -> None:
     rng = np.random.default_rng(1)
     w = _quantized(rng, 64, 40, 2, e=3)
@@ -166,6 +223,26 @@ def test_bf16_table_and_unembed_are_exact() -> None:
     diff = np.abs(np.asarray(got, np.float32) - np.asarray(ref, np.float32))
     ulp = np.abs(np.asarray(ref, np.float32)) * 2.0**-7
     assert np.all(diff <= ulp + 1e-30)
+
+
+def test_int8_table_unembed_kernel_matches_xla() -> None:
+    """An int8-per-row table (native `--embeddings int8`): the kernel's logits equal XLA's up to
+    one bf16 rounding step, and the program calls the kernel."""
+    rng = np.random.default_rng(4)
+    w = jnp.asarray(rng.integers(-127, 128, (300, 64), dtype=np.int8))
+    s = jnp.asarray(rng.uniform(0.001, 0.02, (300, 1)), jnp.bfloat16)
+    table = quant.QuantizedWeight(w, s)
+    h = jnp.asarray(rng.standard_normal((2, 1, 64)), jnp.bfloat16)
+    with chunked_qmatmul(False):
+        ref = _jit(quant.unembed)(h, table)
+    with chunked_qmatmul(True):
+        assert kernels.MATMUL_NT_INT8_TARGET in _program(quant.unembed, h, table)
+        got = _jit(quant.unembed)(h, table)
+    assert got.dtype == jnp.bfloat16 and got.shape == (2, 1, 300)
+    diff = np.abs(np.asarray(got, np.float32) - np.asarray(ref, np.float32))
+    ulp = np.abs(np.asarray(ref, np.float32)) * 2.0**-7
+    assert np.all(diff <= ulp + 1e-30)
+    assert np.mean(diff == 0) >= 0.9
 
 
 def test_build_failure_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -4,6 +4,8 @@
   [(E,) G, N]) -> f32 [M, N], each weight rounded to bf16 as the reference's `int8 * bf16`, f32
   accumulation; weights streamed once and dequantized in registers (AVX-512 / AVX2 / scalar,
   chosen at run time), threaded over N.
+- `qmatmul4(x, packed, scales, expert)`: the same for int4 weights packed two per byte (uint8
+  [(E,) K/2, N]: row 2i in the low nibble, 2i+1 in the high), as the native format stores them.
 - `matmul_nt_bf16(x, table)`: x [M, D] @ table[V, D]^T (bf16 table) -> f32 [M, V] (the logits).
 - `matmul_nt_int8(x, table)`: x [M, D] @ table[V, D]^T (int8 table, exact as bf16) -> f32 [M, V]
   (the logits of an int8-per-row embedding table, before its row scales).
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 BUILD_DIR = Path(__file__).with_name("_build")
 QMATMUL_TARGET = "grokctl_qmatmul"
+QMATMUL4_TARGET = "grokctl_qmatmul4"
 MATMUL_NT_TARGET = "grokctl_matmul_nt_bf16"
 MATMUL_NT_INT8_TARGET = "grokctl_matmul_nt_int8"
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
@@ -131,6 +134,9 @@ def _library() -> ctypes.CDLL | None:
             QMATMUL_TARGET, jax.ffi.pycapsule(lib.GrokctlQMatmul), platform="cpu"
         )
         jax.ffi.register_ffi_target(
+            QMATMUL4_TARGET, jax.ffi.pycapsule(lib.GrokctlQMatmul4), platform="cpu"
+        )
+        jax.ffi.register_ffi_target(
             MATMUL_NT_TARGET, jax.ffi.pycapsule(lib.GrokctlMatmulNT), platform="cpu"
         )
         jax.ffi.register_ffi_target(
@@ -169,6 +175,15 @@ def qmatmul(x: jax.Array, weight: jax.Array, scales: jax.Array, expert: Any = 0)
     _require()
     m, n = x.shape[0], weight.shape[-1]
     call = jax.ffi.ffi_call(QMATMUL_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))
+    return call(x, weight, scales, jnp.asarray(expert, jnp.int32))  # type: ignore[no-any-return]
+
+
+def qmatmul4(x: jax.Array, weight: jax.Array, scales: jax.Array, expert: Any = 0) -> jax.Array:
+    """x [M, K] (f32 or bf16) @ dequant(packed int4 uint8 [(E,) K/2, N], scales [(E,) G, N])
+    -> f32 [M, N]; packed row i holds rows 2i (low nibble) and 2i+1 (high); K/G even."""
+    _require()
+    m, n = x.shape[0], weight.shape[-1]
+    call = jax.ffi.ffi_call(QMATMUL4_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))
     return call(x, weight, scales, jnp.asarray(expert, jnp.int32))  # type: ignore[no-any-return]
 
 

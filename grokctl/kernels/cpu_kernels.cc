@@ -85,6 +85,16 @@ constexpr int64_t kTableRows = 256;
 // From this many rows on, the AVX-512 path dequantizes panels once and runs a GEMM microkernel.
 constexpr int64_t kGemmRows = 8;
 
+// Work unit of the GEMV: a slab of kSlabRows weight rows x a chunk of at most kSlabCols(M)
+// columns. A unit streams its slab row after row (each row a contiguous run of up to 24 KB, the
+// next row right after it when the chunk is the whole width): the hardware prefetchers see one
+// long stream. Its f32 accumulators (M x chunk) stay in L1. Slabs write partial sums that the
+// caller adds in slab order, so results do not depend on the thread count.
+// Rows per slab: at least 256, at most 16 slabs (a fixed function of K, not of the threads).
+inline int64_t slab_rows(int64_t K) { return std::max<int64_t>(256, ((K + 15) / 16 + 7) / 8 * 8); }
+inline int64_t slab_cols(int64_t M) { return std::max<int64_t>(64, (6144 / std::max<int64_t>(M, 1)) / 64 * 64); }
+
+
 // ---------------------------------------------------------------- scalar (any CPU, tails)
 void q_cols_scalar(const QProblem& p, int64_t n0, int64_t n1) {
   const int64_t kb = p.K / p.G;
@@ -100,6 +110,30 @@ void q_cols_scalar(const QProblem& p, int64_t n0, int64_t n1) {
         acc[n - n0] += xv * round_bf16(float(wr[n]) * bf16_to_f32(sr[n]));
     }
     std::copy(acc.begin(), acc.end(), p.y + m * p.N + n0);
+  }
+}
+
+inline int nibble(uint8_t b, int high) {  // two's-complement 4-bit value
+  const int v = high ? (b >> 4) : (b & 15);
+  return v >= 8 ? v - 16 : v;
+}
+
+// int4 weight rows [k0, k1) x columns [n0, n1): partial sums into out (row stride N).
+void q4_block_scalar(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
+  const int64_t kb = p.K / p.G;
+  const uint8_t* w8 = reinterpret_cast<const uint8_t*>(p.w);
+  std::vector<float> acc(n1 - n0);
+  for (int64_t m = 0; m < p.M; ++m) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    const float* xm = p.x + m * p.K;
+    for (int64_t k = k0; k < k1; ++k) {
+      const uint8_t* wr = w8 + (k / 2) * p.N;
+      const uint16_t* sr = p.s + (k / kb) * p.N;
+      const float xv = xm[k];
+      for (int64_t n = n0; n < n1; ++n)
+        acc[n - n0] += xv * round_bf16(float(nibble(wr[n], int(k & 1))) * bf16_to_f32(sr[n]));
+    }
+    std::copy(acc.begin(), acc.end(), out + m * p.N + n0);
   }
 }
 
@@ -341,15 +375,6 @@ inline uint32_t bf16_pair(const uint16_t* xb) {  // xb[0] low half, xb[1] high h
   return uint32_t(xb[0]) | (uint32_t(xb[1]) << 16);
 }
 
-// Work unit of the GEMV: a slab of kSlabRows weight rows x a chunk of at most kSlabCols(M)
-// columns. A unit streams its slab row after row (each row a contiguous run of up to 24 KB, the
-// next row right after it when the chunk is the whole width): the hardware prefetchers see one
-// long stream. Its f32 accumulators (M x chunk) stay in L1. Slabs write partial sums that the
-// caller adds in slab order, so results do not depend on the thread count.
-// Rows per slab: at least 256, at most 16 slabs (a fixed function of K, not of the threads).
-inline int64_t slab_rows(int64_t K) { return std::max<int64_t>(256, ((K + 15) / 16 + 7) / 8 * 8); }
-inline int64_t slab_cols(int64_t M) { return std::max<int64_t>(64, (6144 / std::max<int64_t>(M, 1)) / 64 * 64); }
-
 // Rows [m0, m0+MB) x columns [n0, n0+16 nv), weight rows [k, k + 2P) (one scale group).
 template <int MB, int P, bool BX>
 AVX512BF16 void qb_rows_512(const QProblem& p, const uint16_t* srow, float* acc, int64_t acc_stride,
@@ -432,6 +457,98 @@ AVX512BF16 void qb_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t 
     case 3: qb_unit_512<3, BX>(p, m, k0, k1, n0, w, out); break;
     case 2: qb_unit_512<2, BX>(p, m, k0, k1, n0, w, out); break;
     case 1: qb_unit_512<1, BX>(p, m, k0, k1, n0, w, out); break;
+    default: break;
+  }
+}
+
+// int4 (two's-complement nibbles; packed row i = logical rows 2i (low) and 2i+1 (high) of the
+// same column): one byte holds a row pair, so one 16-byte load feeds 32 weights. The nibbles are
+// sign-extended with shifts, scaled, rounded to bf16 by vcvtne2ps2bf16 and interleaved into
+// pairs by one vpermw; then as the int8 path.
+template <int MB, int P, bool BX>
+AVX512BF16 void q4_rows_512(const QProblem& p, const uint16_t* srow, float* acc, int64_t acc_stride,
+                            int64_t m0, int64_t n0, int nv, __mmask16 last, int64_t k) {
+  const uint8_t* wr[P];
+  __m512i xp[MB][P];
+  __m512 xf[MB][2 * P];
+  const uint8_t* w8 = reinterpret_cast<const uint8_t*>(p.w);
+  for (int q = 0; q < P; ++q) wr[q] = w8 + (k / 2 + q) * p.N + n0;
+  for (int m = 0; m < MB; ++m) {
+    if constexpr (BX) {
+      for (int q = 0; q < P; ++q)
+        xp[m][q] = _mm512_set1_epi32(int(bf16_pair(p.xb + (m0 + m) * p.K + k + 2 * q)));
+    } else {
+      for (int u = 0; u < 2 * P; ++u) xf[m][u] = _mm512_set1_ps(p.x[(m0 + m) * p.K + k + u]);
+    }
+  }
+  const __m512i hi_mask = _mm512_set1_epi32(int(0xffff0000u));
+  // 16-bit positions: low half of lane c <- row k (position c), high half <- row k+1 (16 + c)
+  const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int v = 0; v < nv; ++v) {
+    const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
+    const __m512 sv = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, srow + v * 16)), 16));
+    if ((v & 3) == 0)
+      for (int q = 0; q < P; ++q)
+        _mm_prefetch(reinterpret_cast<const char*>(wr[q] + P * p.N + v * 16), _MM_HINT_T0);
+    __m512 a[MB];
+    for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(acc + m * acc_stride + v * 16);
+    for (int q = 0; q < P; ++q) {
+      const __m512i b = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, wr[q] + v * 16));
+      const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28)), sv);
+      const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4)), sv);
+      const __m512i w = _mm512_permutexvar_epi16(inter, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+      if constexpr (BX) {
+        for (int m = 0; m < MB; ++m)
+          a[m] = _mm512_dpbf16_ps(a[m], reinterpret_cast<__m512bh>(w),
+                                  reinterpret_cast<__m512bh>(xp[m][q]));
+      } else {
+        const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(w, hi_mask));
+        for (int m = 0; m < MB; ++m) {
+          a[m] = _mm512_fmadd_ps(xf[m][2 * q], w0, a[m]);
+          a[m] = _mm512_fmadd_ps(xf[m][2 * q + 1], w1, a[m]);
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) _mm512_store_ps(acc + m * acc_stride + v * 16, a[m]);
+  }
+}
+
+template <int MB, bool BX>
+AVX512BF16 void q4_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0,
+                            int64_t w, float* out) {
+  alignas(64) static thread_local float acc[6144 + 64 * 4];
+  const int64_t stride = (w + 15) / 16 * 16;
+  const int nv = int(stride / 16);
+  const __mmask16 last = (w % 16) ? __mmask16((1u << (w % 16)) - 1) : __mmask16(0xffff);
+  std::memset(acc, 0, sizeof(float) * stride * MB);
+  const int64_t kb = p.K / p.G;  // even
+  for (int64_t k = k0; k < k1;) {
+    const int64_t gend = std::min(k1, (k / kb + 1) * kb);
+    const uint16_t* srow = p.s + (k / kb) * p.N + n0;
+    for (; k + 8 <= gend; k += 8) q4_rows_512<MB, 4, BX>(p, srow, acc, stride, m0, n0, nv, last, k);
+    for (; k + 2 <= gend; k += 2) q4_rows_512<MB, 1, BX>(p, srow, acc, stride, m0, n0, nv, last, k);
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < nv; ++v) {
+      const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
+      _mm512_mask_storeu_ps(out + (m0 + m) * p.N + n0 + v * 16, mask,
+                            _mm512_load_ps(acc + m * stride + v * 16));
+    }
+}
+
+template <bool BX>
+AVX512BF16 void q4_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
+                             float* out) {
+  const int64_t w = n1 - n0;
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) q4_unit_512<4, BX>(p, m, k0, k1, n0, w, out);
+  switch (p.M - m) {
+    case 3: q4_unit_512<3, BX>(p, m, k0, k1, n0, w, out); break;
+    case 2: q4_unit_512<2, BX>(p, m, k0, k1, n0, w, out); break;
+    case 1: q4_unit_512<1, BX>(p, m, k0, k1, n0, w, out); break;
     default: break;
   }
 }
@@ -529,6 +646,14 @@ AVX512BF16 void ntq8_rows_512(const NTQ8Problem& p, int64_t v0, int64_t v1) {
 AVX2 inline __m256 dequant8_256(const int8_t* ptr, __m256 s) {
   const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ptr));
   __m256 wf = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), s);
+  __m256i b = _mm256_castps_si256(wf);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  b = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  b = _mm256_and_si256(b, _mm256_set1_epi32(int(0xffff0000u)));
+  return _mm256_castsi256_ps(b);
+}
+
+AVX2 inline __m256 round_bf16_256(__m256 wf) {
   __m256i b = _mm256_castps_si256(wf);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
   b = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
@@ -692,6 +817,55 @@ AVX2 void ntq8_rows_256(const NTQ8Problem& p, int64_t v0, int64_t v1) {
     default: break;
   }
 }
+
+// int4 on AVX2: 8 columns of a row pair per byte load, nibbles sign-extended with shifts.
+template <int MB>
+AVX2 void q4_unit_256(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0, int64_t w,
+                      float* out) {
+  alignas(32) static thread_local float acc[6144 + 64 * 4];
+  const int64_t w8 = w / 8 * 8;
+  const int nv = int(w8 / 8);
+  std::memset(acc, 0, sizeof(float) * (w8 ? w8 : 8) * MB);
+  const int64_t kb = p.K / p.G;
+  const uint8_t* wb = reinterpret_cast<const uint8_t*>(p.w);
+  for (int64_t k = k0; k < k1; k += 2) {
+    const uint8_t* wr = wb + (k / 2) * p.N + n0;
+    const uint16_t* sr = p.s + (k / kb) * p.N + n0;
+    __m256 x0[MB], x1[MB];
+    for (int m = 0; m < MB; ++m) {
+      x0[m] = _mm256_set1_ps(p.x[(m0 + m) * p.K + k]);
+      x1[m] = _mm256_set1_ps(p.x[(m0 + m) * p.K + k + 1]);
+    }
+    for (int v = 0; v < nv; ++v) {
+      const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + v * 8)));
+      const __m256 sv = load_bf16x8_256(sr + v * 8);
+      const __m256 lo = round_bf16_256(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28)), sv));
+      const __m256 hi = round_bf16_256(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4)), sv));
+      for (int m = 0; m < MB; ++m) {
+        __m256 a = _mm256_load_ps(acc + m * w8 + v * 8);
+        a = _mm256_fmadd_ps(x0[m], lo, a);
+        a = _mm256_fmadd_ps(x1[m], hi, a);
+        _mm256_store_ps(acc + m * w8 + v * 8, a);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m) std::memcpy(out + (m0 + m) * p.N + n0, acc + m * w8, sizeof(float) * w8);
+}
+
+AVX2 void q4_block_256(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
+  const int64_t w = n1 - n0, w8 = w / 8 * 8;
+  if (w8 > 0) {
+    int64_t m = 0;
+    for (; m + 4 <= p.M; m += 4) q4_unit_256<4>(p, m, k0, k1, n0, w8, out);
+    switch (p.M - m) {
+      case 3: q4_unit_256<3>(p, m, k0, k1, n0, w8, out); break;
+      case 2: q4_unit_256<2>(p, m, k0, k1, n0, w8, out); break;
+      case 1: q4_unit_256<1>(p, m, k0, k1, n0, w8, out); break;
+      default: break;
+    }
+  }
+  if (w8 < w) q4_block_scalar(p, k0, k1, n0 + w8, n1, out);
+}
 #endif  // GROKCTL_X86
 
 // ---------------------------------------------------------------- dispatch
@@ -787,6 +961,39 @@ const float* as_f32(ffi::AnyBuffer x, std::vector<float>& tmp) {
   return tmp.data();
 }
 
+// Slabs of weight rows x column chunks over the thread pool; with several slabs each writes its
+// partial sums, added into y in slab order. block(k0, k1, n0, n1, out) computes one unit.
+template <class Block>
+void slab_gemv(ffi::ThreadPool& pool, const QProblem& p, float* y, Block&& block) {
+  const int64_t M = p.M, K = p.K, N = p.N;
+  const int64_t rows = slab_rows(K), slabs = (K + rows - 1) / rows;
+  const int64_t max_cols = slab_cols(M);
+  int64_t chunks = (N + max_cols - 1) / max_cols;
+  const int64_t want = 2 * int64_t(max_threads());  // enough units to balance the threads
+  if (slabs * chunks < want) chunks = std::min((want + slabs - 1) / slabs, (N + 63) / 64);
+  const int64_t cols = ((N + chunks - 1) / chunks + 15) / 16 * 16;
+  chunks = (N + cols - 1) / cols;
+  static thread_local std::vector<float> partial;
+  float* out = y;
+  if (slabs > 1) {
+    partial.resize(size_t(slabs * M * N));
+    out = partial.data();
+  }
+  parallel_for(pool, slabs * chunks, [&](int64_t i) {
+    const int64_t k0 = (i / chunks) * rows, k1 = std::min(K, k0 + rows);
+    const int64_t n0 = (i % chunks) * cols, n1 = std::min(N, n0 + cols);
+    block(k0, k1, n0, n1, slabs > 1 ? out + (i / chunks) * M * N : out);
+  });
+  if (slabs > 1) {
+    const int64_t total = M * N;
+    std::memcpy(y, out, sizeof(float) * total);
+    for (int64_t sl = 1; sl < slabs; ++sl) {
+      const float* src = out + sl * total;
+      for (int64_t j = 0; j < total; ++j) y[j] += src[j];
+    }
+  }
+}
+
 ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer s,
                        ffi::Buffer<ffi::S32> expert, ffi::Result<ffi::Buffer<ffi::F32>> y) {
   const auto xd = x.dimensions();
@@ -829,37 +1036,12 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     const int64_t rounds = (per_thread + kCols - 1) / kCols;
     width = std::min(kCols, ((per_thread + rounds - 1) / rounds + 63) / 64 * 64);
   }
-  if (level == kAvx512Bf16) {  // slabs of rows x column chunks, partial sums added in order
+  if (level == kAvx512Bf16) {
 #ifdef GROKCTL_X86
-    const int64_t rows = slab_rows(K), slabs = (K + rows - 1) / rows;
-    const int64_t max_cols = slab_cols(M);
-    int64_t chunks = (N + max_cols - 1) / max_cols;
-    const int64_t want = 2 * int64_t(max_threads());  // enough units to balance the threads
-    if (slabs * chunks < want) chunks = std::min((want + slabs - 1) / slabs, (N + 63) / 64);
-    const int64_t cols = ((N + chunks - 1) / chunks + 15) / 16 * 16;
-    chunks = (N + cols - 1) / cols;
-    static thread_local std::vector<float> partial;
-    float* out = y->typed_data();
-    if (slabs > 1) {
-      partial.resize(size_t(slabs * M * N));
-      out = partial.data();
-    }
-    parallel_for(pool, slabs * chunks, [&](int64_t i) {
-      const int64_t k0 = (i / chunks) * rows, k1 = std::min(K, k0 + rows);
-      const int64_t n0 = (i % chunks) * cols, n1 = std::min(N, n0 + cols);
-      float* dst = slabs > 1 ? out + (i / chunks) * M * N : out;
-      if (p.xb) qb_block_512<true>(p, k0, k1, n0, n1, dst);
-      else qb_block_512<false>(p, k0, k1, n0, n1, dst);
+    slab_gemv(pool, p, y->typed_data(), [&](int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
+      if (p.xb) qb_block_512<true>(p, k0, k1, n0, n1, out);
+      else qb_block_512<false>(p, k0, k1, n0, n1, out);
     });
-    if (slabs > 1) {
-      float* yd = y->typed_data();
-      const int64_t total = M * N;
-      std::memcpy(yd, out, sizeof(float) * total);
-      for (int64_t sl = 1; sl < slabs; ++sl) {
-        const float* src = out + sl * total;
-        for (int64_t j = 0; j < total; ++j) yd[j] += src[j];
-      }
-    }
     return ffi::Error::Success();
 #endif
   }
@@ -871,6 +1053,49 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     if (level == kAvx2) return q_cols_256(p, n0, n1);
 #endif
     q_cols_scalar(p, n0, n1);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error QMatmul4Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer s,
+                        ffi::Buffer<ffi::S32> expert, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const auto sd = s.dimensions();
+  if (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("grokctl_qmatmul4: x must be f32 or bf16");
+  if (w.element_type() != ffi::DataType::U8 || s.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("grokctl_qmatmul4: w must be uint8 (packed int4) and scales bf16");
+  if (xd.size() != 2 || (wd.size() != 2 && wd.size() != 3) || sd.size() != wd.size())
+    return ffi::Error::InvalidArgument("grokctl_qmatmul4: bad ranks");
+  const int64_t M = xd[0], K = xd[1];
+  const size_t r = wd.size();
+  const int64_t N = wd[r - 1], G = sd[r - 2];
+  if (K % 2 != 0 || wd[r - 2] * 2 != K || sd[r - 1] != N || G <= 0 || K % G != 0 || (K / G) % 2 != 0)
+    return ffi::Error::InvalidArgument("grokctl_qmatmul4: shape mismatch");
+  int64_t e = 0;
+  if (r == 3) {
+    e = int64_t(expert.typed_data()[0]);
+    e = std::min<int64_t>(std::max<int64_t>(e, 0), wd[0] - 1);
+  }
+  static thread_local std::vector<float> xtmp;
+  QProblem p{as_f32(x, xtmp),
+             bf16_bits(x),
+             reinterpret_cast<const int8_t*>(w.untyped_data()) + e * (K / 2) * N,
+             reinterpret_cast<const uint16_t*>(s.untyped_data()) + e * G * N,
+             y->typed_data(),
+             M,
+             K,
+             N,
+             G};
+  const int level = isa();
+  slab_gemv(pool, p, y->typed_data(), [&](int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
+#ifdef GROKCTL_X86
+    if (level == kAvx512Bf16) return p.xb ? q4_block_512<true>(p, k0, k1, n0, n1, out)
+                                          : q4_block_512<false>(p, k0, k1, n0, n1, out);
+    if (level >= kAvx2) return q4_block_256(p, k0, k1, n0, n1, out);
+#endif
+    q4_block_scalar(p, k0, k1, n0, n1, out);
   });
   return ffi::Error::Success();
 }
@@ -929,6 +1154,15 @@ ffi::Error MatmulNTQ8Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlQMatmul, QMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlQMatmul4, QMatmul4Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()

@@ -77,15 +77,15 @@ class ExpertSlice:
     kernel reads it in place (an XLA dynamic slice would first copy the expert's bytes). Lives
     only inside traced code (`take_expert` under `cpu_kernels`)."""
 
-    def __init__(self, full: QuantizedWeight8bit, expert: jax.Array):
+    def __init__(self, full: QuantizedWeight, expert: jax.Array):
         self.full = full
         self.expert = expert
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.full.weight.shape[1:])
+        return self.full.shape[1:]  # logical [K, N] (int4: twice the packed rows)
 
-    def sliced(self) -> QuantizedWeight8bit:
+    def sliced(self) -> QuantizedWeight:
         pick = lambda a: jax.lax.dynamic_index_in_dim(a, self.expert, axis=0, keepdims=False)  # noqa: E731
         return QuantizedWeight(pick(self.full.weight), pick(self.full.scales), bits=self.full.bits)
 
@@ -106,7 +106,7 @@ def dequantize(w: Any, dtype: Any = jnp.bfloat16) -> jax.Array:
 
 def take_expert(w: Any, e: jax.Array) -> Any:
     """Expert `e`'s slice of an [E, K, N] (quantized) weight: reads only that expert's bytes."""
-    if isinstance(w, QuantizedWeight) and w.bits == 8 and _use_kernels():
+    if isinstance(w, QuantizedWeight) and _kernel_operand(w) and _use_kernels():
         return ExpertSlice(w, e)
     pick = lambda a: jax.lax.dynamic_index_in_dim(a, e, axis=0, keepdims=False)  # noqa: E731
     return jax.tree_util.tree_map(pick, w)
@@ -158,10 +158,20 @@ def cpu_kernels_enabled(single_device_cpu: bool) -> bool:
 
 def unembed(h: jax.Array, table: Any) -> jax.Array:
     """Logits h [..., D] . table[V, D]^T with bf16 operands and f32 accumulation -> bf16
-    [..., V] (the reference's bf16 matmul of the tied embedding). With the native kernels and a
-    bf16 table (`bf16_tables`), one pass over the table; otherwise XLA's dot."""
+    [..., V] (the reference's bf16 matmul of the tied embedding); an int8-per-row table
+    (QuantizedWeight, native checkpoints) gives (h . W^T) * scales^T. With the native kernels and
+    a bf16 or int8 table, one pass over the table; otherwise XLA's dot."""
     hb = h.astype(jnp.bfloat16)
     m = math.prod(h.shape[:-1])
+    if isinstance(table, QuantizedWeight):  # int8 per row [V, D] + scales [V, 1]: (h . W^T) * s^T
+        if m <= KERNEL_MAX_M and _use_kernels():
+            from grokctl import kernels
+
+            acc = kernels.matmul_nt_int8(hb.reshape(-1, hb.shape[-1]), table.weight)
+            acc = acc.reshape(*h.shape[:-1], table.weight.shape[0])
+        else:
+            acc = qmatmul(hb, table.weight.T)  # f32 [..., V]
+        return (acc * table.scales[:, 0].astype(jnp.float32)).astype(jnp.bfloat16)
     if table.dtype == jnp.bfloat16 and m <= KERNEL_MAX_M and _use_kernels():
         from grokctl import kernels
 
@@ -197,9 +207,16 @@ def _chunk_rows(rows_per_block: int, bits: int = 8) -> int:
 
 
 def _kernel_operand(w: Any) -> bool:
-    """The native kernel takes int8 weights (an expert slice or a whole matrix); int4 and
-    plain arrays take the XLA paths."""
-    return isinstance(w, ExpertSlice) or (isinstance(w, QuantizedWeight) and w.bits == 8)
+    """The native kernels take int8 weights and int4 ones whose scale groups hold whole row
+    pairs (an expert slice or a whole matrix); plain arrays take the XLA paths."""
+    if isinstance(w, ExpertSlice):
+        return True
+    if not isinstance(w, QuantizedWeight):
+        return False
+    if w.bits == 8:
+        return True
+    k, g = w.shape[-2], w.scales.shape[-2]
+    return w.bits == 4 and (k // g) % 2 == 0
 
 
 def qmatmul(x: jax.Array, w: Any) -> jax.Array:
@@ -214,7 +231,8 @@ def qmatmul(x: jax.Array, w: Any) -> jax.Array:
         from grokctl import kernels
 
         full, e = (w.full, w.expert) if isinstance(w, ExpertSlice) else (w, 0)
-        y = kernels.qmatmul(xf.reshape(-1, xf.shape[-1]), full.weight, full.scales, e)
+        call = kernels.qmatmul4 if full.bits == 4 else kernels.qmatmul
+        y = call(xf.reshape(-1, xf.shape[-1]), full.weight, full.scales, e)
         return y.reshape(*x.shape[:-1], y.shape[-1])
     if isinstance(w, ExpertSlice):
         w = w.sliced()

@@ -26,7 +26,7 @@ from grokctl.model.attention import attention
 from grokctl.model.cache import KVCache
 from grokctl.model.layers import BF16, param, rms_norm, rms_norm_apply
 from grokctl.model.moe import RouterStats, moe_layer, router_stats
-from grokctl.model.quant import QuantizedWeight, qmatmul
+from grokctl.model.quant import QuantizedWeight
 from grokctl.model.quant import unembed as unembed_table
 
 
@@ -121,10 +121,7 @@ def embed(embeddings: Any, tokens: jax.Array) -> jax.Array:
 
 def unembed(h: jax.Array, embeddings: Any) -> jax.Array:
     """Logits h . embeddings^T (bf16); an int8-per-row table: (h . W^T) * scales^T."""
-    if isinstance(embeddings, QuantizedWeight):
-        acc = qmatmul(h.astype(BF16), embeddings.weight.T)  # f32 [B, T, V]
-        return (acc * embeddings.scales[:, 0].astype(jnp.float32)).astype(BF16)
-    return unembed_table(h, embeddings)  # the native kernel on a bf16 table, else XLA's dot
+    return unembed_table(h, embeddings)  # grokctl.model.quant: the native kernels, else XLA
 
 
 def transformed(cfg: ModelConfig, opts: ForwardOptions) -> Any:
