@@ -21,6 +21,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -363,9 +364,16 @@ AVX512 void nt_rows_512(const NTProblem& p, int64_t v0, int64_t v1) {
 // About half the vector instructions per weight of the path above.
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
 
+template <bool MASKED>
+AVX512BF16 inline __m128i load16(const void* ptr, __mmask16 mask) {
+  if constexpr (MASKED) return _mm_maskz_loadu_epi8(mask, ptr);
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr));
+}
+
+template <bool MASKED>
 AVX512BF16 inline __m512i dq_pairs_512(const int8_t* r0, const int8_t* r1, __mmask16 mask,
                                        __m512 s_lo, __m512 s_hi) {
-  const __m128i a = _mm_maskz_loadu_epi8(mask, r0), b = _mm_maskz_loadu_epi8(mask, r1);
+  const __m128i a = load16<MASKED>(r0, mask), b = load16<MASKED>(r1, mask);
   const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpacklo_epi8(a, b))), s_lo);
   const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpackhi_epi8(a, b))), s_hi);
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
@@ -394,22 +402,29 @@ AVX512BF16 void qb_rows_512(const QProblem& p, const uint16_t* srow, float* acc,
   const __m512i hi_mask = _mm512_set1_epi32(int(0xffff0000u));
   const __m512i dup_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i dup_hi = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
-  for (int v = 0; v < nv; ++v) {
-    const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
-    const __m512i sw = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, srow + v * 16)), 16);
+  auto step = [&](int v, auto masked) AVX512BF16 {
+    constexpr bool M_ = decltype(masked)::value;
+    const __mmask16 mask = M_ ? last : __mmask16(0xffff);
+    const __m256i sh = M_ ? _mm256_maskz_loadu_epi16(mask, srow + v * 16)
+                          : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(srow + v * 16));
+    const __m512i sw = _mm512_slli_epi32(_mm512_cvtepu16_epi32(sh), 16);
     const __m512 s_lo = _mm512_castsi512_ps(_mm512_permutexvar_epi32(dup_lo, sw));
     const __m512 s_hi = _mm512_castsi512_ps(_mm512_permutexvar_epi32(dup_hi, sw));
-    __m512 a[MB];
+    __m512 a[MB], b[MB];  // two chains per row (pairs 0, 2 and 1, 3), added at the end
     if ((v & 3) == 0)  // the next pass's rows, one line each per 64 columns (software prefetch:
       for (int u = 0; u < 2 * P; ++u)  // the rows are separate streams to the prefetchers)
         _mm_prefetch(reinterpret_cast<const char*>(wr[u] + 2 * P * p.N + v * 16), _MM_HINT_T0);
-    for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(acc + m * acc_stride + v * 16);
+    for (int m = 0; m < MB; ++m) {
+      a[m] = _mm512_load_ps(acc + m * acc_stride + v * 16);
+      b[m] = _mm512_setzero_ps();
+    }
     for (int q = 0; q < P; ++q) {
-      const __m512i w = dq_pairs_512(wr[2 * q] + v * 16, wr[2 * q + 1] + v * 16, mask, s_lo, s_hi);
+      const __m512i w = dq_pairs_512<M_>(wr[2 * q] + v * 16, wr[2 * q + 1] + v * 16, mask, s_lo, s_hi);
       if constexpr (BX) {
-        for (int m = 0; m < MB; ++m)
-          a[m] = _mm512_dpbf16_ps(a[m], reinterpret_cast<__m512bh>(w),
-                                  reinterpret_cast<__m512bh>(xp[m][q]));
+        for (int m = 0; m < MB; ++m) {
+          __m512& t = (q & 1) ? b[m] : a[m];
+          t = _mm512_dpbf16_ps(t, reinterpret_cast<__m512bh>(w), reinterpret_cast<__m512bh>(xp[m][q]));
+        }
       } else {
         const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
         const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(w, hi_mask));
@@ -419,8 +434,12 @@ AVX512BF16 void qb_rows_512(const QProblem& p, const uint16_t* srow, float* acc,
         }
       }
     }
-    for (int m = 0; m < MB; ++m) _mm512_store_ps(acc + m * acc_stride + v * 16, a[m]);
-  }
+    for (int m = 0; m < MB; ++m)
+      _mm512_store_ps(acc + m * acc_stride + v * 16, (BX && P > 1) ? _mm512_add_ps(a[m], b[m]) : a[m]);
+  };
+  const int full = last == __mmask16(0xffff) ? nv : nv - 1;
+  for (int v = 0; v < full; ++v) step(v, std::false_type{});
+  if (full < nv) step(full, std::true_type{});
 }
 
 // Rows [m0, m0+MB), weight rows [k0, k1), columns [n0, n0+w): partial sums into out (row stride N).
@@ -485,17 +504,19 @@ AVX512BF16 void q4_rows_512(const QProblem& p, const uint16_t* srow, float* acc,
   // 16-bit positions: low half of lane c <- row k (position c), high half <- row k+1 (16 + c)
   const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                          23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  for (int v = 0; v < nv; ++v) {
-    const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
-    const __m512 sv = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, srow + v * 16)), 16));
+  auto step = [&](int v, auto masked) AVX512BF16 {
+    constexpr bool M_ = decltype(masked)::value;
+    const __mmask16 mask = M_ ? last : __mmask16(0xffff);
+    const __m256i sh = M_ ? _mm256_maskz_loadu_epi16(mask, srow + v * 16)
+                          : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(srow + v * 16));
+    const __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(sh), 16));
     if ((v & 3) == 0)
       for (int q = 0; q < P; ++q)
         _mm_prefetch(reinterpret_cast<const char*>(wr[q] + P * p.N + v * 16), _MM_HINT_T0);
     __m512 a[MB];
     for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(acc + m * acc_stride + v * 16);
     for (int q = 0; q < P; ++q) {
-      const __m512i b = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, wr[q] + v * 16));
+      const __m512i b = _mm512_cvtepi8_epi32(load16<M_>(wr[q] + v * 16, mask));
       const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28)), sv);
       const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4)), sv);
       const __m512i w = _mm512_permutexvar_epi16(inter, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
@@ -513,7 +534,10 @@ AVX512BF16 void q4_rows_512(const QProblem& p, const uint16_t* srow, float* acc,
       }
     }
     for (int m = 0; m < MB; ++m) _mm512_store_ps(acc + m * acc_stride + v * 16, a[m]);
-  }
+  };
+  const int full = last == __mmask16(0xffff) ? nv : nv - 1;
+  for (int v = 0; v < full; ++v) step(v, std::false_type{});
+  if (full < nv) step(full, std::true_type{});
 }
 
 template <int MB, bool BX>
@@ -559,20 +583,24 @@ AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v) {
   __m512 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < p.D; d += 32) {
+  auto step = [&](int64_t d, auto masked) AVX512BF16 {
+    constexpr bool M_ = decltype(masked)::value;
     const int64_t rem = p.D - d;
-    const __mmask32 mask = rem >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << rem) - 1);
+    const __mmask32 mask = M_ ? __mmask32((1u << rem) - 1) : __mmask32(0xffffffffu);
     __m512i xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, p.xb + (m0 + m) * p.D + d);
+    for (int m = 0; m < MB; ++m) xv[m] = (M_ ? _mm512_maskz_loadu_epi16(mask, p.xb + (m0 + m) * p.D + d) : _mm512_loadu_si512(p.xb + (m0 + m) * p.D + d));
     for (int r = 0; r < R; ++r) {
       // the next block's line at this offset (the block after these R rows, same stream)
       _mm_prefetch(reinterpret_cast<const char*>(p.t + (v + R + r) * p.D + d), _MM_HINT_T0);
-      const __m512i t = _mm512_maskz_loadu_epi16(mask, p.t + (v + r) * p.D + d);
+      const __m512i t = (M_ ? _mm512_maskz_loadu_epi16(mask, p.t + (v + r) * p.D + d) : _mm512_loadu_si512(p.t + (v + r) * p.D + d));
       for (int m = 0; m < MB; ++m)
         acc[r][m] = _mm512_dpbf16_ps(acc[r][m], reinterpret_cast<__m512bh>(t),
                                      reinterpret_cast<__m512bh>(xv[m]));
     }
-  }
+  };
+  const int64_t full = p.D / 32 * 32;
+  for (int64_t d = 0; d < full; d += 32) step(d, std::false_type{});
+  if (full < p.D) step(full, std::true_type{});
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
@@ -602,22 +630,26 @@ AVX512BF16 void ntq8_block_512(const NTQ8Problem& p, int64_t m0, int64_t v) {
   __m512 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < p.D; d += 32) {
+  auto step = [&](int64_t d, auto masked) AVX512BF16 {
+    constexpr bool M_ = decltype(masked)::value;
     const int64_t rem = p.D - d;
-    const __mmask32 mask = rem >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << rem) - 1);
+    const __mmask32 mask = M_ ? __mmask32((1u << rem) - 1) : __mmask32(0xffffffffu);
     __m512i xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, p.xb + (m0 + m) * p.D + d);
+    for (int m = 0; m < MB; ++m) xv[m] = (M_ ? _mm512_maskz_loadu_epi16(mask, p.xb + (m0 + m) * p.D + d) : _mm512_loadu_si512(p.xb + (m0 + m) * p.D + d));
     for (int r = 0; r < R; ++r) {
       if ((d & 63) == 0)
         _mm_prefetch(reinterpret_cast<const char*>(p.t + (v + R + r) * p.D + d), _MM_HINT_T0);
-      const __m256i q = _mm256_maskz_loadu_epi8(mask, p.t + (v + r) * p.D + d);
+      const __m256i q = (M_ ? _mm256_maskz_loadu_epi8(mask, p.t + (v + r) * p.D + d) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.t + (v + r) * p.D + d)));
       const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
       const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
       const __m512bh t = _mm512_cvtne2ps_pbh(hi, lo);
       for (int m = 0; m < MB; ++m)
         acc[r][m] = _mm512_dpbf16_ps(acc[r][m], t, reinterpret_cast<__m512bh>(xv[m]));
     }
-  }
+  };
+  const int64_t full = p.D / 32 * 32;
+  for (int64_t d = 0; d < full; d += 32) step(d, std::false_type{});
+  if (full < p.D) step(full, std::true_type{});
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
