@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from grokctl import costmodel, hw
+from grokctl import costmodel, hw, routing
 from grokctl.bench.cases import (
     BenchSpec,
     Case,
@@ -48,6 +48,18 @@ class BenchRun:
     records: list[dict[str, Any]]
     env: dict[str, Any]
     cases: list[Case]
+    # --routing-report: per MoE kernel, the summed statistics and the files written
+    routing_stats: dict[str, routing.RoutingStats] = dataclasses.field(default_factory=dict)
+    routing_files: dict[str, dict[str, Path]] = dataclasses.field(default_factory=dict)
+
+
+def routing_dirs(out_dir: str | os.PathLike[str], moes: tuple[str, ...]) -> dict[str, Path]:
+    """Where each MoE kernel's routing report goes, checked writable now (exit 4 if not):
+    DIR itself for one kernel (generate's layout), DIR/sparse and DIR/dense for both."""
+    base = routing.check_report_dir(out_dir)
+    if len(moes) == 1:
+        return {moes[0]: base}
+    return {moe: routing.check_report_dir(base / moe) for moe in moes}
 
 
 def prepare(
@@ -79,11 +91,15 @@ def run_bench(
     seed: int = 0,
     on_case: OnCase | None = None,
     on_load: Callable[[int, int], None] | None = None,
+    routing_report: str | os.PathLike[str] | None = None,
 ) -> BenchRun:
-    """Load once, probe the machine's memory bandwidth and matmul peak, time every case."""
+    """Load once, probe the machine's memory bandwidth and matmul peak, time every case.
+    `routing_report`: also the routing statistics of every timed repetition's tokens (an
+    untimed replay after each case's repetitions), one report per MoE kernel (`routing_dirs`)."""
     import grokctl
 
     index, cases, model_info = prepare(checkpoint, spec, mesh, preset)
+    dirs = routing_dirs(routing_report, spec.moes) if routing_report is not None else {}
     model = grokctl.load_model(
         str(checkpoint),
         mesh=mesh,
@@ -110,8 +126,9 @@ def run_bench(
         "matmul_peak_flop_s": hw.matmul_peak(engine.mesh),
     }
     tensors = costmodel.roofline_tensor_bytes(index)
-    runner = Runner(engine, seed)
+    runner = Runner(engine, seed, routing=bool(dirs))
     records = []
+    sums: dict[str, routing.RoutingStats] = {}
     for i, case in enumerate(cases):
 
         def on_rep(c: Case, done: int, of: int, i: int = i) -> None:
@@ -120,8 +137,24 @@ def run_bench(
 
         on_rep(case, 0, spec.reps)
         result = runner.run(case, spec.reps, on_rep)
-        records.append(record(result, env, model.config, tensors))
-    return BenchRun(records, env, cases)
+        if result.routing is not None:
+            prev = sums.get(case.moe)
+            sums[case.moe] = result.routing if prev is None else prev + result.routing
+        json_path = dirs[case.moe] / routing.JSON_NAME if dirs else None
+        records.append(record(result, env, model.config, tensors, json_path))
+    files = {}
+    for moe, stats in sums.items():
+        meta = {
+            "command": "bench",
+            "checkpoint": str(index.root),
+            "moe": moe,
+            "cases": [f"{c.label} b{c.batch}" for c in cases if c.moe == moe],
+            "reps": spec.reps,
+            "seed": seed,
+            "counted": "every token of every timed repetition, replayed untimed",
+        }
+        files[moe] = routing.write_report(dirs[moe], stats, meta)
+    return BenchRun(records, env, cases, sums, files)
 
 
 __all__ = [
@@ -143,6 +176,7 @@ __all__ = [
     "plot",
     "prepare",
     "render",
+    "routing_dirs",
     "run_bench",
     "write_atomic",
 ]

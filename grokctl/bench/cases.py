@@ -7,6 +7,13 @@ of the given lists is a case. The depth is filled once per case, untimed; each r
 starts from a copy of that cache. One untimed warm-up run per case compiles and warms the
 programs; compile time is counted apart (`Engine.compile_seconds`).
 
+With `routing=True` (`bench --routing-report`), after a case's timed repetitions one more,
+untimed pass replays the exact tokens every repetition fed the model (the prompts of `pp`, the
+first token and every sampled token fed back for `tg`) through the same engine with a routing
+collection on (grokctl.routing.collect; its statistics variant of the forward program, compiled
+once per shape). The timed repetitions run the plain programs, with no collection, and draw the
+same random tokens as without the flag.
+
 Shapes: B batch, P prompt tokens, N generated tokens, d depth, S cache length, V vocab.
 """
 
@@ -23,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grokctl import hw
+from grokctl import hw, routing
 from grokctl.config import ModelConfig
 from grokctl.engine import Engine, bucket
 from grokctl.errors import UsageError
@@ -134,6 +141,7 @@ class CaseResult:
     fill_s: float  # untimed depth fill (one prefill of `depth` tokens)
     host_rss_peak: int
     device_mem_peak: int | None
+    routing: routing.RoutingStats | None = None  # the timed repetitions' tokens, replayed
 
     @property
     def mean(self) -> float:
@@ -150,21 +158,24 @@ OnRep = Callable[[Case, int, int], None]  # (case, repetition done, of)
 class Runner:
     """Times cases on one engine per MoE kernel (sharing the loaded parameters).
 
-    Extension point: a flag that needs the programs' extra outputs (e.g. a routing report)
-    builds its engines through `engine_for` and observes each step through `on_step`
-    (called with the case, "prefill" or "decode" and the step's logits) outside the timings."""
+    `routing`: after each case's timed repetitions, replay their tokens once more, untimed,
+    with a routing collection on (CaseResult.routing; see the module docstring).
+    `on_step` observes each timed step (the case, "prefill" or "decode", the step's logits)
+    outside the timings."""
 
     def __init__(
         self,
         engine: Engine,
         seed: int = 0,
         on_step: Callable[[Case, str, Any], None] | None = None,
+        routing: bool = False,
     ):
         self.base = engine
         self.cfg = engine.cfg
         self.engines: dict[str, Engine] = {engine.opts.moe_kernel: engine}
         self.rng = np.random.default_rng(seed)
         self.on_step = on_step
+        self.routing = routing
         self.host_rss_peak = hw.host_rss()
         self._copy = jax.jit(lambda c: jax.tree_util.tree_map(jnp.copy, c))
 
@@ -198,7 +209,8 @@ class Runner:
             jax.block_until_ready(logits)
         return cache
 
-    def _pp(self, eng: Engine, case: Case, cache: KVCache) -> float:
+    def _pp(self, eng: Engine, case: Case, cache: KVCache) -> tuple[float, np.ndarray]:
+        """(seconds, the prompt [B, P] it fed)."""
         prompt = self._tokens(case.batch, case.tokens)
         lengths = np.full(case.batch, case.tokens, np.int32)
         start = time.perf_counter()
@@ -207,20 +219,44 @@ class Runner:
         elapsed = time.perf_counter() - start
         if self.on_step:
             self.on_step(case, "prefill", logits)
-        return elapsed
+        return elapsed, prompt
 
-    def _tg(self, eng: Engine, case: Case, cache: KVCache, steps: int) -> list[float]:
+    def _tg(
+        self, eng: Engine, case: Case, cache: KVCache, steps: int
+    ) -> tuple[list[float], np.ndarray]:
+        """(seconds of each step, the tokens [B, steps] fed to decode: the random first one,
+        then each sampled token fed back; the last sampled one is never fed)."""
         tok: Any = self._tokens(case.batch, 1)[:, 0]
+        fed = [tok]
         times = []
         for step in range(steps):
             start = time.perf_counter()
             logits, cache = eng.decode(tok, cache)
             tok = self._sample(eng, logits, step)
-            eng.fetch(tok)
+            host = eng.fetch(tok)
             times.append(time.perf_counter() - start)
+            fed.append(host)
             if self.on_step:
                 self.on_step(case, "decode", logits)
-        return times
+        return times, np.stack(fed[:steps], axis=1).astype(np.int32)
+
+    def _routing_pass(
+        self, eng: Engine, case: Case, filled: KVCache, fed: list[np.ndarray]
+    ) -> routing.RoutingStats:
+        """Untimed: every repetition's tokens again, from a copy of the same filled cache,
+        through the engine with a routing collection on (random tokens may be the EOS id:
+        counting never stops there)."""
+        lengths = np.full(case.batch, case.tokens, np.int32)
+        with routing.collect(eng, stop_at_eos=False) as rec:
+            for tokens in fed:
+                cache = self._copy(filled)
+                if case.kind == "pp":
+                    logits, cache = eng.prefill(tokens, lengths, cache)
+                else:
+                    for step in range(tokens.shape[1]):
+                        logits, cache = eng.decode(tokens[:, step], cache)
+                jax.block_until_ready(logits)
+        return rec.stop()
 
     def run(self, case: Case, reps: int, on_rep: OnRep | None = None) -> CaseResult:
         eng = self.engine_for(case.moe)
@@ -234,22 +270,27 @@ class Runner:
         else:
             self._tg(eng, case, self._copy(filled), min(case.tokens, TG_WARMUP_STEPS))
         tok_s, ttft, token = [], [], []
+        fed: list[np.ndarray] = []  # each repetition's input tokens (for the routing pass)
         for rep in range(reps):
             cache = self._copy(filled)
             jax.block_until_ready(cache)
             if case.kind == "pp":
-                elapsed = self._pp(eng, case, cache)
+                elapsed, tokens = self._pp(eng, case, cache)
                 ttft.append(elapsed)
             else:
-                steps = self._tg(eng, case, cache, case.tokens)
+                steps, tokens = self._tg(eng, case, cache, case.tokens)
                 token.extend(steps)
                 elapsed = sum(steps)
             tok_s.append(case.batch * case.tokens / elapsed)
+            if self.routing:
+                fed.append(tokens)
             self._sample_rss()
             if on_rep:
                 on_rep(case, rep + 1, reps)
-        del filled
         compile_s = eng.compile_seconds - compile0  # the warm-up's (the reps reuse its programs)
+        device_peak = hw.device_peak_memory(eng.mesh)
+        stats = self._routing_pass(eng, case, filled, fed) if self.routing else None
+        del filled
         return CaseResult(
             case,
             tok_s,
@@ -258,5 +299,6 @@ class Runner:
             compile_s,
             fill_s,
             self.host_rss_peak,
-            hw.device_peak_memory(eng.mesh),
+            device_peak,
+            stats,
         )

@@ -50,9 +50,11 @@ def record(
     env: dict[str, Any],
     cfg: ModelConfig,
     tensors: list[tuple[str, int]],
+    routing_json: Path | None = None,
 ) -> dict[str, Any]:
     """One case's record: its figures, their rooflines, and the run's environment `env`
-    (commit, versions, devices, model, precision, hardware, load, bandwidth, matmul peak)."""
+    (commit, versions, devices, model, precision, hardware, load, bandwidth, matmul peak).
+    `routing_json`: the routing.json the case's statistics are written into (--routing-report)."""
     c = result.case
     mean = result.mean
     weights = costmodel.decode_weight_bytes(cfg, c.batch, c.moe, tensors=tensors)
@@ -111,6 +113,20 @@ def record(
         "precision": env["precision"],
         "hardware": env["hardware"],
         "checkpoint": env["checkpoint"],
+        "routing": _routing_field(result, routing_json),
+    }
+
+
+def _routing_field(result: CaseResult, path: Path | None) -> dict[str, Any] | None:
+    """With --routing-report: where this case's routing statistics went, how many tokens they
+    count (B x tokens x reps: the timed repetitions' tokens) and whether the top-k invariants
+    held on every one of them."""
+    if result.routing is None or path is None:
+        return None
+    return {
+        "report": str(path),
+        "tokens": result.routing.num_tokens,
+        "invariants_ok": result.routing.invariants_ok(),
     }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -69,6 +69,15 @@ def bench(
     preset: options.Preset = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt tokens.")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Same as -o json.")] = False,
+    routing_report: Annotated[
+        Path | None,
+        typer.Option(
+            "--routing-report",
+            metavar="DIR",
+            help="Also write the routing statistics of every timed token to DIR (routing.json, "
+            "heatmaps; DIR/sparse and DIR/dense with both kernels), from an untimed replay.",
+        ),
+    ] = None,
 ) -> None:
     """Time prompt processing (pp) and generation (tg) for every combination of the given cases:
     mean ± sd tok/s (warm-up and compilation apart), latency percentiles, and the achieved
@@ -96,6 +105,8 @@ def bench(
     for path, flag in ((save, "--save"), (plot_path, "--plot")):
         if path is not None:
             lib.check_writable(path, flag)
+    if routing_report is not None:
+        lib.routing_dirs(routing_report, spec.moes)  # before any weight is loaded (exit 4)
     old = lib.load_records(compare_to) if compare_to is not None else None
     mesh_text = s.get("mesh", mesh)
     _, cases, model = lib.prepare(str(ckpt), spec, mesh_text, s.get("preset", preset))
@@ -125,11 +136,13 @@ def bench(
         seed=seed,
         on_case=on_case,
         on_load=on_load,
+        routing_report=routing_report,
     )
     if live:
         sys.stderr.write("\r\033[K")
     sys.stdout.write(lib.render(run.records, output))
     sys.stdout.flush()
+    _print_routing(run)
     if save is not None:
         lib.write_atomic(save, lib.render(run.records, "json").encode())
     if plot_path is not None:
@@ -146,6 +159,18 @@ def bench(
                 f"against {compare_to} (worst: {worst['test']} d{worst['depth']} "
                 f"b{worst['batch']} {worst['moe']} at {worst['ratio']:.3f}x)"
             )
+
+
+def _print_routing(run: Any) -> None:
+    """The one-screen routing summary of each kernel, on stderr (stdout keeps the records)."""
+    from grokctl import routing
+
+    for moe, stats in run.routing_stats.items():
+        if len(run.routing_stats) > 1:
+            info(f"[bold]--moe {moe}[/]")
+        err.print(routing.summary_table(stats))
+        paths = ", ".join(str(p) for p in run.routing_files[moe].values())
+        info(f"[dim]routing report: {paths}[/]")
 
 
 def register(app: typer.Typer) -> None:
