@@ -6,6 +6,9 @@
   chosen at run time), threaded over N.
 - `qmatmul4(x, packed, scales, expert)`: the same for int4 weights packed two per byte (uint8
   [(E,) K/2, N]: row 2i in the low nibble, 2i+1 in the high), as the native format stores them.
+- `qmatmul_rows(x, weight, scales, experts)`: row a of x times expert experts[a]'s matrix
+  (int8 or packed int4 [E, K(/2), N]): a MoE decode step's assignments in one call, rows that
+  chose the same expert sharing one pass over its weights.
 - `matmul_nt_bf16(x, table)`: x [M, D] @ table[V, D]^T (bf16 table) -> f32 [M, V] (the logits).
 - `matmul_nt_int8(x, table)`: x [M, D] @ table[V, D]^T (int8 table, exact as bf16) -> f32 [M, V]
   (the logits of an int8-per-row embedding table, before its row scales).
@@ -38,6 +41,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 BUILD_DIR = Path(__file__).with_name("_build")
 QMATMUL_TARGET = "grokctl_qmatmul"
 QMATMUL4_TARGET = "grokctl_qmatmul4"
+QMATMUL_ROWS_TARGET = "grokctl_qmatmul_rows"
 MATMUL_NT_TARGET = "grokctl_matmul_nt_bf16"
 MATMUL_NT_INT8_TARGET = "grokctl_matmul_nt_int8"
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
@@ -137,6 +141,9 @@ def _library() -> ctypes.CDLL | None:
             QMATMUL4_TARGET, jax.ffi.pycapsule(lib.GrokctlQMatmul4), platform="cpu"
         )
         jax.ffi.register_ffi_target(
+            QMATMUL_ROWS_TARGET, jax.ffi.pycapsule(lib.GrokctlQMatmulRows), platform="cpu"
+        )
+        jax.ffi.register_ffi_target(
             MATMUL_NT_TARGET, jax.ffi.pycapsule(lib.GrokctlMatmulNT), platform="cpu"
         )
         jax.ffi.register_ffi_target(
@@ -185,6 +192,17 @@ def qmatmul4(x: jax.Array, weight: jax.Array, scales: jax.Array, expert: Any = 0
     m, n = x.shape[0], weight.shape[-1]
     call = jax.ffi.ffi_call(QMATMUL4_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))
     return call(x, weight, scales, jnp.asarray(expert, jnp.int32))  # type: ignore[no-any-return]
+
+
+def qmatmul_rows(
+    x: jax.Array, weight: jax.Array, scales: jax.Array, experts: jax.Array
+) -> jax.Array:
+    """Row a of x [A, K] (f32 or bf16) times expert experts[a]'s matrix of weight [E, K, N] int8
+    (or packed int4 uint8 [E, K/2, N]) with scales [E, G, N] -> f32 [A, N], in one call."""
+    _require()
+    a, n = x.shape[0], weight.shape[-1]
+    call = jax.ffi.ffi_call(QMATMUL_ROWS_TARGET, jax.ShapeDtypeStruct((a, n), jnp.float32))
+    return call(x, weight, scales, experts.astype(jnp.int32))  # type: ignore[no-any-return]
 
 
 def matmul_nt_bf16(x: jax.Array, table: jax.Array) -> jax.Array:

@@ -993,37 +993,81 @@ const float* as_f32(ffi::AnyBuffer x, std::vector<float>& tmp) {
   return tmp.data();
 }
 
-// Slabs of weight rows x column chunks over the thread pool; with several slabs each writes its
-// partial sums, added into y in slab order. block(k0, k1, n0, n1, out) computes one unit.
+// Slabs of weight rows x column chunks over the thread pool, for one or several problems (a MoE
+// step's chosen experts) in one parallel loop; with several slabs each writes its partial sums,
+// added into the problem's y in slab order. block(p, k0, k1, n0, n1, out) computes one unit.
 template <class Block>
-void slab_gemv(ffi::ThreadPool& pool, const QProblem& p, float* y, Block&& block) {
-  const int64_t M = p.M, K = p.K, N = p.N;
-  const int64_t rows = slab_rows(K), slabs = (K + rows - 1) / rows;
-  const int64_t max_cols = slab_cols(M);
-  int64_t chunks = (N + max_cols - 1) / max_cols;
-  const int64_t want = 2 * int64_t(max_threads());  // enough units to balance the threads
-  if (slabs * chunks < want) chunks = std::min((want + slabs - 1) / slabs, (N + 63) / 64);
-  const int64_t cols = ((N + chunks - 1) / chunks + 15) / 16 * 16;
-  chunks = (N + cols - 1) / cols;
+void slab_gemv_many(ffi::ThreadPool& pool, const std::vector<QProblem>& ps, Block&& block,
+                    bool split_k = true) {
+  struct Plan {
+    int64_t rows, slabs, chunks, cols, unit0, part0;
+    float* out;  // the problem's y, or its slabs' partial sums
+  };
+  static thread_local std::vector<Plan> plans;
   static thread_local std::vector<float> partial;
-  float* out = y;
-  if (slabs > 1) {
-    partial.resize(size_t(slabs * M * N));
-    out = partial.data();
+  plans.clear();
+  const int64_t want = 2 * int64_t(max_threads());  // enough units to balance the threads
+  int64_t units = 0, part = 0;
+  for (const QProblem& p : ps) {
+    Plan pl;
+    pl.rows = split_k ? slab_rows(p.K) : p.K;
+    pl.slabs = (p.K + pl.rows - 1) / pl.rows;
+    // (the column paths used without split_k keep kCols accumulators per row)
+    const int64_t max_cols = split_k ? slab_cols(p.M) : std::min(kCols, slab_cols(p.M));
+    pl.chunks = (p.N + max_cols - 1) / max_cols;
+    const int64_t per = (want + int64_t(ps.size()) - 1) / int64_t(ps.size());
+    if (pl.slabs * pl.chunks < per) pl.chunks = std::min((per + pl.slabs - 1) / pl.slabs, (p.N + 63) / 64);
+    pl.cols = ((p.N + pl.chunks - 1) / pl.chunks + 15) / 16 * 16;
+    pl.chunks = (p.N + pl.cols - 1) / pl.cols;
+    pl.unit0 = units;
+    units += pl.slabs * pl.chunks;
+    pl.part0 = part;
+    if (pl.slabs > 1) part += pl.slabs * p.M * p.N;
+    plans.push_back(pl);
   }
-  parallel_for(pool, slabs * chunks, [&](int64_t i) {
-    const int64_t k0 = (i / chunks) * rows, k1 = std::min(K, k0 + rows);
-    const int64_t n0 = (i % chunks) * cols, n1 = std::min(N, n0 + cols);
-    block(k0, k1, n0, n1, slabs > 1 ? out + (i / chunks) * M * N : out);
+  partial.resize(size_t(part));
+  for (size_t j = 0; j < ps.size(); ++j)
+    plans[j].out = plans[j].slabs > 1 ? partial.data() + plans[j].part0 : ps[j].y;
+  const std::vector<Plan>& pls = plans;
+  parallel_for(pool, units, [&](int64_t i) {
+    size_t j = 0;
+    while (j + 1 < pls.size() && pls[j + 1].unit0 <= i) ++j;
+    const Plan& pl = pls[j];
+    const QProblem& p = ps[j];
+    const int64_t u = i - pl.unit0;
+    const int64_t k0 = (u / pl.chunks) * pl.rows, k1 = std::min(p.K, k0 + pl.rows);
+    const int64_t n0 = (u % pl.chunks) * pl.cols, n1 = std::min(p.N, n0 + pl.cols);
+    block(p, k0, k1, n0, n1, pl.slabs > 1 ? pl.out + (u / pl.chunks) * p.M * p.N : pl.out);
   });
-  if (slabs > 1) {
-    const int64_t total = M * N;
-    std::memcpy(y, out, sizeof(float) * total);
-    for (int64_t sl = 1; sl < slabs; ++sl) {
-      const float* src = out + sl * total;
-      for (int64_t j = 0; j < total; ++j) y[j] += src[j];
+  for (size_t j = 0; j < ps.size(); ++j) {
+    const Plan& pl = pls[j];
+    if (pl.slabs <= 1) continue;
+    const int64_t total = ps[j].M * ps[j].N;
+    float* y = ps[j].y;
+    std::memcpy(y, pl.out, sizeof(float) * total);
+    for (int64_t sl = 1; sl < pl.slabs; ++sl) {
+      const float* src = pl.out + sl * total;
+      for (int64_t t = 0; t < total; ++t) y[t] += src[t];
     }
   }
+}
+
+// The unit of the int8 (bits 8) or packed int4 (bits 4) GEMV on the best path this CPU has.
+void gemv_unit(int level, int bits, const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
+               float* out) {
+#ifdef GROKCTL_X86
+  if (bits == 8 && level == kAvx512Bf16)
+    return p.xb ? qb_block_512<true>(p, k0, k1, n0, n1, out) : qb_block_512<false>(p, k0, k1, n0, n1, out);
+  if (bits == 4 && level == kAvx512Bf16)
+    return p.xb ? q4_block_512<true>(p, k0, k1, n0, n1, out) : q4_block_512<false>(p, k0, k1, n0, n1, out);
+  if (bits == 4 && level >= kAvx2) return q4_block_256(p, k0, k1, n0, n1, out);
+  // int8 without BF16: the column paths, which take all K rows (split_k = false)
+  if (bits == 8 && level >= kAvx512) return q_cols_512(p, n0, n1);
+  if (bits == 8 && level == kAvx2) return q_cols_256(p, n0, n1);
+#endif
+  (void)level;
+  if (bits == 8) return q_cols_scalar(p, n0, n1);
+  q4_block_scalar(p, k0, k1, n0, n1, out);
 }
 
 ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer s,
@@ -1070,9 +1114,8 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   }
   if (level == kAvx512Bf16) {
 #ifdef GROKCTL_X86
-    slab_gemv(pool, p, y->typed_data(), [&](int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
-      if (p.xb) qb_block_512<true>(p, k0, k1, n0, n1, out);
-      else qb_block_512<false>(p, k0, k1, n0, n1, out);
+    slab_gemv_many(pool, {p}, [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
+      gemv_unit(level, 8, q, k0, k1, n0, n1, out);
     });
     return ffi::Error::Success();
 #endif
@@ -1121,14 +1164,72 @@ ffi::Error QMatmul4Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
              N,
              G};
   const int level = isa();
-  slab_gemv(pool, p, y->typed_data(), [&](int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
-#ifdef GROKCTL_X86
-    if (level == kAvx512Bf16) return p.xb ? q4_block_512<true>(p, k0, k1, n0, n1, out)
-                                          : q4_block_512<false>(p, k0, k1, n0, n1, out);
-    if (level >= kAvx2) return q4_block_256(p, k0, k1, n0, n1, out);
-#endif
-    q4_block_scalar(p, k0, k1, n0, n1, out);
+  slab_gemv_many(pool, {p}, [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
+    gemv_unit(level, 4, q, k0, k1, n0, n1, out);
   });
+  return ffi::Error::Success();
+}
+
+// y[A, N] = row a of x [A, K] times expert idx[a]'s matrix of w [E, K(/2), N] (int8, or packed
+// int4 as uint8): a MoE step's assignments in one call. Rows choosing the same expert share
+// one pass over its weights; all chosen experts' units run in one parallel loop.
+ffi::Error QMatmulRowsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer s,
+                           ffi::Buffer<ffi::S32> idx, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const auto sd = s.dimensions();
+  if (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("grokctl_qmatmul_rows: x must be f32 or bf16");
+  const int bits = w.element_type() == ffi::DataType::S8 ? 8 : w.element_type() == ffi::DataType::U8 ? 4 : 0;
+  if (bits == 0 || s.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("grokctl_qmatmul_rows: w must be int8 or packed int4 (uint8), scales bf16");
+  if (xd.size() != 2 || wd.size() != 3 || sd.size() != 3 || idx.element_count() != size_t(xd[0]))
+    return ffi::Error::InvalidArgument("grokctl_qmatmul_rows: bad ranks");
+  const int64_t A = xd[0], K = xd[1], E = wd[0], N = wd[2], G = sd[1];
+  const int64_t Kp = bits == 8 ? K : K / 2;
+  if (wd[1] != Kp || sd[0] != E || sd[2] != N || G <= 0 || K % G != 0 || (bits == 4 && (K / G) % 2))
+    return ffi::Error::InvalidArgument("grokctl_qmatmul_rows: shape mismatch");
+  int level = isa();
+  const bool pairs = (K / G) % 2 == 0;
+  if (bits == 8 && level == kAvx512Bf16 && !pairs) level = kAvx512;
+  const bool split_k = bits == 4 || level == kAvx512Bf16;
+  static thread_local std::vector<float> xtmp, xg, yg;
+  static thread_local std::vector<uint16_t> xbg;
+  static thread_local std::vector<int64_t> order;
+  static thread_local std::vector<QProblem> ps;
+  const float* xf = as_f32(x, xtmp);
+  const uint16_t* xb = bf16_bits(x);
+  const int32_t* ids = idx.typed_data();
+  order.resize(size_t(A));
+  for (int64_t a = 0; a < A; ++a) order[a] = a;
+  auto expert_of = [&](int64_t a) { return std::min<int64_t>(std::max<int64_t>(ids[a], 0), E - 1); };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return expert_of(i) < expert_of(j); });
+  xg.resize(size_t(A * K));
+  yg.resize(size_t(A * N));
+  if (xb) xbg.resize(size_t(A * K));
+  for (int64_t r = 0; r < A; ++r) {
+    std::memcpy(xg.data() + r * K, xf + order[r] * K, sizeof(float) * K);
+    if (xb) std::memcpy(xbg.data() + r * K, xb + order[r] * K, sizeof(uint16_t) * K);
+  }
+  ps.clear();
+  const int8_t* wbase = reinterpret_cast<const int8_t*>(w.untyped_data());
+  const uint16_t* sbase = reinterpret_cast<const uint16_t*>(s.untyped_data());
+  for (int64_t r = 0; r < A;) {
+    const int64_t e = expert_of(order[r]);
+    int64_t r1 = r;
+    while (r1 < A && expert_of(order[r1]) == e) ++r1;
+    ps.push_back(QProblem{xg.data() + r * K, xb ? xbg.data() + r * K : nullptr, wbase + e * Kp * N,
+                          sbase + e * G * N, yg.data() + r * N, r1 - r, K, N, G});
+    r = r1;
+  }
+  slab_gemv_many(
+      pool, ps,
+      [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
+        gemv_unit(level, bits, q, k0, k1, n0, n1, out);
+      },
+      split_k);
+  float* yd = y->typed_data();
+  for (int64_t r = 0; r < A; ++r) std::memcpy(yd + order[r] * N, yg.data() + r * N, sizeof(float) * N);
   return ffi::Error::Success();
 }
 
@@ -1195,6 +1296,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlQMatmul, QMatmulImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlQMatmul4, QMatmul4Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlQMatmulRows, QMatmulRowsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()

@@ -28,7 +28,14 @@ import jax.numpy as jnp
 
 from grokctl.config import ModelConfig
 from grokctl.model.layers import BF16, F32, bf16_dot, scoped_param
-from grokctl.model.quant import QuantizedWeight8bit, dequantize, qmatmul, take_expert
+from grokctl.model.quant import (
+    QuantizedWeight8bit,
+    dequantize,
+    qmatmul,
+    qmatmul_rows,
+    rows_kernel_ok,
+    take_expert,
+)
 
 MOE_KERNELS = ("sparse", "dense")
 
@@ -150,10 +157,28 @@ def block_size(n_tokens: int, k: int, n_experts: int) -> int:
     return min(512, 1 << math.ceil(math.log2(max(1, n_tokens * k // n_experts))))
 
 
-def moe_sparse(x, gates, experts, w, v, w1, block: int | None = None) -> jax.Array:  # type: ignore[no-untyped-def]
-    """Sorted block dispatch: only chosen experts' weights are read and multiplied."""
+def moe_rows(x, gates, experts, w, v, w1) -> jax.Array:  # type: ignore[no-untyped-def]
+    """Few assignments (decode, native CPU kernels): every (token, expert) pair is one row of a
+    single kernel call per matrix, which reads each chosen expert once. The same rounding points
+    and per-row sums as `_expert_ffn` on each expert."""
     n, d = x.shape
     k = experts.shape[1]
+    idx = experts.reshape(n * k)
+    rows = jnp.repeat(x.astype(BF16), k, axis=0)  # [N*k, D], token-major like experts
+    hw = qmatmul_rows(rows, w, idx).astype(BF16).astype(F32)
+    hv = qmatmul_rows(rows, v, idx).astype(BF16).astype(F32)
+    hidden = jax.nn.gelu(hw) * hv
+    out = qmatmul_rows(hidden, w1, idx)  # [N*k, D] f32
+    return _combine(out.reshape(n, k, d), gates)
+
+
+def moe_sparse(x, gates, experts, w, v, w1, block: int | None = None) -> jax.Array:  # type: ignore[no-untyped-def]
+    """Sorted block dispatch: only chosen experts' weights are read and multiplied (few
+    assignments with the native CPU kernels: `moe_rows`)."""
+    n, d = x.shape
+    k = experts.shape[1]
+    if block is None and rows_kernel_ok(n * k, w, v, w1):
+        return moe_rows(x, gates, experts, w, v, w1)
     e_count = w.shape[0]
     b = block or block_size(n, k, e_count)
     a = n * k  # assignments

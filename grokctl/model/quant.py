@@ -156,6 +156,30 @@ def cpu_kernels_enabled(single_device_cpu: bool) -> bool:
     return kernels.available()
 
 
+# Assignments (tokens x chosen experts) up to which a sparse MoE step runs as rows of one native
+# kernel call per matrix (`qmatmul_rows`): decode steps up to batch 8 with top-2.
+ROWS_KERNEL_MAX = 16
+
+
+def rows_kernel_ok(rows: int, *weights: Any) -> bool:
+    """Whether `rows` assignments over these [E, K, N] quantized weights take `qmatmul_rows`."""
+    return (
+        rows <= ROWS_KERNEL_MAX
+        and all(isinstance(w, QuantizedWeight) and _kernel_operand(w) for w in weights)
+        and _use_kernels()
+    )
+
+
+def qmatmul_rows(x: jax.Array, w: QuantizedWeight, experts: jax.Array) -> jax.Array:
+    """Row a of x [A, K] @ dequantize(w[experts[a]]) -> f32 [A, N] (the native kernel; rows
+    choosing the same expert share one pass over its weights). Same rounding points and per-row
+    sums as `qmatmul` on that expert."""
+    from grokctl import kernels
+
+    xf = x if x.dtype == jnp.float32 else x.astype(jnp.bfloat16)
+    return kernels.qmatmul_rows(xf, w.weight, w.scales, experts)
+
+
 def unembed(h: jax.Array, table: Any) -> jax.Array:
     """Logits h [..., D] . table[V, D]^T with bf16 operands and f32 accumulation -> bf16
     [..., V] (the reference's bf16 matmul of the tied embedding); an int8-per-row table
