@@ -113,3 +113,25 @@ def test_inspect_bits_refused_with_a_checkpoint_and_bad_values(
     assert "--bits 3" in capsys.readouterr().err
     assert main(["inspect", "--preset", "grok-1", "--group-size", "1", "--mesh", "1x8"]) == 2
     assert "--group-size 1" in capsys.readouterr().err
+
+
+def test_int4_xla_matmul_matches_the_dequantized_product() -> None:
+    """The XLA path (prefill; no kernel) multiplies even and odd rows by the low and high
+    nibbles separately: the same bf16-rounded weights, only the f32 summation order differs."""
+    from grokctl.checkpoint.native.format import pack_int4
+
+    rng = np.random.default_rng(11)
+    q = rng.integers(-8, 8, (96, 40)).astype(np.int8)
+    w = QuantizedWeight(
+        jnp.asarray(pack_int4(q)), jnp.asarray(rng.uniform(0.01, 0.1, (3, 40)), jnp.bfloat16), 4
+    )
+    for dtype in (jnp.bfloat16, jnp.float32):
+        x = jnp.asarray(rng.standard_normal((20, 96)), dtype)
+        with chunked_qmatmul(False):
+            program = jax.jit(lambda a, b: qmatmul(a, b)).lower(x, w).as_text()
+            got = np.asarray(jax.jit(lambda a, b: qmatmul(a, b))(x, w), np.float64)
+        xf = np.asarray(x.astype(jnp.float32), np.float64)
+        wf = np.asarray(dequantize(w).astype(jnp.float32), np.float64)
+        bound = 96 * 2.0**-24 * (np.abs(xf) @ np.abs(wf)) + 1e-30
+        assert np.all(np.abs(got - xf @ wf) <= bound)
+        assert "stablehlo.concatenate" not in program  # no interleaved [K, N] weight
