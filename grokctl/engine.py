@@ -78,7 +78,7 @@ class Engine:
             self.params = bf16_tables(self.params)
         self._forward_jit = jax.jit(
             self._forward_impl,
-            static_argnames=("all_logits", "routing"),
+            static_argnames=("all_logits", "routing", "first"),
             donate_argnums=(2, 5),  # the cache and the routing accumulator
         )
         self._applies: dict[ForwardOptions, Any] = {self.opts: self._apply}
@@ -130,7 +130,7 @@ class Engine:
     def _forward_impl(
         self,
         params: Any,
-        tokens: jax.Array,  # [B, T]
+        tokens: jax.Array,  # [B, T], or [B] for one decode token
         cache: KVCache,
         last_index: jax.Array,  # [B]: row position whose logits are wanted (ignored if all)
         advance: jax.Array,  # [B]: real tokens per row (pads past them get overwritten later)
@@ -139,8 +139,11 @@ class Engine:
         *,
         all_logits: bool,
         routing: str = "",  # "", "raw" (per-token probs/experts), "stats" (acc + step), both
+        first: bool = False,  # logits of position 0 only, [B, V] (prefill's last / decode's one)
     ) -> ForwardOut:
         start = cache.pos
+        if tokens.ndim == 1:  # decode: one token per row, made [B, 1] here (not a host dispatch)
+            tokens = tokens[:, None]
         opts = dataclasses.replace(
             self.opts, with_routing="raw" in routing, routing_stats="stats" in routing
         )
@@ -150,7 +153,8 @@ class Engine:
         with chunked_qmatmul(self.chunked_qmatmul):  # read at trace time
             out = apply(params, tokens, cache, None if all_logits else last_index, count)
         out.cache.pos = start + advance
-        out = out._replace(logits=out.logits.astype(jnp.float32))
+        logits = out.logits[:, 0, :] if first else out.logits  # sliced in the program: no extra
+        out = out._replace(logits=logits.astype(jnp.float32))  # dispatch per step on the host
         if acc is not None and out.routing is not None:
             rep = shd.replicated(self.mesh)  # small: every process can read it
             total = jax.tree.map(
@@ -183,7 +187,13 @@ class Engine:
         rows = sds((batch,))
         cache = self.abstract_cache(batch, length)
         return self._forward_jit.lower(
-            self.params, sds((batch, t)), cache, rows, rows, all_logits=(kind == "decode")
+            self.params,
+            sds((batch,)) if kind == "decode" else sds((batch, t)),
+            cache,
+            rows,
+            rows,
+            all_logits=(kind == "decode"),
+            first=True,
         )
 
     def compiled(self, kind: str, batch: int, length: int, tokens: int = 1) -> Any:
@@ -227,20 +237,27 @@ class Engine:
             self._executables[key] = exe
         return exe(*args)
 
-    def _forward(self, *args: Any, all_logits: bool, routing: str = "") -> ForwardOut:
+    def _forward(
+        self, *args: Any, all_logits: bool, routing: str = "", first: bool = False
+    ) -> ForwardOut:
         static: dict[str, Any] = {"all_logits": all_logits}
+        if first:
+            static["first"] = True
         if routing:
             static["routing"] = routing
         return self._run("forward", self._forward_jit, args, skip=1, **static)  # type: ignore[no-any-return]
 
     def _forward_counted(
-        self, *args: Any, count: Any, all_logits: bool, raw: bool = False
+        self, *args: Any, count: Any, all_logits: bool, raw: bool = False, first: bool = False
     ) -> ForwardOut:
         """_forward, adding this step's routing statistics when a collection runs."""
         if self._routing_acc is None:
-            return self._forward(*args, all_logits=all_logits, routing="raw" if raw else "")
+            routing = "raw" if raw else ""
+            return self._forward(*args, all_logits=all_logits, routing=routing, first=first)
         mode = "raw+stats" if raw else "stats"
-        out = self._forward(*args, self._routing_acc, count, all_logits=all_logits, routing=mode)
+        out = self._forward(
+            *args, self._routing_acc, count, all_logits=all_logits, routing=mode, first=first
+        )
         self._routing_acc = out.routing
         return out
 
@@ -257,9 +274,16 @@ class Engine:
             count = self.put_tokens(inside)
             self._routing_alive = self.put_tokens(real.any(axis=1))  # batch-padding rows: no
         out = self._forward_counted(
-            self.params, self.put_tokens(tokens), cache, last, adv, count=count, all_logits=False
+            self.params,
+            self.put_tokens(tokens),
+            cache,
+            last,
+            adv,
+            count=count,
+            all_logits=False,
+            first=True,
         )
-        return out.logits[:, 0, :], out.cache
+        return out.logits, out.cache
 
     def decode(self, tokens: np.ndarray | jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """One new token per row [B] -> (logits [B, V] f32, cache)."""
@@ -269,9 +293,9 @@ class Engine:
         if self._routing_acc is not None:
             count = self._decode_count(toks)
         out = self._forward_counted(
-            self.params, toks[:, None], cache, ones, ones, count=count, all_logits=True
+            self.params, toks, cache, ones, ones, count=count, all_logits=True, first=True
         )
-        return out.logits[:, 0, :], out.cache
+        return out.logits, out.cache
 
     def _ones(self, batch: int) -> jax.Array:
         if getattr(self, "_ones_cache", (None,))[0] != batch:
