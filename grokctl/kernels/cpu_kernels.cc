@@ -412,8 +412,8 @@ AVX512BF16 void qb_rows_512(const QProblem& p, const uint16_t* srow, float* acc,
     const __m512 s_hi = _mm512_castsi512_ps(_mm512_permutexvar_epi32(dup_hi, sw));
     __m512 a[MB], b[MB];  // two chains per row (pairs 0, 2 and 1, 3), added at the end
     if ((v & 3) == 0)  // the next pass's rows, one line each per 64 columns (software prefetch:
-      for (int u = 0; u < 2 * P; ++u)  // the rows are separate streams to the prefetchers)
-        _mm_prefetch(reinterpret_cast<const char*>(wr[u] + 2 * P * p.N + v * 16), _MM_HINT_T0);
+      for (int u = 0; u < 2 * P; ++u)  // the rows are separate streams; into L2: a pass is up to ~48 KB)
+        _mm_prefetch(reinterpret_cast<const char*>(wr[u] + 2 * P * p.N + v * 16), _MM_HINT_T1);
     for (int m = 0; m < MB; ++m) {
       a[m] = _mm512_load_ps(acc + m * acc_stride + v * 16);
       b[m] = _mm512_setzero_ps();
