@@ -90,8 +90,11 @@ class Engine:
         self._routing_stop_at_eos = True
         # Sampled tokens come back replicated: every process of a multi-host run can read them.
         self._sample = jax.jit(
-            sample, static_argnames=("vocab_limit",), out_shardings=shd.replicated(mesh)
+            sample,
+            static_argnames=("vocab_limit", "native_argmax"),
+            out_shardings=shd.replicated(mesh),
         )
+        self._native_argmax = cpu_kernels_enabled(self.chunked_qmatmul)
         self._gather = jax.jit(lambda x: x, out_shardings=shd.replicated(mesh))
         self._decode_count_jit = jax.jit(_decode_count_step)
 
@@ -374,7 +377,13 @@ class Engine:
             np.asarray(top_p, np.float32),
             np.asarray(top_k, np.int32),
         )
-        return self._run("sample", self._sample, args, vocab_limit=int(vocab_limit))  # type: ignore[no-any-return]
+        return self._run(
+            "sample",
+            self._sample,
+            args,
+            vocab_limit=int(vocab_limit),
+            native_argmax=self._native_argmax,
+        )  # type: ignore[no-any-return]
 
 
 def _decode_count_step(

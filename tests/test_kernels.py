@@ -355,3 +355,55 @@ def test_qmatmul_rows_each_row_its_expert(
         jax.jit(kernels.qmatmul_rows)(x[:1], w.weight, w.scales, jnp.asarray([9], jnp.int32))
     )
     np.testing.assert_array_equal(clamped[0], np.asarray(single(x[:1], w.weight, w.scales, 3))[0])
+
+
+def test_native_argmax_matches_jnp_and_sample() -> None:
+    from grokctl.sampling import first_argmax, sample
+
+    rng = np.random.default_rng(6)
+    x = rng.integers(-3, 4, (5, 300)).astype(np.float32)  # ties
+    x[1, 40], x[1, 9] = np.nan, np.nan  # the first NaN wins
+    x[3, :] = -np.inf
+    x[4, 250] = 99.0  # beyond the limit below: never picked
+    got = np.asarray(jax.jit(kernels.argmax, static_argnums=1)(jnp.asarray(x), 200))
+    masked = np.where(np.arange(300) < 200, x, -np.inf)
+    np.testing.assert_array_equal(got, np.asarray(first_argmax(jnp.asarray(masked))))
+    assert got[1] == 9 and got[3] == 0 and got[4] != 250
+    # sample(): greedy rows through the kernel, sampled rows unchanged
+    temp = jnp.asarray([0.0, 0.0, 0.8, 0.0, 1.0], jnp.float32)
+    args = (
+        jnp.asarray(rng.standard_normal((5, 300)), jnp.float32),
+        jnp.arange(5, dtype=jnp.int32),
+        jnp.int32(2),
+        temp,
+        jnp.full(5, 0.9, jnp.float32),
+        jnp.zeros(5, jnp.int32),
+    )
+    fn = jax.jit(sample, static_argnames=("vocab_limit", "native_argmax"))
+    a = np.asarray(fn(*args, vocab_limit=250, native_argmax=True))
+    b = np.asarray(fn(*args, vocab_limit=250, native_argmax=False))
+    np.testing.assert_array_equal(a, b)
+    text = fn.lower(*args, vocab_limit=250, native_argmax=True).as_text()
+    assert kernels.ARGMAX_TARGET in text
+
+
+@pytest.mark.parametrize("mix", ["int8", "int4", "mixed", "odd-groups"])
+@pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
+def test_qmatmul3_three_products_in_one_call(isa: str, mix: str, xdtype) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(len(mix))
+    k = 96
+    if mix == "int8":
+        ws = [_quantized(rng, k, n, 4) for n in (64, 32, 32)]
+    elif mix == "int4":
+        ws = [_quantized4(rng, k, n, 3) for n in (64, 20, 20)]
+    elif mix == "mixed":
+        ws = [_quantized(rng, k, 50, 2), _quantized4(rng, k, 33, 6), _quantized(rng, k, 16, 1)]
+    else:  # the first: 96 rows in 32 groups, 3 rows each (odd): no row pairs, column paths
+        ws = [_quantized(rng, k, 40, 32), _quantized4(rng, k, 24, 4), _quantized(rng, k, 8, 2)]
+    x = jnp.asarray(rng.standard_normal((3, k)), xdtype)
+    got = jax.jit(kernels.qmatmul3)(x, *((w.weight, w.scales) for w in ws))
+    for y, w in zip(got, ws, strict=True):
+        _check(y, x, dequantize(w))
+    with chunked_qmatmul(True):
+        text = _program(lambda a, b, c, d: quant.qmatmul_many(a, [b, c, d]), x, *ws)
+    assert kernels.QMATMUL3_TARGET in text

@@ -9,6 +9,9 @@
 - `qmatmul_rows(x, weight, scales, experts)`: row a of x times expert experts[a]'s matrix
   (int8 or packed int4 [E, K(/2), N]): a MoE decode step's assignments in one call, rows that
   chose the same expert sharing one pass over its weights.
+- `qmatmul3(x, (w, s), (w, s), (w, s))`: three products of the same x in one call (attention's
+  query, key and value projections).
+- `argmax(x, limit)`: the greedy pick of each row of the logits (first maximum among ids < limit).
 - `matmul_nt_bf16(x, table)`: x [M, D] @ table[V, D]^T (bf16 table) -> f32 [M, V] (the logits).
 - `matmul_nt_int8(x, table)`: x [M, D] @ table[V, D]^T (int8 table, exact as bf16) -> f32 [M, V]
   (the logits of an int8-per-row embedding table, before its row scales).
@@ -34,6 +37,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,8 @@ BUILD_DIR = Path(__file__).with_name("_build")
 QMATMUL_TARGET = "grokctl_qmatmul"
 QMATMUL4_TARGET = "grokctl_qmatmul4"
 QMATMUL_ROWS_TARGET = "grokctl_qmatmul_rows"
+ARGMAX_TARGET = "grokctl_argmax"
+QMATMUL3_TARGET = "grokctl_qmatmul3"
 MATMUL_NT_TARGET = "grokctl_matmul_nt_bf16"
 MATMUL_NT_INT8_TARGET = "grokctl_matmul_nt_int8"
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
@@ -144,6 +150,12 @@ def _library() -> ctypes.CDLL | None:
             QMATMUL_ROWS_TARGET, jax.ffi.pycapsule(lib.GrokctlQMatmulRows), platform="cpu"
         )
         jax.ffi.register_ffi_target(
+            QMATMUL3_TARGET, jax.ffi.pycapsule(lib.GrokctlQMatmul3), platform="cpu"
+        )
+        jax.ffi.register_ffi_target(
+            ARGMAX_TARGET, jax.ffi.pycapsule(lib.GrokctlArgmax), platform="cpu"
+        )
+        jax.ffi.register_ffi_target(
             MATMUL_NT_TARGET, jax.ffi.pycapsule(lib.GrokctlMatmulNT), platform="cpu"
         )
         jax.ffi.register_ffi_target(
@@ -203,6 +215,27 @@ def qmatmul_rows(
     a, n = x.shape[0], weight.shape[-1]
     call = jax.ffi.ffi_call(QMATMUL_ROWS_TARGET, jax.ShapeDtypeStruct((a, n), jnp.float32))
     return call(x, weight, scales, experts.astype(jnp.int32))  # type: ignore[no-any-return]
+
+
+def qmatmul3(x: jax.Array, *weights: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
+    """x [M, K] @ three 2-D quantized weights ((weight, scales) pairs: int8 [K, N_j] or packed
+    int4 uint8 [K/2, N_j], bf16 scales [G_j, N_j]) -> three f32 [M, N_j], in one call."""
+    _require()
+    if len(weights) != 3:
+        raise ValueError("qmatmul3 takes exactly three (weight, scales) pairs")
+    m = x.shape[0]
+    outs = tuple(jax.ShapeDtypeStruct((m, w.shape[-1]), jnp.float32) for w, _ in weights)
+    call = jax.ffi.ffi_call(QMATMUL3_TARGET, outs)
+    flat = [a for pair in weights for a in pair]
+    return tuple(call(x, *flat))
+
+
+def argmax(x: jax.Array, limit: int) -> jax.Array:
+    """x [B, V] f32 -> int32 [B]: the first maximum of each row among ids < limit (a NaN counts as
+    the maximum, as jnp.argmax)."""
+    _require()
+    call = jax.ffi.ffi_call(ARGMAX_TARGET, jax.ShapeDtypeStruct((x.shape[0],), jnp.int32))
+    return call(x.astype(jnp.float32), limit=np.int64(limit))  # type: ignore[no-any-return]
 
 
 def matmul_nt_bf16(x: jax.Array, table: jax.Array) -> jax.Array:

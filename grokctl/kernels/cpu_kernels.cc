@@ -58,6 +58,7 @@ struct QProblem {
   const uint16_t* s;  // [G, N] bf16 bits
   float* y;           // [M, N]
   int64_t M, K, N, G;
+  int bits = 8;       // 8: int8 [K, N]; 4: packed int4 [K/2, N] (rows 2i, 2i+1 in a byte)
 };
 
 struct NTProblem {
@@ -1233,6 +1234,90 @@ ffi::Error QMatmulRowsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
   return ffi::Error::Success();
 }
 
+// idx[B] = the first index of each row's maximum over x[B, V][:, :limit] (f32); a NaN counts as
+// the maximum (the first NaN wins), as jnp.argmax. Greedy decoding's pick from the logits.
+ffi::Error ArgmaxImpl(ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::S32>> idx, int64_t limit) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || idx->element_count() != size_t(xd[0]))
+    return ffi::Error::InvalidArgument("grokctl_argmax: bad shapes");
+  const int64_t B = xd[0], V = xd[1];
+  const int64_t n = std::max<int64_t>(1, std::min(V, limit));
+  for (int64_t b = 0; b < B; ++b) {
+    const float* r = x.typed_data() + b * V;
+    int64_t best = 0;
+    float top = r[0];
+    if (top != top) {  // NaN first
+      idx->typed_data()[b] = 0;
+      continue;
+    }
+    for (int64_t i = 1; i < n; ++i) {
+      const float v = r[i];
+      if (v != v) {
+        best = i;
+        break;
+      }
+      if (v > top) {
+        top = v;
+        best = i;
+      }
+    }
+    idx->typed_data()[b] = int32_t(best);
+  }
+  return ffi::Error::Success();
+}
+
+// Three products of the same x [M, K] (attention's query, key and value projections) in one
+// call: y_j = x @ dequant(w_j) for int8 or packed-int4 2-D weights, all units in one parallel loop.
+ffi::Error QMatmul3Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w0, ffi::AnyBuffer s0,
+                        ffi::AnyBuffer w1, ffi::AnyBuffer s1, ffi::AnyBuffer w2, ffi::AnyBuffer s2,
+                        ffi::Result<ffi::Buffer<ffi::F32>> y0, ffi::Result<ffi::Buffer<ffi::F32>> y1,
+                        ffi::Result<ffi::Buffer<ffi::F32>> y2) {
+  const auto xd = x.dimensions();
+  if (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("grokctl_qmatmul3: x must be f32 or bf16");
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("grokctl_qmatmul3: bad ranks");
+  const int64_t M = xd[0], K = xd[1];
+  static thread_local std::vector<float> xtmp;
+  static thread_local std::vector<QProblem> ps;
+  const float* xf = as_f32(x, xtmp);
+  const uint16_t* xb = bf16_bits(x);
+  ps.clear();
+  ffi::AnyBuffer* ws[3] = {&w0, &w1, &w2};
+  ffi::AnyBuffer* ss[3] = {&s0, &s1, &s2};
+  float* ys[3] = {y0->typed_data(), y1->typed_data(), y2->typed_data()};
+  int level = isa();
+  bool pairs = true, any8 = false;
+  for (int j = 0; j < 3; ++j) {
+    const auto wd = ws[j]->dimensions();
+    const auto sd = ss[j]->dimensions();
+    const int bits = ws[j]->element_type() == ffi::DataType::S8 ? 8
+                     : ws[j]->element_type() == ffi::DataType::U8 ? 4 : 0;
+    if (bits == 0 || ss[j]->element_type() != ffi::DataType::BF16 || wd.size() != 2 || sd.size() != 2)
+      return ffi::Error::InvalidArgument("grokctl_qmatmul3: weights must be 2-D int8 or packed int4, scales bf16");
+    const int64_t N = wd[1], G = sd[0];
+    if (wd[0] != (bits == 8 ? K : K / 2) || sd[1] != N || G <= 0 || K % G != 0 ||
+        (bits == 4 && (K / G) % 2))
+      return ffi::Error::InvalidArgument("grokctl_qmatmul3: shape mismatch");
+    if (bits == 8) {
+      any8 = true;
+      pairs = pairs && (K / G) % 2 == 0;
+    }
+    QProblem q{xf, xb, reinterpret_cast<const int8_t*>(ws[j]->untyped_data()),
+               reinterpret_cast<const uint16_t*>(ss[j]->untyped_data()), ys[j], M, K, N, G};
+    q.bits = bits;
+    ps.push_back(q);
+  }
+  const int level8 = (level == kAvx512Bf16 && pairs && M < kGemmRows) ? kAvx512Bf16 : std::min(level, int(kAvx512));
+  const bool split_k = !any8 || level8 == kAvx512Bf16;
+  slab_gemv_many(
+      pool, ps,
+      [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
+        gemv_unit(q.bits == 8 ? level8 : level, q.bits, q, k0, k1, n0, n1, out);
+      },
+      split_k);
+  return ffi::Error::Success();
+}
+
 ffi::Error MatmulNTImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
                         ffi::Result<ffi::Buffer<ffi::F32>> y) {
   const auto xd = x.dimensions();
@@ -1311,6 +1396,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlQMatmulRows, QMatmulRowsImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlArgmax, ArgmaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("limit"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlQMatmul3, QMatmul3Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlMatmulNT, MatmulNTImpl,

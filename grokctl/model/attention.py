@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from grokctl.config import ModelConfig
-from grokctl.model.layers import BF16, F32, linear
+from grokctl.model.layers import BF16, F32, linear, linears
 
 MASKED = -1e30  # the reference's mask value (not -inf: a fully masked row goes uniform)
 
@@ -45,9 +45,10 @@ def attention(
     b, t, d = x.shape
     h, g, k = cfg.num_q_heads, cfg.num_kv_heads, cfg.key_size
     with hk.experimental.name_scope("multi_head_attention"):
-        q = linear(x, "query", d, h * k).reshape(b, t, h, k)
-        kk = linear(x, "key", d, g * k).reshape(b, t, g, k)
-        vv = linear(x, "value", d, g * k).reshape(b, t, g, k)
+        q, kk, vv = linears(x, [("query", d, h * k), ("key", d, g * k), ("value", d, g * k)])
+        q = q.reshape(b, t, h, k)
+        kk = kk.reshape(b, t, g, k)
+        vv = vv.reshape(b, t, g, k)
         q = rope(q, positions, cfg.rope_base)
         kk = rope(kk, positions, cfg.rope_base)
 

@@ -11,7 +11,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grokctl.model.quant import qmatmul
+from grokctl.model.quant import qmatmul, qmatmul_many
 
 BF16 = jnp.bfloat16
 F32 = jnp.float32
@@ -36,6 +36,13 @@ def scoped_param(scope: str, name: str, shape: tuple[int, ...], dtype: Any = F32
 def linear(x: jax.Array, scope: str, in_features: int, out_features: int) -> jax.Array:
     """`<scope>/w`: [K, N] int8 QuantizedWeight8bit (or plain float), no bias; [..., K] -> [..., N]."""
     return bf16_dot(x, scoped_param(scope, "w", (in_features, out_features)))
+
+
+def linears(x: jax.Array, specs: list[tuple[str, int, int]]) -> list[jax.Array]:
+    """Several `linear`s of the same x ((scope, in_features, out_features) each), computed
+    together where the native kernels can (one call for attention's query/key/value)."""
+    ws = [scoped_param(scope, "w", (k, n)) for scope, k, n in specs]
+    return [y.astype(BF16) for y in qmatmul_many(x.astype(BF16), ws)]
 
 
 def rms_norm(x: jax.Array, scope: str, eps: float) -> jax.Array:

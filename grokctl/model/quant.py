@@ -156,6 +156,26 @@ def cpu_kernels_enabled(single_device_cpu: bool) -> bool:
     return kernels.available()
 
 
+def qmatmul_many(x: jax.Array, weights: list[Any]) -> list[jax.Array]:
+    """[qmatmul(x, w) for w in weights]; three 2-D quantized weights of the same x (attention's
+    query, key, value) run as one native kernel call when the kernels apply (decode)."""
+    m = math.prod(x.shape[:-1])
+    ok = (
+        len(weights) == 3
+        and m <= KERNEL_MAX_M
+        and all(isinstance(w, QuantizedWeight) and w.weight.ndim == 2 for w in weights)
+        and all(_kernel_operand(w) for w in weights)
+        and _use_kernels()
+    )
+    if not ok:
+        return [qmatmul(x, w) for w in weights]
+    from grokctl import kernels
+
+    xf = x if x.dtype == jnp.float32 else x.astype(jnp.bfloat16)
+    ys = kernels.qmatmul3(xf.reshape(-1, xf.shape[-1]), *((w.weight, w.scales) for w in weights))
+    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
 # Assignments (tokens x chosen experts) up to which a sparse MoE step runs as rows of one native
 # kernel call per matrix (`qmatmul_rows`): decode steps up to batch 8 with top-2.
 ROWS_KERNEL_MAX = 16
