@@ -45,7 +45,7 @@ int main() {
               QProblem p{x.data(), xb.data(), wm, s.data(), y.data(), M, K, N, G};
               for (int u = t; u < 4; u += threads) {  // 4 slabs of 256 rows, as the kernel cuts
                 if (kind == 0) sink += read_sum(wm + u * 256 * N, size_t(256 * N));
-                else qb_block_512<true>(p, u * 256, u * 256 + 256, 0, N, y.data() + u * N);
+                else qb_block_512<true, 8>(p, u * 256, u * 256 + 256, 0, N, y.data() + u * N);
               }
             }
           });

@@ -443,44 +443,6 @@ AVX512BF16 void qb_rows_512(const QProblem& p, const uint16_t* srow, float* acc,
   if (full < nv) step(full, std::true_type{});
 }
 
-// Rows [m0, m0+MB), weight rows [k0, k1), columns [n0, n0+w): partial sums into out (row stride N).
-template <int MB, bool BX>
-AVX512BF16 void qb_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0,
-                            int64_t w, float* out) {
-  alignas(64) static thread_local float acc[6144 + 64 * 4];
-  const int64_t stride = (w + 15) / 16 * 16;
-  const int nv = int(stride / 16);
-  const __mmask16 last = (w % 16) ? __mmask16((1u << (w % 16)) - 1) : __mmask16(0xffff);
-  std::memset(acc, 0, sizeof(float) * stride * MB);
-  const int64_t kb = p.K / p.G;  // even (checked by the caller)
-  for (int64_t k = k0; k < k1;) {
-    const int64_t gend = std::min(k1, (k / kb + 1) * kb);
-    const uint16_t* srow = p.s + (k / kb) * p.N + n0;
-    for (; k + 8 <= gend; k += 8) qb_rows_512<MB, 4, BX>(p, srow, acc, stride, m0, n0, nv, last, k);
-    for (; k + 2 <= gend; k += 2) qb_rows_512<MB, 1, BX>(p, srow, acc, stride, m0, n0, nv, last, k);
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < nv; ++v) {
-      const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
-      _mm512_mask_storeu_ps(out + (m0 + m) * p.N + n0 + v * 16, mask,
-                            _mm512_load_ps(acc + m * stride + v * 16));
-    }
-}
-
-template <bool BX>
-AVX512BF16 void qb_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
-                             float* out) {
-  const int64_t w = n1 - n0;
-  int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) qb_unit_512<4, BX>(p, m, k0, k1, n0, w, out);
-  switch (p.M - m) {
-    case 3: qb_unit_512<3, BX>(p, m, k0, k1, n0, w, out); break;
-    case 2: qb_unit_512<2, BX>(p, m, k0, k1, n0, w, out); break;
-    case 1: qb_unit_512<1, BX>(p, m, k0, k1, n0, w, out); break;
-    default: break;
-  }
-}
-
 // int4 (two's-complement nibbles; packed row i = logical rows 2i (low) and 2i+1 (high) of the
 // same column): one byte holds a row pair, so one 16-byte load feeds 32 weights. The nibbles are
 // sign-extended with shifts, scaled, rounded to bf16 by vcvtne2ps2bf16 and interleaved into
@@ -541,20 +503,26 @@ AVX512BF16 void q4_rows_512(const QProblem& p, const uint16_t* srow, float* acc,
   if (full < nv) step(full, std::true_type{});
 }
 
-template <int MB, bool BX>
-AVX512BF16 void q4_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0,
+// Rows [m0, m0+MB), weight rows [k0, k1), columns [n0, n0+w): partial sums into out (row stride N).
+template <int MB, bool BX, int BITS>
+AVX512BF16 void qb_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0,
                             int64_t w, float* out) {
   alignas(64) static thread_local float acc[6144 + 64 * 4];
   const int64_t stride = (w + 15) / 16 * 16;
   const int nv = int(stride / 16);
   const __mmask16 last = (w % 16) ? __mmask16((1u << (w % 16)) - 1) : __mmask16(0xffff);
   std::memset(acc, 0, sizeof(float) * stride * MB);
-  const int64_t kb = p.K / p.G;  // even
+  const int64_t kb = p.K / p.G;  // even (checked by the caller)
   for (int64_t k = k0; k < k1;) {
     const int64_t gend = std::min(k1, (k / kb + 1) * kb);
     const uint16_t* srow = p.s + (k / kb) * p.N + n0;
-    for (; k + 8 <= gend; k += 8) q4_rows_512<MB, 4, BX>(p, srow, acc, stride, m0, n0, nv, last, k);
-    for (; k + 2 <= gend; k += 2) q4_rows_512<MB, 1, BX>(p, srow, acc, stride, m0, n0, nv, last, k);
+    auto rows = [&](auto pairs) AVX512BF16 {  // int8: rows k, k+1 apart; int4: one packed row
+      constexpr int P = decltype(pairs)::value;
+      if constexpr (BITS == 8) qb_rows_512<MB, P, BX>(p, srow, acc, stride, m0, n0, nv, last, k);
+      else q4_rows_512<MB, P, BX>(p, srow, acc, stride, m0, n0, nv, last, k);
+    };
+    for (; k + 8 <= gend; k += 8) rows(std::integral_constant<int, 4>{});
+    for (; k + 2 <= gend; k += 2) rows(std::integral_constant<int, 1>{});
   }
   for (int m = 0; m < MB; ++m)
     for (int v = 0; v < nv; ++v) {
@@ -564,16 +532,16 @@ AVX512BF16 void q4_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k
     }
 }
 
-template <bool BX>
-AVX512BF16 void q4_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
+template <bool BX, int BITS>
+AVX512BF16 void qb_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
                              float* out) {
   const int64_t w = n1 - n0;
   int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) q4_unit_512<4, BX>(p, m, k0, k1, n0, w, out);
+  for (; m + 4 <= p.M; m += 4) qb_unit_512<4, BX, BITS>(p, m, k0, k1, n0, w, out);
   switch (p.M - m) {
-    case 3: q4_unit_512<3, BX>(p, m, k0, k1, n0, w, out); break;
-    case 2: q4_unit_512<2, BX>(p, m, k0, k1, n0, w, out); break;
-    case 1: q4_unit_512<1, BX>(p, m, k0, k1, n0, w, out); break;
+    case 3: qb_unit_512<3, BX, BITS>(p, m, k0, k1, n0, w, out); break;
+    case 2: qb_unit_512<2, BX, BITS>(p, m, k0, k1, n0, w, out); break;
+    case 1: qb_unit_512<1, BX, BITS>(p, m, k0, k1, n0, w, out); break;
     default: break;
   }
 }
@@ -1058,9 +1026,9 @@ void gemv_unit(int level, int bits, const QProblem& p, int64_t k0, int64_t k1, i
                float* out) {
 #ifdef GROKCTL_X86
   if (bits == 8 && level == kAvx512Bf16)
-    return p.xb ? qb_block_512<true>(p, k0, k1, n0, n1, out) : qb_block_512<false>(p, k0, k1, n0, n1, out);
+    return p.xb ? qb_block_512<true, 8>(p, k0, k1, n0, n1, out) : qb_block_512<false, 8>(p, k0, k1, n0, n1, out);
   if (bits == 4 && level == kAvx512Bf16)
-    return p.xb ? q4_block_512<true>(p, k0, k1, n0, n1, out) : q4_block_512<false>(p, k0, k1, n0, n1, out);
+    return p.xb ? qb_block_512<true, 4>(p, k0, k1, n0, n1, out) : qb_block_512<false, 4>(p, k0, k1, n0, n1, out);
   if (bits == 4 && level >= kAvx2) return q4_block_256(p, k0, k1, n0, n1, out);
   // int8 without BF16: the column paths, which take all K rows (split_k = false)
   if (bits == 8 && level >= kAvx512) return q_cols_512(p, n0, n1);
