@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -61,21 +62,39 @@ struct QProblem {
   int bits = 8;       // 8: int8 [K, N]; 4: packed int4 [K/2, N] (rows 2i, 2i+1 in a byte)
 };
 
-struct NTProblem {
+// y[M, V] = x[M, D] @ t[V, D]^T over a table of bf16 bits (T = uint16_t) or of int8 rows
+// (T = int8_t: native int8-per-row embeddings; the caller scales the rows).
+template <class T>
+struct NTP {
   const float* x;     // [M, D]
   const uint16_t* xb; // [M, D] bf16 bits when x was given in bf16, else nullptr
-  const uint16_t* t;  // [V, D] bf16 bits
+  const T* t;         // [V, D]
   float* y;           // [M, V]
   int64_t M, D, V;
 };
+using NTProblem = NTP<uint16_t>;
 
-struct NTQ8Problem {  // y[M, V] = x[M, D] @ q[V, D]^T (int8 table rows; the caller scales rows)
-  const float* x;
-  const uint16_t* xb;  // bf16 bits or nullptr
-  const int8_t* t;
-  float* y;
-  int64_t M, D, V;
-};
+// f(std::integral_constant<int, MB>{}, m0) over rows [0, M) in blocks of 4 and a 1-3 row tail:
+// the register-blocked kernels are templates on the block height.
+template <class F>
+inline void row_blocks(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) f(std::integral_constant<int, 4>{}, m);
+  switch (M - m) {
+    case 3: f(std::integral_constant<int, 3>{}, m); break;
+    case 2: f(std::integral_constant<int, 2>{}, m); break;
+    case 1: f(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
+// f(std::integral_constant<int, R>{}, v) over table rows [v0, v1): 4 at a time, then singly.
+template <class F>
+inline void table_blocks(int64_t v0, int64_t v1, F&& f) {
+  int64_t v = v0;
+  for (; v + 4 <= v1; v += 4) f(std::integral_constant<int, 4>{}, v);
+  for (; v < v1; ++v) f(std::integral_constant<int, 1>{}, v);
+}
 
 // Widest column chunk of the int8 GEMV (its f32 accumulators live in L1): each weight row is
 // read as one contiguous run of up to kCols bytes, long enough for the hardware prefetchers
@@ -139,25 +158,17 @@ void q4_block_scalar(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int6
   }
 }
 
-void nt_rows_scalar(const NTProblem& p, int64_t v0, int64_t v1) {
-  for (int64_t v = v0; v < v1; ++v) {
-    const uint16_t* tr = p.t + v * p.D;
-    for (int64_t m = 0; m < p.M; ++m) {
-      const float* xm = p.x + m * p.D;
-      float acc = 0.0f;
-      for (int64_t d = 0; d < p.D; ++d) acc += xm[d] * bf16_to_f32(tr[d]);
-      p.y[m * p.V + v] = acc;
-    }
-  }
-}
+inline float table_f32(uint16_t h) { return bf16_to_f32(h); }
+inline float table_f32(int8_t q) { return float(q); }
 
-void ntq8_rows_scalar(const NTQ8Problem& p, int64_t v0, int64_t v1) {
+template <class T>
+void nt_rows_scalar(const NTP<T>& p, int64_t v0, int64_t v1) {
   for (int64_t v = v0; v < v1; ++v) {
-    const int8_t* tr = p.t + v * p.D;
+    const T* tr = p.t + v * p.D;
     for (int64_t m = 0; m < p.M; ++m) {
       const float* xm = p.x + m * p.D;
       float acc = 0.0f;
-      for (int64_t d = 0; d < p.D; ++d) acc += xm[d] * float(tr[d]);
+      for (int64_t d = 0; d < p.D; ++d) acc += xm[d] * table_f32(tr[d]);
       p.y[m * p.V + v] = acc;
     }
   }
@@ -229,14 +240,9 @@ AVX512 void q_chunk_512(const QProblem& p, int64_t m0, int64_t n0, int64_t w) {
 
 AVX512 void q_cols_512(const QProblem& p, int64_t n0, int64_t n1) {
   const int64_t w = n1 - n0;
-  int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) q_chunk_512<4>(p, m, n0, w);
-  switch (p.M - m) {
-    case 3: q_chunk_512<3>(p, m, n0, w); break;
-    case 2: q_chunk_512<2>(p, m, n0, w); break;
-    case 1: q_chunk_512<1>(p, m, n0, w); break;
-    default: break;
-  }
+  row_blocks(p.M, [&](auto mb, int64_t m0) AVX512 {
+    q_chunk_512<decltype(mb)::value>(p, m0, n0, w);
+  });
 }
 
 // Many rows (prefill): dequantize a [kPanelK, w] panel of the weight to f32 once (cache
@@ -300,14 +306,9 @@ AVX512 void q_gemm_cols_512(const QProblem& p, int64_t n0, int64_t n1) {
     }
     const bool first = k0 == 0;
     for (int64_t c0 = 0; c0 < w; c0 += 64) {
-      int64_t m = 0;
-      for (; m + 4 <= p.M; m += 4) gemm_tile_512<4>(p, panel, m, k0, kp, n0, c0, w, first);
-      switch (p.M - m) {
-        case 3: gemm_tile_512<3>(p, panel, m, k0, kp, n0, c0, w, first); break;
-        case 2: gemm_tile_512<2>(p, panel, m, k0, kp, n0, c0, w, first); break;
-        case 1: gemm_tile_512<1>(p, panel, m, k0, kp, n0, c0, w, first); break;
-        default: break;
-      }
+      row_blocks(p.M, [&](auto mb, int64_t m0) AVX512 {
+        gemm_tile_512<decltype(mb)::value>(p, panel, m0, k0, kp, n0, c0, w, first);
+      });
     }
   }
 }
@@ -336,22 +337,12 @@ AVX512 void nt_block_512(const NTProblem& p, int64_t m0, int64_t v) {
     for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-template <int MB>
-AVX512 void nt_rows_m_512(const NTProblem& p, int64_t m0, int64_t v0, int64_t v1) {
-  int64_t v = v0;
-  for (; v + 4 <= v1; v += 4) nt_block_512<MB, 4>(p, m0, v);
-  for (; v < v1; ++v) nt_block_512<MB, 1>(p, m0, v);
-}
-
 AVX512 void nt_rows_512(const NTProblem& p, int64_t v0, int64_t v1) {
-  int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) nt_rows_m_512<4>(p, m, v0, v1);
-  switch (p.M - m) {
-    case 3: nt_rows_m_512<3>(p, m, v0, v1); break;
-    case 2: nt_rows_m_512<2>(p, m, v0, v1); break;
-    case 1: nt_rows_m_512<1>(p, m, v0, v1); break;
-    default: break;
-  }
+  row_blocks(p.M, [&](auto mb, int64_t m0) AVX512 {
+    table_blocks(v0, v1, [&](auto rb, int64_t v) AVX512 {
+      nt_block_512<decltype(mb)::value, decltype(rb)::value>(p, m0, v);
+    });
+  });
 }
 
 
@@ -536,19 +527,15 @@ template <bool BX, int BITS>
 AVX512BF16 void qb_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
                              float* out) {
   const int64_t w = n1 - n0;
-  int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) qb_unit_512<4, BX, BITS>(p, m, k0, k1, n0, w, out);
-  switch (p.M - m) {
-    case 3: qb_unit_512<3, BX, BITS>(p, m, k0, k1, n0, w, out); break;
-    case 2: qb_unit_512<2, BX, BITS>(p, m, k0, k1, n0, w, out); break;
-    case 1: qb_unit_512<1, BX, BITS>(p, m, k0, k1, n0, w, out); break;
-    default: break;
-  }
+  row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 {
+    qb_unit_512<decltype(mb)::value, BX, BITS>(p, m0, k0, k1, n0, w, out);
+  });
 }
 
-// Logits over a bf16 table with bf16 activations: one vdpbf16ps per 32 table elements.
-template <int MB, int R>
-AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v) {
+// Logits with bf16 activations: one vdpbf16ps per 32 table elements. A bf16 table is used as
+// stored; an int8 table (native int8-per-row embeddings) is widened first (int8 -> bf16 is exact).
+template <class T, int MB, int R>
+AVX512BF16 void ntb_block_512(const NTP<T>& p, int64_t m0, int64_t v) {
   __m512 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -557,11 +544,25 @@ AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v) {
     const int64_t rem = p.D - d;
     const __mmask32 mask = M_ ? __mmask32((1u << rem) - 1) : __mmask32(0xffffffffu);
     __m512i xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = (M_ ? _mm512_maskz_loadu_epi16(mask, p.xb + (m0 + m) * p.D + d) : _mm512_loadu_si512(p.xb + (m0 + m) * p.D + d));
+    for (int m = 0; m < MB; ++m) {
+      const uint16_t* xr = p.xb + (m0 + m) * p.D + d;
+      xv[m] = M_ ? _mm512_maskz_loadu_epi16(mask, xr) : _mm512_loadu_si512(xr);
+    }
     for (int r = 0; r < R; ++r) {
+      const T* tr = p.t + (v + r) * p.D + d;
       // the next block's line at this offset (the block after these R rows, same stream)
-      _mm_prefetch(reinterpret_cast<const char*>(p.t + (v + R + r) * p.D + d), _MM_HINT_T0);
-      const __m512i t = (M_ ? _mm512_maskz_loadu_epi16(mask, p.t + (v + r) * p.D + d) : _mm512_loadu_si512(p.t + (v + r) * p.D + d));
+      if ((d * int64_t(sizeof(T))) % 64 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(tr + R * p.D), _MM_HINT_T0);
+      __m512i t;
+      if constexpr (std::is_same_v<T, uint16_t>) {
+        t = M_ ? _mm512_maskz_loadu_epi16(mask, tr) : _mm512_loadu_si512(tr);
+      } else {
+        const __m256i q = M_ ? _mm256_maskz_loadu_epi8(mask, tr)
+                             : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tr));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+        t = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+      }
       for (int m = 0; m < MB; ++m)
         acc[r][m] = _mm512_dpbf16_ps(acc[r][m], reinterpret_cast<__m512bh>(t),
                                      reinterpret_cast<__m512bh>(xv[m]));
@@ -574,71 +575,13 @@ AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v) {
     for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-template <int MB>
-AVX512BF16 void ntb_rows_m_512(const NTProblem& p, int64_t m0, int64_t v0, int64_t v1) {
-  int64_t v = v0;
-  for (; v + 4 <= v1; v += 4) ntb_block_512<MB, 4>(p, m0, v);
-  for (; v < v1; ++v) ntb_block_512<MB, 1>(p, m0, v);
-}
-
-AVX512BF16 void ntb_rows_512(const NTProblem& p, int64_t v0, int64_t v1) {
-  int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) ntb_rows_m_512<4>(p, m, v0, v1);
-  switch (p.M - m) {
-    case 3: ntb_rows_m_512<3>(p, m, v0, v1); break;
-    case 2: ntb_rows_m_512<2>(p, m, v0, v1); break;
-    case 1: ntb_rows_m_512<1>(p, m, v0, v1); break;
-    default: break;
-  }
-}
-
-// Logits over an int8 table (native checkpoints' int8-per-row embeddings): int8 -> bf16 is
-// exact, so one vdpbf16ps per 32 elements after widening.
-template <int MB, int R>
-AVX512BF16 void ntq8_block_512(const NTQ8Problem& p, int64_t m0, int64_t v) {
-  __m512 acc[R][MB];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
-  auto step = [&](int64_t d, auto masked) AVX512BF16 {
-    constexpr bool M_ = decltype(masked)::value;
-    const int64_t rem = p.D - d;
-    const __mmask32 mask = M_ ? __mmask32((1u << rem) - 1) : __mmask32(0xffffffffu);
-    __m512i xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = (M_ ? _mm512_maskz_loadu_epi16(mask, p.xb + (m0 + m) * p.D + d) : _mm512_loadu_si512(p.xb + (m0 + m) * p.D + d));
-    for (int r = 0; r < R; ++r) {
-      if ((d & 63) == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(p.t + (v + R + r) * p.D + d), _MM_HINT_T0);
-      const __m256i q = (M_ ? _mm256_maskz_loadu_epi8(mask, p.t + (v + r) * p.D + d) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.t + (v + r) * p.D + d)));
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-      const __m512bh t = _mm512_cvtne2ps_pbh(hi, lo);
-      for (int m = 0; m < MB; ++m)
-        acc[r][m] = _mm512_dpbf16_ps(acc[r][m], t, reinterpret_cast<__m512bh>(xv[m]));
-    }
-  };
-  const int64_t full = p.D / 32 * 32;
-  for (int64_t d = 0; d < full; d += 32) step(d, std::false_type{});
-  if (full < p.D) step(full, std::true_type{});
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r] = _mm512_reduce_add_ps(acc[r][m]);
-}
-
-template <int MB>
-AVX512BF16 void ntq8_rows_m_512(const NTQ8Problem& p, int64_t m0, int64_t v0, int64_t v1) {
-  int64_t v = v0;
-  for (; v + 4 <= v1; v += 4) ntq8_block_512<MB, 4>(p, m0, v);
-  for (; v < v1; ++v) ntq8_block_512<MB, 1>(p, m0, v);
-}
-
-AVX512BF16 void ntq8_rows_512(const NTQ8Problem& p, int64_t v0, int64_t v1) {
-  int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) ntq8_rows_m_512<4>(p, m, v0, v1);
-  switch (p.M - m) {
-    case 3: ntq8_rows_m_512<3>(p, m, v0, v1); break;
-    case 2: ntq8_rows_m_512<2>(p, m, v0, v1); break;
-    case 1: ntq8_rows_m_512<1>(p, m, v0, v1); break;
-    default: break;
-  }
+template <class T>
+AVX512BF16 void ntb_rows_512(const NTP<T>& p, int64_t v0, int64_t v1) {
+  row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 {
+    table_blocks(v0, v1, [&](auto rb, int64_t v) AVX512BF16 {
+      ntb_block_512<T, decltype(mb)::value, decltype(rb)::value>(p, m0, v);
+    });
+  });
 }
 
 // ---------------------------------------------------------------- AVX2 + FMA
@@ -710,14 +653,9 @@ AVX2 void q_chunk_256(const QProblem& p, int64_t m0, int64_t n0, int64_t w) {
 AVX2 void q_cols_256(const QProblem& p, int64_t n0, int64_t n1) {
   const int64_t w = (n1 - n0) / 8 * 8;
   if (w > 0) {
-    int64_t m = 0;
-    for (; m + 4 <= p.M; m += 4) q_chunk_256<4>(p, m, n0, w);
-    switch (p.M - m) {
-      case 3: q_chunk_256<3>(p, m, n0, w); break;
-      case 2: q_chunk_256<2>(p, m, n0, w); break;
-      case 1: q_chunk_256<1>(p, m, n0, w); break;
-      default: break;
-    }
+    row_blocks(p.M, [&](auto mb, int64_t m0) AVX2 {
+      q_chunk_256<decltype(mb)::value>(p, m0, n0, w);
+    });
   }
   if (n0 + w < n1) q_cols_scalar(p, n0 + w, n1);
 }
@@ -734,8 +672,15 @@ AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int MB, int R>
-AVX2 void nt_block_256(const NTProblem& p, int64_t m0, int64_t v) {
+template <class T>
+AVX2 inline __m256 load_table8_256(const T* ptr) {  // 8 table elements as f32
+  if constexpr (std::is_same_v<T, uint16_t>) return load_bf16x8_256(ptr);
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ptr));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+}
+
+template <class T, int MB, int R>
+AVX2 void nt_block_256(const NTP<T>& p, int64_t m0, int64_t v) {
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -744,7 +689,7 @@ AVX2 void nt_block_256(const NTProblem& p, int64_t m0, int64_t v) {
     __m256 xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(p.x + (m0 + m) * p.D + d);
     for (int r = 0; r < R; ++r) {
-      const __m256 t = load_bf16x8_256(p.t + (v + r) * p.D + d);
+      const __m256 t = load_table8_256(p.t + (v + r) * p.D + d);
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(xv[m], t, acc[r][m]);
     }
   }
@@ -752,71 +697,19 @@ AVX2 void nt_block_256(const NTProblem& p, int64_t m0, int64_t v) {
     for (int m = 0; m < MB; ++m) {
       float s = hsum256(acc[r][m]);
       const float* xm = p.x + (m0 + m) * p.D;
-      const uint16_t* tr = p.t + (v + r) * p.D;
-      for (int64_t d = d8; d < p.D; ++d) s += xm[d] * bf16_to_f32(tr[d]);
+      const T* tr = p.t + (v + r) * p.D;
+      for (int64_t d = d8; d < p.D; ++d) s += xm[d] * table_f32(tr[d]);
       p.y[(m0 + m) * p.V + v + r] = s;
     }
 }
 
-template <int MB>
-AVX2 void nt_rows_m_256(const NTProblem& p, int64_t m0, int64_t v0, int64_t v1) {
-  int64_t v = v0;
-  for (; v + 4 <= v1; v += 4) nt_block_256<MB, 4>(p, m0, v);
-  for (; v < v1; ++v) nt_block_256<MB, 1>(p, m0, v);
-}
-
-AVX2 void nt_rows_256(const NTProblem& p, int64_t v0, int64_t v1) {
-  int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) nt_rows_m_256<4>(p, m, v0, v1);
-  switch (p.M - m) {
-    case 3: nt_rows_m_256<3>(p, m, v0, v1); break;
-    case 2: nt_rows_m_256<2>(p, m, v0, v1); break;
-    case 1: nt_rows_m_256<1>(p, m, v0, v1); break;
-    default: break;
-  }
-}
-
-template <int MB, int R>
-AVX2 void ntq8_block_256(const NTQ8Problem& p, int64_t m0, int64_t v) {
-  __m256 acc[R][MB];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
-  const int64_t d8 = p.D / 8 * 8;
-  for (int64_t d = 0; d < d8; d += 8) {
-    __m256 xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(p.x + (m0 + m) * p.D + d);
-    for (int r = 0; r < R; ++r) {
-      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.t + (v + r) * p.D + d));
-      const __m256 t = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(xv[m], t, acc[r][m]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) {
-      float s = hsum256(acc[r][m]);
-      const float* xm = p.x + (m0 + m) * p.D;
-      const int8_t* tr = p.t + (v + r) * p.D;
-      for (int64_t d = d8; d < p.D; ++d) s += xm[d] * float(tr[d]);
-      p.y[(m0 + m) * p.V + v + r] = s;
-    }
-}
-
-template <int MB>
-AVX2 void ntq8_rows_m_256(const NTQ8Problem& p, int64_t m0, int64_t v0, int64_t v1) {
-  int64_t v = v0;
-  for (; v + 4 <= v1; v += 4) ntq8_block_256<MB, 4>(p, m0, v);
-  for (; v < v1; ++v) ntq8_block_256<MB, 1>(p, m0, v);
-}
-
-AVX2 void ntq8_rows_256(const NTQ8Problem& p, int64_t v0, int64_t v1) {
-  int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) ntq8_rows_m_256<4>(p, m, v0, v1);
-  switch (p.M - m) {
-    case 3: ntq8_rows_m_256<3>(p, m, v0, v1); break;
-    case 2: ntq8_rows_m_256<2>(p, m, v0, v1); break;
-    case 1: ntq8_rows_m_256<1>(p, m, v0, v1); break;
-    default: break;
-  }
+template <class T>
+AVX2 void nt_rows_256(const NTP<T>& p, int64_t v0, int64_t v1) {
+  row_blocks(p.M, [&](auto mb, int64_t m0) AVX2 {
+    table_blocks(v0, v1, [&](auto rb, int64_t v) AVX2 {
+      nt_block_256<T, decltype(mb)::value, decltype(rb)::value>(p, m0, v);
+    });
+  });
 }
 
 // int4 on AVX2: 8 columns of a row pair per byte load, nibbles sign-extended with shifts.
@@ -856,14 +749,9 @@ AVX2 void q4_unit_256(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int
 AVX2 void q4_block_256(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
   const int64_t w = n1 - n0, w8 = w / 8 * 8;
   if (w8 > 0) {
-    int64_t m = 0;
-    for (; m + 4 <= p.M; m += 4) q4_unit_256<4>(p, m, k0, k1, n0, w8, out);
-    switch (p.M - m) {
-      case 3: q4_unit_256<3>(p, m, k0, k1, n0, w8, out); break;
-      case 2: q4_unit_256<2>(p, m, k0, k1, n0, w8, out); break;
-      case 1: q4_unit_256<1>(p, m, k0, k1, n0, w8, out); break;
-      default: break;
-    }
+    row_blocks(p.M, [&](auto mb, int64_t m0) AVX2 {
+      q4_unit_256<decltype(mb)::value>(p, m0, k0, k1, n0, w8, out);
+    });
   }
   if (w8 < w) q4_block_scalar(p, k0, k1, n0 + w8, n1, out);
 }
@@ -1286,55 +1174,44 @@ ffi::Error QMatmul3Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulNTImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
-                        ffi::Result<ffi::Buffer<ffi::F32>> y) {
+// Logits over a bf16 (T = uint16_t) or int8 (T = int8_t) table, threaded over its rows.
+template <class T>
+ffi::Error matmul_nt(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
+                     ffi::Result<ffi::Buffer<ffi::F32>>& y, ffi::DataType table_type,
+                     const char* name) {
   const auto xd = x.dimensions();
   const auto td = t.dimensions();
   if (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)
-    return ffi::Error::InvalidArgument("grokctl_matmul_nt_bf16: x must be f32 or bf16");
-  if (t.element_type() != ffi::DataType::BF16 || xd.size() != 2 || td.size() != 2 ||
-      xd[1] != td[1])
-    return ffi::Error::InvalidArgument("grokctl_matmul_nt_bf16: bad table or shapes");
+    return ffi::Error::InvalidArgument(std::string(name) + ": x must be f32 or bf16");
+  if (t.element_type() != table_type || xd.size() != 2 || td.size() != 2 || xd[1] != td[1])
+    return ffi::Error::InvalidArgument(std::string(name) + ": bad table or shapes");
   static thread_local std::vector<float> xtmp;
-  NTProblem p{as_f32(x, xtmp), bf16_bits(x), reinterpret_cast<const uint16_t*>(t.untyped_data()),
-              y->typed_data(), xd[0], xd[1], td[0]};
+  const NTP<T> p{as_f32(x, xtmp), bf16_bits(x), reinterpret_cast<const T*>(t.untyped_data()),
+                 y->typed_data(), xd[0], xd[1], td[0]};
   const int64_t units = (p.V + kTableRows - 1) / kTableRows;
   const int level = isa();
   parallel_for(pool, units, [&](int64_t i) {
     const int64_t v0 = i * kTableRows, v1 = std::min(p.V, v0 + kTableRows);
 #ifdef GROKCTL_X86
     if (level == kAvx512Bf16 && p.xb) return ntb_rows_512(p, v0, v1);
-    if (level >= kAvx512) return nt_rows_512(p, v0, v1);
-    if (level == kAvx2) return nt_rows_256(p, v0, v1);
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (level >= kAvx512) return nt_rows_512(p, v0, v1);
+    }
+    if (level >= kAvx2) return nt_rows_256(p, v0, v1);
 #endif
     nt_rows_scalar(p, v0, v1);
   });
   return ffi::Error::Success();
 }
 
+ffi::Error MatmulNTImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
+                        ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  return matmul_nt<uint16_t>(pool, x, t, y, ffi::DataType::BF16, "grokctl_matmul_nt_bf16");
+}
+
 ffi::Error MatmulNTQ8Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
                           ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  const auto xd = x.dimensions();
-  const auto td = t.dimensions();
-  if (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)
-    return ffi::Error::InvalidArgument("grokctl_matmul_nt_int8: x must be f32 or bf16");
-  if (t.element_type() != ffi::DataType::S8 || xd.size() != 2 || td.size() != 2 ||
-      xd[1] != td[1])
-    return ffi::Error::InvalidArgument("grokctl_matmul_nt_int8: bad table or shapes");
-  static thread_local std::vector<float> xtmp;
-  NTQ8Problem p{as_f32(x, xtmp), bf16_bits(x), reinterpret_cast<const int8_t*>(t.untyped_data()),
-                y->typed_data(), xd[0], xd[1], td[0]};
-  const int64_t units = (p.V + kTableRows - 1) / kTableRows;
-  const int level = isa();
-  parallel_for(pool, units, [&](int64_t i) {
-    const int64_t v0 = i * kTableRows, v1 = std::min(p.V, v0 + kTableRows);
-#ifdef GROKCTL_X86
-    if (level == kAvx512Bf16 && p.xb) return ntq8_rows_512(p, v0, v1);
-    if (level >= kAvx2) return ntq8_rows_256(p, v0, v1);
-#endif
-    ntq8_rows_scalar(p, v0, v1);
-  });
-  return ffi::Error::Success();
+  return matmul_nt<int8_t>(pool, x, t, y, ffi::DataType::S8, "grokctl_matmul_nt_int8");
 }
 
 }  // namespace
