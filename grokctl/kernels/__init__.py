@@ -50,6 +50,16 @@ ARGMAX_TARGET = "grokctl_argmax"
 QMATMUL3_TARGET = "grokctl_qmatmul3"
 MATMUL_NT_TARGET = "grokctl_matmul_nt_bf16"
 MATMUL_NT_INT8_TARGET = "grokctl_matmul_nt_int8"
+# FFI target -> the handler symbol cpu_kernels.cc exports for it.
+HANDLERS = {
+    QMATMUL_TARGET: "GrokctlQMatmul",
+    QMATMUL4_TARGET: "GrokctlQMatmul4",
+    QMATMUL_ROWS_TARGET: "GrokctlQMatmulRows",
+    QMATMUL3_TARGET: "GrokctlQMatmul3",
+    ARGMAX_TARGET: "GrokctlArgmax",
+    MATMUL_NT_TARGET: "GrokctlMatmulNT",
+    MATMUL_NT_INT8_TARGET: "GrokctlMatmulNTQ8",
+}
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
 
 
@@ -140,27 +150,10 @@ def _library() -> ctypes.CDLL | None:
         if path is None:
             return None
         lib = ctypes.CDLL(str(path))
-        jax.ffi.register_ffi_target(
-            QMATMUL_TARGET, jax.ffi.pycapsule(lib.GrokctlQMatmul), platform="cpu"
-        )
-        jax.ffi.register_ffi_target(
-            QMATMUL4_TARGET, jax.ffi.pycapsule(lib.GrokctlQMatmul4), platform="cpu"
-        )
-        jax.ffi.register_ffi_target(
-            QMATMUL_ROWS_TARGET, jax.ffi.pycapsule(lib.GrokctlQMatmulRows), platform="cpu"
-        )
-        jax.ffi.register_ffi_target(
-            QMATMUL3_TARGET, jax.ffi.pycapsule(lib.GrokctlQMatmul3), platform="cpu"
-        )
-        jax.ffi.register_ffi_target(
-            ARGMAX_TARGET, jax.ffi.pycapsule(lib.GrokctlArgmax), platform="cpu"
-        )
-        jax.ffi.register_ffi_target(
-            MATMUL_NT_TARGET, jax.ffi.pycapsule(lib.GrokctlMatmulNT), platform="cpu"
-        )
-        jax.ffi.register_ffi_target(
-            MATMUL_NT_INT8_TARGET, jax.ffi.pycapsule(lib.GrokctlMatmulNTQ8), platform="cpu"
-        )
+        for target, symbol in HANDLERS.items():
+            jax.ffi.register_ffi_target(
+                target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+            )
         return lib
     except Exception as exc:  # any failure means: use the pure-JAX path
         log.debug("grokctl CPU kernels unavailable: %s", exc)
@@ -189,21 +182,25 @@ def _require() -> None:
         raise RuntimeError("grokctl CPU kernels are not available (check kernels.available())")
 
 
+def _call(
+    target: str, shape: tuple[int, ...], *args: Any, dtype: Any = jnp.float32, **attrs: Any
+) -> Any:
+    """One FFI call of `target` returning an array of `shape` (the kernels must be available)."""
+    _require()
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype))(*args, **attrs)
+
+
 def qmatmul(x: jax.Array, weight: jax.Array, scales: jax.Array, expert: Any = 0) -> jax.Array:
     """x [M, K] (f32 or bf16) @ dequant(weight [(E,) K, N], scales [(E,) G, N]) -> f32 [M, N]."""
-    _require()
-    m, n = x.shape[0], weight.shape[-1]
-    call = jax.ffi.ffi_call(QMATMUL_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))
-    return call(x, weight, scales, jnp.asarray(expert, jnp.int32))  # type: ignore[no-any-return]
+    e = jnp.asarray(expert, jnp.int32)
+    return _call(QMATMUL_TARGET, (x.shape[0], weight.shape[-1]), x, weight, scales, e)  # type: ignore[no-any-return]
 
 
 def qmatmul4(x: jax.Array, weight: jax.Array, scales: jax.Array, expert: Any = 0) -> jax.Array:
     """x [M, K] (f32 or bf16) @ dequant(packed int4 uint8 [(E,) K/2, N], scales [(E,) G, N])
     -> f32 [M, N]; packed row i holds rows 2i (low nibble) and 2i+1 (high); K/G even."""
-    _require()
-    m, n = x.shape[0], weight.shape[-1]
-    call = jax.ffi.ffi_call(QMATMUL4_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))
-    return call(x, weight, scales, jnp.asarray(expert, jnp.int32))  # type: ignore[no-any-return]
+    e = jnp.asarray(expert, jnp.int32)
+    return _call(QMATMUL4_TARGET, (x.shape[0], weight.shape[-1]), x, weight, scales, e)  # type: ignore[no-any-return]
 
 
 def qmatmul_rows(
@@ -211,10 +208,8 @@ def qmatmul_rows(
 ) -> jax.Array:
     """Row a of x [A, K] (f32 or bf16) times expert experts[a]'s matrix of weight [E, K, N] int8
     (or packed int4 uint8 [E, K/2, N]) with scales [E, G, N] -> f32 [A, N], in one call."""
-    _require()
-    a, n = x.shape[0], weight.shape[-1]
-    call = jax.ffi.ffi_call(QMATMUL_ROWS_TARGET, jax.ShapeDtypeStruct((a, n), jnp.float32))
-    return call(x, weight, scales, experts.astype(jnp.int32))  # type: ignore[no-any-return]
+    idx = experts.astype(jnp.int32)
+    return _call(QMATMUL_ROWS_TARGET, (x.shape[0], weight.shape[-1]), x, weight, scales, idx)  # type: ignore[no-any-return]
 
 
 def qmatmul3(x: jax.Array, *weights: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
@@ -225,32 +220,22 @@ def qmatmul3(x: jax.Array, *weights: tuple[jax.Array, jax.Array]) -> tuple[jax.A
         raise ValueError("qmatmul3 takes exactly three (weight, scales) pairs")
     m = x.shape[0]
     outs = tuple(jax.ShapeDtypeStruct((m, w.shape[-1]), jnp.float32) for w, _ in weights)
-    call = jax.ffi.ffi_call(QMATMUL3_TARGET, outs)
     flat = [a for pair in weights for a in pair]
-    return tuple(call(x, *flat))
+    return tuple(jax.ffi.ffi_call(QMATMUL3_TARGET, outs)(x, *flat))
 
 
 def argmax(x: jax.Array, limit: int) -> jax.Array:
     """x [B, V] f32 -> int32 [B]: the first maximum of each row among ids < limit (a NaN counts as
     the maximum, as jnp.argmax)."""
-    _require()
-    call = jax.ffi.ffi_call(ARGMAX_TARGET, jax.ShapeDtypeStruct((x.shape[0],), jnp.int32))
-    return call(x.astype(jnp.float32), limit=np.int64(limit))  # type: ignore[no-any-return]
+    xf = x.astype(jnp.float32)
+    return _call(ARGMAX_TARGET, (x.shape[0],), xf, dtype=jnp.int32, limit=np.int64(limit))  # type: ignore[no-any-return]
 
 
 def matmul_nt_bf16(x: jax.Array, table: jax.Array) -> jax.Array:
     """x [M, D] (f32 or bf16) @ table[V, D]^T (bf16) -> f32 [M, V]."""
-    _require()
-    call = jax.ffi.ffi_call(
-        MATMUL_NT_TARGET, jax.ShapeDtypeStruct((x.shape[0], table.shape[0]), jnp.float32)
-    )
-    return call(x, table)  # type: ignore[no-any-return]
+    return _call(MATMUL_NT_TARGET, (x.shape[0], table.shape[0]), x, table)  # type: ignore[no-any-return]
 
 
 def matmul_nt_int8(x: jax.Array, table: jax.Array) -> jax.Array:
     """x [M, D] (f32 or bf16) @ table[V, D]^T (int8) -> f32 [M, V]."""
-    _require()
-    call = jax.ffi.ffi_call(
-        MATMUL_NT_INT8_TARGET, jax.ShapeDtypeStruct((x.shape[0], table.shape[0]), jnp.float32)
-    )
-    return call(x, table)  # type: ignore[no-any-return]
+    return _call(MATMUL_NT_INT8_TARGET, (x.shape[0], table.shape[0]), x, table)  # type: ignore[no-any-return]
