@@ -927,22 +927,28 @@ void gemv_unit(int level, int bits, const QProblem& p, int64_t k0, int64_t k1, i
   q4_block_scalar(p, k0, k1, n0, n1, out);
 }
 
-ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer s,
-                       ffi::Buffer<ffi::S32> expert, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+// y[M, N] = x [M, K] @ dequant(w [(E,) K, N] int8, or [(E,) K/2, N] packed int4, expert `expert`).
+ffi::Error qmatmul_impl(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer s,
+                        ffi::Buffer<ffi::S32>& expert, ffi::Result<ffi::Buffer<ffi::F32>>& y,
+                        int bits, const char* name) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   const auto sd = s.dimensions();
+  const std::string who(name);
   if (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)
-    return ffi::Error::InvalidArgument("grokctl_qmatmul: x must be f32 or bf16");
-  if (w.element_type() != ffi::DataType::S8 || s.element_type() != ffi::DataType::BF16)
-    return ffi::Error::InvalidArgument("grokctl_qmatmul: w must be int8 and scales bf16");
+    return ffi::Error::InvalidArgument(who + ": x must be f32 or bf16");
+  const auto wtype = bits == 8 ? ffi::DataType::S8 : ffi::DataType::U8;
+  if (w.element_type() != wtype || s.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument(
+        who + (bits == 8 ? ": w must be int8" : ": w must be uint8 (packed int4)") + " and scales bf16");
   if (xd.size() != 2 || (wd.size() != 2 && wd.size() != 3) || sd.size() != wd.size())
-    return ffi::Error::InvalidArgument("grokctl_qmatmul: bad ranks");
+    return ffi::Error::InvalidArgument(who + ": bad ranks");
   const int64_t M = xd[0], K = xd[1];
   const size_t r = wd.size();
-  const int64_t N = wd[r - 1], G = sd[r - 2];
-  if (wd[r - 2] != K || sd[r - 1] != N || G <= 0 || K % G != 0)
-    return ffi::Error::InvalidArgument("grokctl_qmatmul: shape mismatch");
+  const int64_t N = wd[r - 1], G = sd[r - 2], Kp = bits == 8 ? K : K / 2;
+  if ((bits == 4 && K % 2 != 0) || wd[r - 2] != Kp || sd[r - 1] != N || G <= 0 || K % G != 0 ||
+      (bits == 4 && (K / G) % 2 != 0))
+    return ffi::Error::InvalidArgument(who + ": shape mismatch");
   int64_t e = 0;
   if (r == 3) {
     e = int64_t(expert.typed_data()[0]);
@@ -951,31 +957,31 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   static thread_local std::vector<float> xtmp;
   QProblem p{as_f32(x, xtmp),
              bf16_bits(x),
-             reinterpret_cast<const int8_t*>(w.untyped_data()) + e * K * N,
+             reinterpret_cast<const int8_t*>(w.untyped_data()) + e * Kp * N,
              reinterpret_cast<const uint16_t*>(s.untyped_data()) + e * G * N,
              y->typed_data(),
              M,
              K,
              N,
              G};
+  p.bits = bits;
   int level = isa();
-  const bool gemm = level >= kAvx512 && M >= kGemmRows;
-  if (level == kAvx512Bf16 && ((K / G) % 2 != 0 || gemm)) level = kAvx512;  // row pairs
-  // GEMV: as few, wide chunks as give every thread the same share; GEMM: panel-wide chunks.
+  const bool gemm = bits == 8 && level >= kAvx512 && M >= kGemmRows;
+  if (bits == 8 && level == kAvx512Bf16 && ((K / G) % 2 != 0 || gemm)) level = kAvx512;  // pairs
+  if (bits == 4 || level == kAvx512Bf16) {  // row slabs x column chunks
+    slab_gemv_many(pool, {p}, [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
+      gemv_unit(level, bits, q, k0, k1, n0, n1, out);
+    });
+    return ffi::Error::Success();
+  }
+  // int8 column paths. GEMV: as few, wide chunks as give every thread the same share; GEMM:
+  // panel-wide chunks.
   int64_t width = kPanelCols;
   if (!gemm) {
     const int64_t threads = std::max(1, max_threads());
     const int64_t per_thread = (N + threads - 1) / threads;
     const int64_t rounds = (per_thread + kCols - 1) / kCols;
     width = std::min(kCols, ((per_thread + rounds - 1) / rounds + 63) / 64 * 64);
-  }
-  if (level == kAvx512Bf16) {
-#ifdef GROKCTL_X86
-    slab_gemv_many(pool, {p}, [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
-      gemv_unit(level, 8, q, k0, k1, n0, n1, out);
-    });
-    return ffi::Error::Success();
-#endif
   }
   const int64_t units = (N + width - 1) / width;
   parallel_for(pool, units, [&](int64_t i) {
@@ -989,42 +995,14 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   return ffi::Error::Success();
 }
 
+ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer s,
+                       ffi::Buffer<ffi::S32> expert, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  return qmatmul_impl(pool, x, w, s, expert, y, 8, "grokctl_qmatmul");
+}
+
 ffi::Error QMatmul4Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer s,
                         ffi::Buffer<ffi::S32> expert, ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  const auto sd = s.dimensions();
-  if (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)
-    return ffi::Error::InvalidArgument("grokctl_qmatmul4: x must be f32 or bf16");
-  if (w.element_type() != ffi::DataType::U8 || s.element_type() != ffi::DataType::BF16)
-    return ffi::Error::InvalidArgument("grokctl_qmatmul4: w must be uint8 (packed int4) and scales bf16");
-  if (xd.size() != 2 || (wd.size() != 2 && wd.size() != 3) || sd.size() != wd.size())
-    return ffi::Error::InvalidArgument("grokctl_qmatmul4: bad ranks");
-  const int64_t M = xd[0], K = xd[1];
-  const size_t r = wd.size();
-  const int64_t N = wd[r - 1], G = sd[r - 2];
-  if (K % 2 != 0 || wd[r - 2] * 2 != K || sd[r - 1] != N || G <= 0 || K % G != 0 || (K / G) % 2 != 0)
-    return ffi::Error::InvalidArgument("grokctl_qmatmul4: shape mismatch");
-  int64_t e = 0;
-  if (r == 3) {
-    e = int64_t(expert.typed_data()[0]);
-    e = std::min<int64_t>(std::max<int64_t>(e, 0), wd[0] - 1);
-  }
-  static thread_local std::vector<float> xtmp;
-  QProblem p{as_f32(x, xtmp),
-             bf16_bits(x),
-             reinterpret_cast<const int8_t*>(w.untyped_data()) + e * (K / 2) * N,
-             reinterpret_cast<const uint16_t*>(s.untyped_data()) + e * G * N,
-             y->typed_data(),
-             M,
-             K,
-             N,
-             G};
-  const int level = isa();
-  slab_gemv_many(pool, {p}, [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
-    gemv_unit(level, 4, q, k0, k1, n0, n1, out);
-  });
-  return ffi::Error::Success();
+  return qmatmul_impl(pool, x, w, s, expert, y, 4, "grokctl_qmatmul4");
 }
 
 // y[A, N] = row a of x [A, K] times expert idx[a]'s matrix of w [E, K(/2), N] (int8, or packed
