@@ -11,7 +11,7 @@
 #include <thread>
 
 namespace {
-AVX512BF16 long read_sum(const int8_t* p, size_t n) {
+AVX512 long read_sum(const int8_t* p, size_t n) {
   __m512i a = _mm512_setzero_si512(), b = a;
   for (size_t i = 0; i + 128 <= n; i += 128) {
     a = _mm512_add_epi32(a, _mm512_loadu_si512(p + i));
@@ -22,8 +22,8 @@ AVX512BF16 long read_sum(const int8_t* p, size_t n) {
 }  // namespace
 
 int main() {
-  if (isa() != kAvx512Bf16) {
-    std::printf("this CPU lacks avx512_bf16: the harness times that path only\n");
+  if (isa() < kAvx512) {
+    std::printf("this CPU lacks AVX-512: the harness times that path only\n");
     return 0;
   }
   const int64_t K = 1024, N = 5120, G = 8, M = 1, copies = 40, per_rep = 8;
@@ -45,7 +45,7 @@ int main() {
               QProblem p{x.data(), xb.data(), wm, s.data(), y.data(), M, K, N, G};
               for (int u = t; u < 4; u += threads) {  // 4 slabs of 256 rows, as the kernel cuts
                 if (kind == 0) sink += read_sum(wm + u * 256 * N, size_t(256 * N));
-                else qb_block_512<true, 8>(p, u * 256, u * 256 + 256, 0, N, y.data() + u * N);
+                else q8_block_512(p, u * 256, u * 256 + 256, 0, N, y.data() + u * N);
               }
             }
           });

@@ -12,7 +12,7 @@ Shapes: weights [..., K, N] with K the contracting axis (-2); G = K / group scal
   directory (shards, index, config, manifest, report) is renamed to DST. A run that was
   killed leaves that temporary directory, never DST: the next run removes it and starts again.
 - `--bits 8` from an int8 source is a lossless repack: the same int8 values and block scales.
-  `--bits 4` dequantizes exactly (bf16(int8 x bf16 scale), as the model computes) and
+  `--bits 4` dequantizes exactly (int8 x bf16 scale, as the model computes) and
   re-quantizes per group (`quantizers.int4`).
 - `evaluate` scores DST against SRC with the same engine: per tensor relative RMS and max abs
   error of the model's values, and end to end on seeded probe token sequences (no tokenizer):
@@ -44,13 +44,12 @@ from grokctl.checkpoint.refs import ArrayRef, QuantRef
 from grokctl.config import ModelConfig
 from grokctl.errors import MissingResourceError, UsageError
 from grokctl.quantizers.int4 import (
-    dequantize_blocks,
     dequantize_int4,
     group_size_for,
     quantize_int4,
     to_bf16_value,
 )
-from grokctl.quantizers.int8 import quantize_int8
+from grokctl.quantizers.int8 import dequantize_int8, quantize_int8
 
 BITS = (8, 4)
 EMBEDDINGS = ("f32", "bf16", "int8")
@@ -315,10 +314,11 @@ def plan(
 
 
 def source_values(ref: ArrayRef | QuantRef) -> np.ndarray:
-    """The model's value of a stored tensor (f32): bf16(q x scale) for quantized weights."""
+    """The model's value of a stored tensor (f32): q x scale for int8 weights, bf16(q x scale)
+    for int4 ones."""
     if isinstance(ref, QuantRef):
         w, s = np.asarray(ref.weight.memmap()), np.asarray(ref.scales.memmap())
-        return dequantize_int4(w, s) if ref.bits == 4 else dequantize_blocks(w, s)
+        return dequantize_int4(w, s) if ref.bits == 4 else dequantize_int8(w, s)
     return np.asarray(ref.memmap(), np.float32)
 
 
@@ -358,7 +358,7 @@ def _slice_values(ref: ArrayRef | QuantRef, i: int, c0: int, c1: int) -> np.ndar
         wm = w.memmap().reshape(-1, *w.shape[-2:])[i, :, c0:c1]
         sm = s.memmap().reshape(-1, *s.shape[-2:])[i, :, c0:c1]
         wm, sm = np.asarray(wm), np.asarray(sm)
-        return dequantize_int4(wm, sm) if ref.bits == 4 else dequantize_blocks(wm, sm)
+        return dequantize_int4(wm, sm) if ref.bits == 4 else dequantize_int8(wm, sm)
     a = ref.memmap()
     return np.asarray(a.reshape(-1, *a.shape[-2:])[i, :, c0:c1], np.float32)
 
@@ -414,7 +414,7 @@ def convert(
     values = source_values(ref)
     if t.kind == "int8":  # from a 4-bit source: the release's block layout
         q8 = quantize_int8(values, t.stored[1][1][-2])
-        rec = dequantize_blocks(q8.weight, q8.scales)
+        rec = dequantize_int8(q8.weight, q8.scales)
         rel, mx = _errors(values, rec)
         return (q8.weight, q8.scales), TensorResult(
             t.name, t.kind, None, "int8-block", rel, mx, t.nbytes

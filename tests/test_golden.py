@@ -52,18 +52,32 @@ def test_logits_match_reference(model, golden, acceptance) -> None:  # type: ign
 
 
 def test_routing_matches_reference(model, golden, acceptance) -> None:  # type: ignore[no-untyped-def]
-    agree = []
+    """Top-2 sets agree at the acceptance rate; router probabilities match wherever every earlier
+    layer chose the same experts for that token; and each disagreement swaps the reference's
+    second expert for its third where the two are closer than the probabilities' own tolerance
+    allows to separate (2 x 0.05): the legitimate near-tie flip the fixture describes. After one,
+    the token's later layers see a different residual and are not compared."""
+    agree, flips = [], 0
     for case in CASES:
         valid = golden[f"valid_{case}"]
         probs, experts = model.routing(golden[f"tokens_{case}"][None])
         gold = golden[f"routing_topk_experts_{case}"]
-        np.testing.assert_allclose(
-            probs[:, 0][:, valid], golden[f"routing_probs_{case}"][:, valid], atol=0.05
-        )
+        gold_probs = golden[f"routing_probs_{case}"]
         for layer in range(gold.shape[0]):
             for t in np.nonzero(valid)[0]:
                 agree.append(set(experts[layer, 0, t]) == set(gold[layer, t]))
+        for t in np.nonzero(valid)[0]:
+            for layer in range(gold.shape[0]):
+                np.testing.assert_allclose(probs[layer, 0, t], gold_probs[layer, t], atol=0.05)
+                if set(experts[layer, 0, t]) != set(gold[layer, t]):
+                    order = np.argsort(gold_probs[layer, t])[::-1]
+                    assert set(experts[layer, 0, t]) == {order[0], order[2]}, (case, layer, t)
+                    second, third = gold_probs[layer, t][order[1:3]]
+                    assert second - third < 2 * 0.05, (case, layer, t, gold_probs[layer, t])
+                    flips += 1
+                    break
     assert np.mean(agree) >= acceptance["routing_top2_agree"]
+    assert flips <= 0.02 * len(agree)
 
 
 def test_teacher_forced_decode_matches_reference(model, golden, acceptance) -> None:  # type: ignore[no-untyped-def]

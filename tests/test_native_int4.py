@@ -48,13 +48,13 @@ def test_int4_dequantize_in_jax_equals_numpy_exactly() -> None:
     q, s = random_int4(rng, (3,), 256, 48, 8)
     w = QuantizedWeight(jnp.asarray(native.pack_int4(q)), jnp.asarray(s), bits=4)
     assert w.shape == (3, 256, 48)
-    got = np.asarray(jax.jit(dequantize)(w))
+    got = np.asarray(jax.jit(lambda w: dequantize(w, BF16))(w))  # int4 values are bf16
     assert got.dtype == BF16
     assert np.array_equal(got.view(np.uint16), numpy_dequantize(q, s).view(np.uint16))
     # An expert's slice keeps the packing and `bits` (a static pytree field).
     one = jax.jit(take_expert)(w, jnp.int32(1))
     assert one.bits == 4 and one.weight.shape == (128, 48)
-    assert np.array_equal(np.asarray(dequantize(one)), numpy_dequantize(q[1], s[1]))
+    assert np.array_equal(np.asarray(dequantize(one, BF16)), numpy_dequantize(q[1], s[1]))
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -66,13 +66,9 @@ def test_int4_matmul_matches_the_dequantized_product(chunked: bool) -> None:
     with chunked_qmatmul(chunked):
         got = np.asarray(jax.jit(qmatmul)(jnp.asarray(x), w))
     exact = x.astype(np.float64) @ numpy_dequantize(q, s).astype(np.float64)
-    # f32 accumulation of exact bf16 products: only the summation order differs.
+    # f32 accumulation of exact bf16 products: only the summation order differs. (The int8
+    # matmul of the same integers differs: int8 values are exact, int4 ones bf16-rounded.)
     assert np.abs(got - exact).max() <= 1e-4 * np.abs(exact).max()
-    # And the int8 matmul of the same values gives the same product.
-    w8 = QuantizedWeight(jnp.asarray(q), jnp.asarray(s))
-    with chunked_qmatmul(chunked):
-        same = np.asarray(jax.jit(qmatmul)(jnp.asarray(x), w8))
-    np.testing.assert_allclose(got, same, rtol=0, atol=1e-4 * np.abs(exact).max())
 
 
 def test_group_rows() -> None:

@@ -20,6 +20,7 @@ from grokctl.quantizers.int4 import (
     quantize_int4,
     unpack_int4,
 )
+from grokctl.quantizers.int8 import dequantize_int8
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -38,7 +39,7 @@ def test_packing_layout_low_nibble_is_the_even_row() -> None:
 
 
 def test_dequantize_is_the_models_value_exactly(grok_tiny: Path) -> None:
-    """bf16(int8 x bf16 scale), bit for bit what model.quant.dequantize computes in JAX."""
+    """int8 x bf16 scale (exact), bit for bit what model.quant.dequantize computes in JAX."""
     import jax.numpy as jnp
 
     from grokctl.checkpoint.index import CheckpointIndex
@@ -46,10 +47,12 @@ def test_dequantize_is_the_models_value_exactly(grok_tiny: Path) -> None:
 
     e = CheckpointIndex.open(grok_tiny).by_name()["transformer/decoder_layer_0/moe/linear_1/w"]
     w, s = (np.asarray(a) for a in e.load())  # type: ignore[misc]
-    ours = dequantize_blocks(w, s)
+    ours = dequantize_int8(w, s)
     theirs = np.asarray(dequantize(QuantizedWeight8bit(jnp.asarray(w), jnp.asarray(s))))
-    assert theirs.dtype == BF16
-    assert np.array_equal(ours, theirs.astype(np.float32))
+    assert theirs.dtype == np.float32
+    assert np.array_equal(ours, theirs)
+    # and not the bf16-rounded value the reference computes (that is what changes here)
+    assert not np.array_equal(ours, dequantize_blocks(w, s))
 
 
 def test_int4_round_trip_and_clip_search_never_worse() -> None:

@@ -1,11 +1,13 @@
 """Native CPU kernels called from jitted code through `jax.ffi` (source: cpu_kernels.cc).
 
 - `qmatmul(x, weight, scales, expert)`: x [M, K] f32|bf16 @ dequant(int8 [(E,) K, N], bf16 scales
-  [(E,) G, N]) -> f32 [M, N], each weight rounded to bf16 as the reference's `int8 * bf16`, f32
-  accumulation; weights streamed once and dequantized in registers (AVX-512 / AVX2 / scalar,
-  chosen at run time), threaded over N.
+  [(E,) G, N]) -> f32 [M, N] with exact weight values (int8 x scale, not rounded to bf16: the
+  scale is applied once per group to the f32 sum of x . int8), f32 accumulation; weights
+  streamed once and converted in registers (AVX-512 / AVX2 / scalar, chosen at run time),
+  threaded over row slabs and columns.
 - `qmatmul4(x, packed, scales, expert)`: the same for int4 weights packed two per byte (uint8
-  [(E,) K/2, N]: row 2i in the low nibble, 2i+1 in the high), as the native format stores them.
+  [(E,) K/2, N]: row 2i in the low nibble, 2i+1 in the high), as the native format stores them;
+  each weight is nibble x scale rounded to bf16 (the int4 format's value).
 - `qmatmul_rows(x, weight, scales, experts)`: row a of x times expert experts[a]'s matrix
   (int8 or packed int4 [E, K(/2), N]): a MoE decode step's assignments in one call, rows that
   chose the same expert sharing one pass over its weights.

@@ -1,9 +1,12 @@
 // grokctl CPU kernels, called from JAX through the XLA FFI (grokctl/kernels/__init__.py).
 //
 // grokctl_qmatmul:  y[M, N] f32 = x[M, K] (f32 | bf16) @ dequant(w int8 [(E,) K, N], s bf16 [(E,) G, N])
-//   with expert index e (int32 scalar; 0 for a 2-D weight). Each weight element is
-//   round_to_bf16(float(int8) * float(scale)) (the reference's `int8 * bf16`), products are
-//   accumulated in f32. Weights are streamed once, row by row, and dequantized in registers.
+//   with expert index e (int32 scalar; 0 for a 2-D weight). Weights are dequantized exactly,
+//   float(int8) * float(scale) (no bf16 rounding of the weight: the fixture's "exact dequant,
+//   bf16 activations" variant of the reference's `int8 * bf16`), products accumulated in f32.
+//   Weights are streamed once, row by row, and dequantized in registers.
+// grokctl_qmatmul4: the same over packed int4 [(E,) K/2, N]; each weight is round_to_bf16(nibble
+//   * scale) (the native int4 format's value).
 // grokctl_matmul_nt_bf16:  y[M, V] f32 = x[M, D] bf16 @ table[V, D]^T bf16, f32 accumulation
 //   (the tied unembedding's logits).
 //
@@ -128,7 +131,7 @@ void q_cols_scalar(const QProblem& p, int64_t n0, int64_t n1) {
       const uint16_t* sr = p.s + (k / kb) * p.N;
       const float xv = xm[k];
       for (int64_t n = n0; n < n1; ++n)
-        acc[n - n0] += xv * round_bf16(float(wr[n]) * bf16_to_f32(sr[n]));
+        acc[n - n0] += xv * (float(wr[n]) * bf16_to_f32(sr[n]));  // exact in f32
     }
     std::copy(acc.begin(), acc.end(), p.y + m * p.N + n0);
   }
@@ -178,76 +181,94 @@ void nt_rows_scalar(const NTP<T>& p, int64_t v0, int64_t v1) {
 // ---------------------------------------------------------------- AVX-512
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 
+// int8 x bf16 scale, exactly (an 8-bit by 8-bit product fits f32's 24-bit significand).
 AVX512 inline __m512 dequant16_512(__m128i raw, __m512 s) {
-  __m512 wf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), s);
-  __m512i b = _mm512_castps_si512(wf);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  b = _mm512_and_si512(b, _mm512_set1_epi32(int(0xffff0000u)));
-  return _mm512_castsi512_ps(b);
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), s);
 }
 
-// Rows [m0, m0+MB) x columns [n0, n0+w) (w <= kCols), all K, U weight rows per pass.
+AVX512 inline __m512 load_bf16x16_512(const uint16_t* ptr, __mmask16 mask) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, ptr)), 16));
+}
+
+// The int8 GEMV. A scale group's rows are summed unscaled, sum_k x_k * float(q_kn) (exact
+// products of a bf16 or f32 x and an int8, f32 sums), in a group accumulator; at the group's end
+// the unit's accumulator takes scale_gn * that sum. Per 16 weights: one widening load, one
+// convert, one FMA per row of x, so two cores stream the weights at their read bandwidth
+// (benchmarks/gemv_harness.cc). Eight weight rows per pass, each prefetched one pass ahead.
 template <int MB, int U>
-AVX512 void q_rows_512(const QProblem& p, const float* sc, float (*acc)[kCols], int64_t m0,
-                       int64_t n0, int nv, __mmask16 last, int64_t k) {
+AVX512 void q8_rows_512(const QProblem& p, float* ag, int64_t stride, int64_t m0, int64_t n0,
+                        int nv, __mmask16 last, int64_t k) {
   const int8_t* wr[U];
-  __m512 xb[MB][U];
+  __m512 xf[MB][U];
   for (int u = 0; u < U; ++u) {
     wr[u] = p.w + (k + u) * p.N + n0;
-    for (int m = 0; m < MB; ++m) xb[m][u] = _mm512_set1_ps(p.x[(m0 + m) * p.K + k + u]);
+    for (int m = 0; m < MB; ++m) xf[m][u] = _mm512_set1_ps(p.x[(m0 + m) * p.K + k + u]);
   }
-  for (int v = 0; v < nv; ++v) {
-    const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
-    const __m512 s = _mm512_load_ps(sc + v * 16);
+  auto step = [&](int v, auto masked) AVX512 {
+    constexpr bool M_ = decltype(masked)::value;
+    const __mmask16 mask = M_ ? last : __mmask16(0xffff);
+    if ((v & 3) == 0)  // the next pass's rows, one line each per 64 columns
+      for (int u = 0; u < U; ++u)
+        _mm_prefetch(reinterpret_cast<const char*>(wr[u] + U * p.N + v * 16), _MM_HINT_T0);
     __m512 a[MB];
-    for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(acc[m] + v * 16);
+    for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(ag + m * stride + v * 16);
     for (int u = 0; u < U; ++u) {
-      const __m512 wf = dequant16_512(_mm_maskz_loadu_epi8(mask, wr[u] + v * 16), s);
-      for (int m = 0; m < MB; ++m) a[m] = _mm512_fmadd_ps(xb[m][u], wf, a[m]);
+      const __m128i raw = M_ ? _mm_maskz_loadu_epi8(mask, wr[u] + v * 16)
+                             : _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[u] + v * 16));
+      const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+      for (int m = 0; m < MB; ++m) a[m] = _mm512_fmadd_ps(xf[m][u], wf, a[m]);
     }
-    for (int m = 0; m < MB; ++m) _mm512_store_ps(acc[m] + v * 16, a[m]);
-  }
+    for (int m = 0; m < MB; ++m) _mm512_store_ps(ag + m * stride + v * 16, a[m]);
+  };
+  const int full = last == __mmask16(0xffff) ? nv : nv - 1;
+  for (int v = 0; v < full; ++v) step(v, std::false_type{});
+  if (full < nv) step(full, std::true_type{});
 }
 
+// Rows [m0, m0+MB), weight rows [k0, k1), columns [n0, n0+w) (w <= slab_cols(M)): partial sums
+// into out (row stride N).
 template <int MB>
-AVX512 void q_chunk_512(const QProblem& p, int64_t m0, int64_t n0, int64_t w) {
-  alignas(64) static thread_local float acc[MB][kCols];
-  alignas(64) static thread_local float sc[kCols];
-  const int nv = int((w + 15) / 16);
+AVX512 void q8_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0,
+                        int64_t w, float* out) {
+  alignas(64) static thread_local float acc[6144 + 64 * 4];
+  alignas(64) static thread_local float ag[6144 + 64 * 4];
+  const int64_t stride = (w + 15) / 16 * 16;
+  const int nv = int(stride / 16);
   const __mmask16 last = (w % 16) ? __mmask16((1u << (w % 16)) - 1) : __mmask16(0xffff);
-  for (int m = 0; m < MB; ++m) std::memset(acc[m], 0, sizeof(float) * nv * 16);
+  std::memset(acc, 0, sizeof(float) * stride * MB);
   const int64_t kb = p.K / p.G;
-  for (int64_t g = 0; g < p.G; ++g) {
+  for (int64_t k = k0; k < k1;) {
+    const int64_t gend = std::min(k1, (k / kb + 1) * kb);
+    const uint16_t* srow = p.s + (k / kb) * p.N + n0;
+    std::memset(ag, 0, sizeof(float) * stride * MB);
+    for (; k + 8 <= gend; k += 8) q8_rows_512<MB, 8>(p, ag, stride, m0, n0, nv, last, k);
+    for (; k < gend; ++k) q8_rows_512<MB, 1>(p, ag, stride, m0, n0, nv, last, k);
     for (int v = 0; v < nv; ++v) {
-      const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
-      const __m256i h = _mm256_maskz_loadu_epi16(mask, p.s + g * p.N + n0 + v * 16);
-      _mm512_store_ps(sc + v * 16,
-                      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+      const __m512 sv = load_bf16x16_512(srow + v * 16, v == nv - 1 ? last : __mmask16(0xffff));
+      for (int m = 0; m < MB; ++m) {
+        float* a = acc + m * stride + v * 16;
+        _mm512_store_ps(a, _mm512_fmadd_ps(sv, _mm512_load_ps(ag + m * stride + v * 16), _mm512_load_ps(a)));
+      }
     }
-    int64_t k = g * kb;
-    const int64_t kend = k + kb;
-    for (; k + 4 <= kend; k += 4) q_rows_512<MB, 4>(p, sc, acc, m0, n0, nv, last, k);
-    for (; k < kend; ++k) q_rows_512<MB, 1>(p, sc, acc, m0, n0, nv, last, k);
   }
   for (int m = 0; m < MB; ++m)
     for (int v = 0; v < nv; ++v) {
       const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
-      _mm512_mask_storeu_ps(p.y + (m0 + m) * p.N + n0 + v * 16, mask,
-                            _mm512_load_ps(acc[m] + v * 16));
+      _mm512_mask_storeu_ps(out + (m0 + m) * p.N + n0 + v * 16, mask,
+                            _mm512_load_ps(acc + m * stride + v * 16));
     }
 }
 
-AVX512 void q_cols_512(const QProblem& p, int64_t n0, int64_t n1) {
-  const int64_t w = n1 - n0;
+AVX512 void q8_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
   row_blocks(p.M, [&](auto mb, int64_t m0) AVX512 {
-    q_chunk_512<decltype(mb)::value>(p, m0, n0, w);
+    q8_unit_512<decltype(mb)::value>(p, m0, k0, k1, n0, n1 - n0, out);
   });
 }
 
 // Many rows (prefill): dequantize a [kPanelK, w] panel of the weight to f32 once (cache
 // resident, reused by every row), then a 4-row x 64-column register-tiled FMA microkernel.
-// Each output still sums its K products in order, with the same rounded weights.
+// Each output still sums its K products in order, with the same exact weight values.
 constexpr int64_t kPanelK = 32;
 
 template <int MB>
@@ -298,8 +319,7 @@ AVX512 void q_gemm_cols_512(const QProblem& p, int64_t n0, int64_t n1) {
       float* pr = panel + k * kPanelCols;
       for (int v = 0; v < nv; ++v) {
         const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
-        const __m512 s = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, sr + v * 16)), 16));
+        const __m512 s = load_bf16x16_512(sr + v * 16, mask);
         _mm512_store_ps(pr + v * 16, dequant16_512(_mm_maskz_loadu_epi8(mask, wr + v * 16), s));
       }
       for (int v = nv; v < (nv + 3) / 4 * 4; ++v) _mm512_store_ps(pr + v * 16, _mm512_setzero_ps());
@@ -311,11 +331,6 @@ AVX512 void q_gemm_cols_512(const QProblem& p, int64_t n0, int64_t n1) {
       });
     }
   }
-}
-
-AVX512 inline __m512 load_bf16x16_512(const uint16_t* ptr, __mmask16 mask) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, ptr)), 16));
 }
 
 template <int MB, int R>
@@ -347,13 +362,12 @@ AVX512 void nt_rows_512(const NTProblem& p, int64_t v0, int64_t v1) {
 
 
 // ---------------------------------------------------------------- AVX-512 + BF16
-// Two weight rows k, k+1 are dequantized together and interleaved into bf16 pairs (one pair per
-// column in each 32-bit lane), rounded by vcvtne2ps2bf16 (round to nearest even, the same value
-// as round_bf16 for every finite product; it flushes bf16-subnormal results, below 1e-38, to
-// zero). bf16 activations then take the pair with one vdpbf16ps (x_k w_k + x_k+1 w_k+1 per lane,
-// exact products, f32 sums); f32 activations (the expert output projection) unpack the pair to
-// two f32 vectors and FMA, summing k then k+1 as the plain AVX-512 path does.
-// About half the vector instructions per weight of the path above.
+// int4 and the logits. An int4 weight (nibble x scale) is rounded to bf16 by vcvtne2ps2bf16
+// (round to nearest even, the same value as round_bf16 for every finite product; it flushes
+// bf16-subnormal results, below 1e-38, to zero), two rows are interleaved into bf16 pairs (one
+// pair per column in each 32-bit lane), and bf16 activations take the pair with one vdpbf16ps
+// (x_k w_k + x_k+1 w_k+1 per lane, exact products, f32 sums); f32 activations (the expert output
+// projection) unpack the pair to two f32 vectors and FMA.
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
 
 template <bool MASKED>
@@ -362,82 +376,14 @@ AVX512BF16 inline __m128i load16(const void* ptr, __mmask16 mask) {
   return _mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr));
 }
 
-template <bool MASKED>
-AVX512BF16 inline __m512i dq_pairs_512(const int8_t* r0, const int8_t* r1, __mmask16 mask,
-                                       __m512 s_lo, __m512 s_hi) {
-  const __m128i a = load16<MASKED>(r0, mask), b = load16<MASKED>(r1, mask);
-  const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpacklo_epi8(a, b))), s_lo);
-  const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpackhi_epi8(a, b))), s_hi);
-  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-}
-
 inline uint32_t bf16_pair(const uint16_t* xb) {  // xb[0] low half, xb[1] high half
   return uint32_t(xb[0]) | (uint32_t(xb[1]) << 16);
-}
-
-// Rows [m0, m0+MB) x columns [n0, n0+16 nv), weight rows [k, k + 2P) (one scale group).
-template <int MB, int P, bool BX>
-AVX512BF16 void qb_rows_512(const QProblem& p, const uint16_t* srow, float* acc, int64_t acc_stride,
-                            int64_t m0, int64_t n0, int nv, __mmask16 last, int64_t k) {
-  const int8_t* wr[2 * P];
-  __m512i xp[MB][P];     // bf16 x pairs (BX)
-  __m512 xf[MB][2 * P];  // f32 x (!BX)
-  for (int u = 0; u < 2 * P; ++u) wr[u] = p.w + (k + u) * p.N + n0;
-  for (int m = 0; m < MB; ++m) {
-    if constexpr (BX) {
-      for (int q = 0; q < P; ++q)
-        xp[m][q] = _mm512_set1_epi32(int(bf16_pair(p.xb + (m0 + m) * p.K + k + 2 * q)));
-    } else {
-      for (int u = 0; u < 2 * P; ++u) xf[m][u] = _mm512_set1_ps(p.x[(m0 + m) * p.K + k + u]);
-    }
-  }
-  const __m512i hi_mask = _mm512_set1_epi32(int(0xffff0000u));
-  const __m512i dup_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i dup_hi = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
-  auto step = [&](int v, auto masked) AVX512BF16 {
-    constexpr bool M_ = decltype(masked)::value;
-    const __mmask16 mask = M_ ? last : __mmask16(0xffff);
-    const __m256i sh = M_ ? _mm256_maskz_loadu_epi16(mask, srow + v * 16)
-                          : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(srow + v * 16));
-    const __m512i sw = _mm512_slli_epi32(_mm512_cvtepu16_epi32(sh), 16);
-    const __m512 s_lo = _mm512_castsi512_ps(_mm512_permutexvar_epi32(dup_lo, sw));
-    const __m512 s_hi = _mm512_castsi512_ps(_mm512_permutexvar_epi32(dup_hi, sw));
-    __m512 a[MB], b[MB];  // two chains per row (pairs 0, 2 and 1, 3), added at the end
-    if ((v & 3) == 0)  // the next pass's rows, one line each per 64 columns (software prefetch:
-      for (int u = 0; u < 2 * P; ++u)  // the rows are separate streams; into L2: a pass is up to ~48 KB)
-        _mm_prefetch(reinterpret_cast<const char*>(wr[u] + 2 * P * p.N + v * 16), _MM_HINT_T1);
-    for (int m = 0; m < MB; ++m) {
-      a[m] = _mm512_load_ps(acc + m * acc_stride + v * 16);
-      b[m] = _mm512_setzero_ps();
-    }
-    for (int q = 0; q < P; ++q) {
-      const __m512i w = dq_pairs_512<M_>(wr[2 * q] + v * 16, wr[2 * q + 1] + v * 16, mask, s_lo, s_hi);
-      if constexpr (BX) {
-        for (int m = 0; m < MB; ++m) {
-          __m512& t = (q & 1) ? b[m] : a[m];
-          t = _mm512_dpbf16_ps(t, reinterpret_cast<__m512bh>(w), reinterpret_cast<__m512bh>(xp[m][q]));
-        }
-      } else {
-        const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-        const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(w, hi_mask));
-        for (int m = 0; m < MB; ++m) {
-          a[m] = _mm512_fmadd_ps(xf[m][2 * q], w0, a[m]);
-          a[m] = _mm512_fmadd_ps(xf[m][2 * q + 1], w1, a[m]);
-        }
-      }
-    }
-    for (int m = 0; m < MB; ++m)
-      _mm512_store_ps(acc + m * acc_stride + v * 16, (BX && P > 1) ? _mm512_add_ps(a[m], b[m]) : a[m]);
-  };
-  const int full = last == __mmask16(0xffff) ? nv : nv - 1;
-  for (int v = 0; v < full; ++v) step(v, std::false_type{});
-  if (full < nv) step(full, std::true_type{});
 }
 
 // int4 (two's-complement nibbles; packed row i = logical rows 2i (low) and 2i+1 (high) of the
 // same column): one byte holds a row pair, so one 16-byte load feeds 32 weights. The nibbles are
 // sign-extended with shifts, scaled, rounded to bf16 by vcvtne2ps2bf16 and interleaved into
-// pairs by one vpermw; then as the int8 path.
+// pairs by one vpermw.
 template <int MB, int P, bool BX>
 AVX512BF16 void q4_rows_512(const QProblem& p, const uint16_t* srow, float* acc, int64_t acc_stride,
                             int64_t m0, int64_t n0, int nv, __mmask16 last, int64_t k) {
@@ -495,8 +441,8 @@ AVX512BF16 void q4_rows_512(const QProblem& p, const uint16_t* srow, float* acc,
 }
 
 // Rows [m0, m0+MB), weight rows [k0, k1), columns [n0, n0+w): partial sums into out (row stride N).
-template <int MB, bool BX, int BITS>
-AVX512BF16 void qb_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0,
+template <int MB, bool BX>
+AVX512BF16 void q4_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0,
                             int64_t w, float* out) {
   alignas(64) static thread_local float acc[6144 + 64 * 4];
   const int64_t stride = (w + 15) / 16 * 16;
@@ -507,10 +453,9 @@ AVX512BF16 void qb_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k
   for (int64_t k = k0; k < k1;) {
     const int64_t gend = std::min(k1, (k / kb + 1) * kb);
     const uint16_t* srow = p.s + (k / kb) * p.N + n0;
-    auto rows = [&](auto pairs) AVX512BF16 {  // int8: rows k, k+1 apart; int4: one packed row
+    auto rows = [&](auto pairs) AVX512BF16 {  // one packed row per pair
       constexpr int P = decltype(pairs)::value;
-      if constexpr (BITS == 8) qb_rows_512<MB, P, BX>(p, srow, acc, stride, m0, n0, nv, last, k);
-      else q4_rows_512<MB, P, BX>(p, srow, acc, stride, m0, n0, nv, last, k);
+      q4_rows_512<MB, P, BX>(p, srow, acc, stride, m0, n0, nv, last, k);
     };
     for (; k + 8 <= gend; k += 8) rows(std::integral_constant<int, 4>{});
     for (; k + 2 <= gend; k += 2) rows(std::integral_constant<int, 1>{});
@@ -523,12 +468,12 @@ AVX512BF16 void qb_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k
     }
 }
 
-template <bool BX, int BITS>
-AVX512BF16 void qb_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
+template <bool BX>
+AVX512BF16 void q4_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
                              float* out) {
   const int64_t w = n1 - n0;
   row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 {
-    qb_unit_512<decltype(mb)::value, BX, BITS>(p, m0, k0, k1, n0, w, out);
+    q4_unit_512<decltype(mb)::value, BX>(p, m0, k0, k1, n0, w, out);
   });
 }
 
@@ -587,14 +532,9 @@ AVX512BF16 void ntb_rows_512(const NTP<T>& p, int64_t v0, int64_t v1) {
 // ---------------------------------------------------------------- AVX2 + FMA
 #define AVX2 __attribute__((target("avx2,fma")))
 
-AVX2 inline __m256 dequant8_256(const int8_t* ptr, __m256 s) {
+AVX2 inline __m256 dequant8_256(const int8_t* ptr, __m256 s) {  // exact
   const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ptr));
-  __m256 wf = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), s);
-  __m256i b = _mm256_castps_si256(wf);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  b = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-  b = _mm256_and_si256(b, _mm256_set1_epi32(int(0xffff0000u)));
-  return _mm256_castsi256_ps(b);
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), s);
 }
 
 AVX2 inline __m256 round_bf16_256(__m256 wf) {
@@ -913,13 +853,11 @@ void slab_gemv_many(ffi::ThreadPool& pool, const std::vector<QProblem>& ps, Bloc
 void gemv_unit(int level, int bits, const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
                float* out) {
 #ifdef GROKCTL_X86
-  if (bits == 8 && level == kAvx512Bf16)
-    return p.xb ? qb_block_512<true, 8>(p, k0, k1, n0, n1, out) : qb_block_512<false, 8>(p, k0, k1, n0, n1, out);
+  if (bits == 8 && level >= kAvx512) return q8_block_512(p, k0, k1, n0, n1, out);
   if (bits == 4 && level == kAvx512Bf16)
-    return p.xb ? qb_block_512<true, 4>(p, k0, k1, n0, n1, out) : qb_block_512<false, 4>(p, k0, k1, n0, n1, out);
+    return p.xb ? q4_block_512<true>(p, k0, k1, n0, n1, out) : q4_block_512<false>(p, k0, k1, n0, n1, out);
   if (bits == 4 && level >= kAvx2) return q4_block_256(p, k0, k1, n0, n1, out);
-  // int8 without BF16: the column paths, which take all K rows (split_k = false)
-  if (bits == 8 && level >= kAvx512) return q_cols_512(p, n0, n1);
+  // int8 without AVX-512: the column paths, which take all K rows (split_k = false)
   if (bits == 8 && level == kAvx2) return q_cols_256(p, n0, n1);
 #endif
   (void)level;
@@ -965,10 +903,9 @@ ffi::Error qmatmul_impl(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer 
              N,
              G};
   p.bits = bits;
-  int level = isa();
+  const int level = isa();
   const bool gemm = bits == 8 && level >= kAvx512 && M >= kGemmRows;
-  if (bits == 8 && level == kAvx512Bf16 && ((K / G) % 2 != 0 || gemm)) level = kAvx512;  // pairs
-  if (bits == 4 || level == kAvx512Bf16) {  // row slabs x column chunks
+  if (bits == 4 || (level >= kAvx512 && !gemm)) {  // row slabs x column chunks
     slab_gemv_many(pool, {p}, [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
       gemv_unit(level, bits, q, k0, k1, n0, n1, out);
     });
@@ -987,7 +924,7 @@ ffi::Error qmatmul_impl(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   parallel_for(pool, units, [&](int64_t i) {
     const int64_t n0 = i * width, n1 = std::min(N, n0 + width);
 #ifdef GROKCTL_X86
-    if (level == kAvx512) return gemm ? q_gemm_cols_512(p, n0, n1) : q_cols_512(p, n0, n1);
+    if (level >= kAvx512) return q_gemm_cols_512(p, n0, n1);
     if (level == kAvx2) return q_cols_256(p, n0, n1);
 #endif
     q_cols_scalar(p, n0, n1);
@@ -1024,10 +961,8 @@ ffi::Error QMatmulRowsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
   const int64_t Kp = bits == 8 ? K : K / 2;
   if (wd[1] != Kp || sd[0] != E || sd[2] != N || G <= 0 || K % G != 0 || (bits == 4 && (K / G) % 2))
     return ffi::Error::InvalidArgument("grokctl_qmatmul_rows: shape mismatch");
-  int level = isa();
-  const bool pairs = (K / G) % 2 == 0;
-  if (bits == 8 && level == kAvx512Bf16 && !pairs) level = kAvx512;
-  const bool split_k = bits == 4 || level == kAvx512Bf16;
+  const int level = isa();
+  const bool split_k = bits == 4 || level >= kAvx512;
   static thread_local std::vector<float> xtmp, xg, yg;
   static thread_local std::vector<uint16_t> xbg;
   static thread_local std::vector<int64_t> order;
@@ -1119,8 +1054,8 @@ ffi::Error QMatmul3Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   ffi::AnyBuffer* ws[3] = {&w0, &w1, &w2};
   ffi::AnyBuffer* ss[3] = {&s0, &s1, &s2};
   float* ys[3] = {y0->typed_data(), y1->typed_data(), y2->typed_data()};
-  int level = isa();
-  bool pairs = true, any8 = false;
+  const int level = isa();
+  bool any8 = false;
   for (int j = 0; j < 3; ++j) {
     const auto wd = ws[j]->dimensions();
     const auto sd = ss[j]->dimensions();
@@ -1132,21 +1067,17 @@ ffi::Error QMatmul3Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
     if (wd[0] != (bits == 8 ? K : K / 2) || sd[1] != N || G <= 0 || K % G != 0 ||
         (bits == 4 && (K / G) % 2))
       return ffi::Error::InvalidArgument("grokctl_qmatmul3: shape mismatch");
-    if (bits == 8) {
-      any8 = true;
-      pairs = pairs && (K / G) % 2 == 0;
-    }
+    any8 = any8 || bits == 8;
     QProblem q{xf, xb, reinterpret_cast<const int8_t*>(ws[j]->untyped_data()),
                reinterpret_cast<const uint16_t*>(ss[j]->untyped_data()), ys[j], M, K, N, G};
     q.bits = bits;
     ps.push_back(q);
   }
-  const int level8 = (level == kAvx512Bf16 && pairs && M < kGemmRows) ? kAvx512Bf16 : std::min(level, int(kAvx512));
-  const bool split_k = !any8 || level8 == kAvx512Bf16;
+  const bool split_k = !any8 || level >= kAvx512;
   slab_gemv_many(
       pool, ps,
       [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
-        gemv_unit(q.bits == 8 ? level8 : level, q.bits, q, k0, k1, n0, n1, out);
+        gemv_unit(level, q.bits, q, k0, k1, n0, n1, out);
       },
       split_k);
   return ffi::Error::Success();

@@ -18,8 +18,8 @@ F32 = jnp.float32
 
 
 def bf16_dot(x: jax.Array, w: Any) -> jax.Array:
-    """bf16 x (int8-dequantized) bf16 with f32 accumulation, rounded to bf16 (the reference's
-    matmul); `w` is a plain array or a QuantizedWeight8bit."""
+    """bf16 x dequantized weight (exact int8 values) with f32 accumulation, rounded to bf16 (the
+    reference's matmul); `w` is a plain array or a QuantizedWeight8bit."""
     return qmatmul(x.astype(BF16), w).astype(BF16)
 
 

@@ -30,7 +30,7 @@ from grokctl.config import ModelConfig
 from grokctl.model.layers import BF16, F32, bf16_dot, scoped_param
 from grokctl.model.quant import (
     QuantizedWeight8bit,
-    dequantize,
+    qeinsum,
     qmatmul,
     qmatmul_rows,
     rows_kernel_ok,
@@ -124,11 +124,12 @@ def router_stats(
 def _expert_ffn(
     x: jax.Array, w: QuantizedWeight8bit, v: QuantizedWeight8bit, w1: QuantizedWeight8bit
 ) -> jax.Array:
-    """One expert on rows x [M, D] -> [M, D] f32, with the reference's rounding points."""
+    """One expert on rows x [M, D] -> [M, D] f32, with the reference's rounding points (weights:
+    exact int8 values, grokctl/model/quant.py)."""
     hw = bf16_dot(x, w).astype(F32)  # [M, F]
     hv = bf16_dot(x, v).astype(F32)
     hidden = jax.nn.gelu(hw) * hv  # f32
-    return qmatmul(hidden, w1)  # f32 hidden x bf16-valued weight, f32 accumulation
+    return qmatmul(hidden, w1)  # f32 hidden x exact weight values, f32 accumulation
 
 
 def _combine(outs: jax.Array, gates: jax.Array) -> jax.Array:
@@ -140,10 +141,10 @@ def _combine(outs: jax.Array, gates: jax.Array) -> jax.Array:
 def moe_dense(x, gates, experts, w, v, w1) -> jax.Array:  # type: ignore[no-untyped-def]
     """Reference baseline: all E experts on all N tokens, then pick the chosen k."""
     e_count = w.shape[0]
-    hw = jnp.einsum("nd,edf->enf", x, dequantize(w), preferred_element_type=F32).astype(BF16)
-    hv = jnp.einsum("nd,edf->enf", x, dequantize(v), preferred_element_type=F32).astype(BF16)
+    hw = qeinsum("nd,edf->enf", x, w).astype(BF16)
+    hv = qeinsum("nd,edf->enf", x, v).astype(BF16)
     hidden = jax.nn.gelu(hw.astype(F32)) * hv.astype(F32)
-    all_out = jnp.einsum("enf,efd->end", hidden, dequantize(w1).astype(F32))  # [E, N, D]
+    all_out = qeinsum("enf,efd->end", hidden, w1)  # [E, N, D]
     onehot = jax.nn.one_hot(experts, e_count, dtype=F32)  # [N, k, E]
     outs = jnp.einsum("nke,end->nkd", onehot, all_out)
     return _combine(outs, gates)

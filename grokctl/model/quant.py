@@ -2,8 +2,13 @@
 
 Shapes: weight [..., K, N] int8 (or int4 packed two per byte: uint8 [..., K/2, N]), scales
 [..., G, N] bf16 with G row blocks of K/G rows.
-value = weight.reshape(..., G, K/G, N) * scales[..., :, None, :]   (rounded to bf16, as the
-reference computes `int8 * bf16`).
+value = weight.reshape(..., G, K/G, N) * scales[..., :, None, :]
+
+int8 values are exact (an int8 times a bf16 scale fits f32): grokctl computes x . (int8 x scale)
+without rounding each weight to bf16 as the reference's `int8 * bf16` does — the golden
+fixture's "exact dequantization, bf16 activations" variant (../shared/fixtures/grok-tiny), which
+lets a kernel sum x . int8 and apply the scale once per group (docs/PERFORMANCE.md). int4 values
+(the native int4 format) are nibble x scale rounded to bf16.
 """
 
 from __future__ import annotations
@@ -90,8 +95,9 @@ class ExpertSlice:
         return QuantizedWeight(pick(self.full.weight), pick(self.full.scales), bits=self.full.bits)
 
 
-def dequantize(w: Any, dtype: Any = jnp.bfloat16) -> jax.Array:
-    """Full-precision value of a (slice of a) quantized weight; plain arrays are cast."""
+def dequantize(w: Any, dtype: Any = jnp.float32) -> jax.Array:
+    """Value of a (slice of a) quantized weight in `dtype` (f32: exact for int8; int4 values are
+    bf16-rounded); plain arrays are cast."""
     if isinstance(w, ExpertSlice):
         w = w.sliced()
     if not isinstance(w, QuantizedWeight):
@@ -99,9 +105,26 @@ def dequantize(w: Any, dtype: Any = jnp.bfloat16) -> jax.Array:
     weight, scales = int_values(w), w.scales
     *lead, k, n = weight.shape
     g = scales.shape[-2]
-    blocks = weight.reshape(*lead, g, k // g, n).astype(dtype)  # [..., G, K/G, N]
-    value = blocks * scales.astype(dtype)[..., :, None, :]
-    return value.reshape(*lead, k, n)
+    work = jnp.float32 if w.bits == 8 else jnp.bfloat16  # int4: rounded to bf16
+    blocks = weight.reshape(*lead, g, k // g, n).astype(work)  # [..., G, K/G, N]
+    value = blocks * scales.astype(work)[..., :, None, :]
+    return value.reshape(*lead, k, n).astype(dtype)
+
+
+def qeinsum(spec: str, x: jax.Array, w: Any) -> jax.Array:
+    """einsum(spec, x, dequantize(w)) with f32 accumulation -> f32, for a quantized weight
+    [(E,) K, N] whose output ends in [..., N] after any expert axis. int8 with one scale group:
+    the integer product in x's dtype (int8 values are exact in bf16), times the scales after
+    (exact dequantization, no weight-sized multiply); otherwise the exact values in f32."""
+    if isinstance(w, QuantizedWeight) and w.bits == 8 and w.scales.shape[-2] == 1:
+        y = jnp.einsum(spec, x, w.weight.astype(x.dtype), preferred_element_type=jnp.float32)
+        s = w.scales.astype(jnp.float32)
+        return y * (s[0] if s.ndim == 2 else s)  # [N], or [E, 1, N] against [E, ..., N]
+    wd = dequantize(w)
+    if not (isinstance(w, QuantizedWeight) and w.bits == 8):
+        wd = wd.astype(x.dtype)  # int4: bf16 values, exact in x's dtype
+    return jnp.einsum(spec, x if wd.dtype == x.dtype else x.astype(wd.dtype), wd,
+                      preferred_element_type=jnp.float32)
 
 
 def take_expert(w: Any, e: jax.Array) -> Any:
@@ -286,8 +309,8 @@ def _int4_split_dot(xf: jax.Array, w: QuantizedWeight) -> jax.Array:
 def qmatmul(x: jax.Array, w: Any) -> jax.Array:
     """x [..., K] @ dequantize(w) [K, N] with f32 accumulation -> f32 [..., N].
 
-    The product uses the reference's rounding points: int8 x bf16 scale rounded to bf16, and x
-    as given (bf16 activations, or f32 for the expert output projection).
+    Exact int8 values (see the module docstring), int4 values rounded to bf16, and x as given
+    (bf16 activations, or f32 for the expert output projection).
     """
     xf = x if x.dtype == jnp.float32 else x.astype(jnp.bfloat16)
     m = math.prod(x.shape[:-1])
@@ -310,8 +333,7 @@ def qmatmul(x: jax.Array, w: Any) -> jax.Array:
     if not c and w.bits == 4 and (k // g) % 2 == 0:
         return _int4_split_dot(xf, w)
     if not c:
-        wd = dequantize(w).astype(xf.dtype)
-        return jnp.einsum("...k,kn->...n", xf, wd, preferred_element_type=jnp.float32)
+        return qeinsum("...k,kn->...n", xf, w)
     steps = k // c
     w_chunks = w.weight.reshape(steps, c * w.bits // 8, n)  # [C, c, N] (int4: [C, c/2, N])
     s_chunks = jnp.repeat(w.scales.astype(jnp.bfloat16), steps // g, axis=0)  # [C, N]
@@ -319,12 +341,10 @@ def qmatmul(x: jax.Array, w: Any) -> jax.Array:
 
     def step(acc: jax.Array, inp: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
         wc, sc, xc = inp
-        if w.bits == 4:
-            wc = unpack_int4(wc)
-        # int8 x bf16 scale rounded to bf16, explicitly: XLA may elide a bf16 round trip
-        # (excess precision) but never a reduce_precision.
-        wd = wc.astype(jnp.float32) * sc.astype(jnp.float32)[None, :]
-        wd = jax.lax.reduce_precision(wd, exponent_bits=8, mantissa_bits=7)
+        wd = (unpack_int4(wc) if w.bits == 4 else wc).astype(jnp.float32) * sc.astype(jnp.float32)[None, :]
+        if w.bits == 4:  # nibble x bf16 scale rounded to bf16, explicitly: XLA may elide a bf16
+            # round trip (excess precision) but never a reduce_precision. int8: exact.
+            wd = jax.lax.reduce_precision(wd, exponent_bits=8, mantissa_bits=7)
         return acc + jnp.dot(xc, wd, preferred_element_type=jnp.float32), None
 
     acc, _ = jax.lax.scan(step, jnp.zeros((m, n), jnp.float32), (w_chunks, s_chunks, x_chunks))

@@ -3,7 +3,7 @@
 Shapes: w [..., K, N] (K contracting), G = K / group groups, scales [..., G, N] bf16,
 packed [..., K/2, N] uint8 with row i holding the value of row 2i in its low nibble and row 2i+1
 in its high nibble (two's-complement 4 bits; values in -7..7). The model's value of a weight is
-bf16(q * scale): the int x bf16 product rounded to bf16, as the int8 path computes it.
+bf16(q * scale): the int x bf16 product rounded to bf16 (int8 values are used exactly).
 
 Clipping search: for every group, each ratio of `CLIP_RATIOS` scales max|w| down before
 choosing the scale; the ratio with the least squared reconstruction error (against the exact

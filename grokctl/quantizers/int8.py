@@ -26,3 +26,12 @@ def quantize_int8(w: np.ndarray, blocks: int = 1) -> Int8Weight:
     q = np.rint(wb / scales.astype(np.float32)[..., :, None, :])
     q = np.clip(q, -127, 127).astype(np.int8).reshape(w.shape)
     return Int8Weight(q, scales)
+
+
+def dequantize_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The model's value (f32) of int8 weights [..., K, N] with block scales [..., G, N]:
+    q x scale, exact (grokctl does not round it to bf16: grokctl/model/quant.py)."""
+    *lead, k, n = q.shape
+    g = scales.shape[-2]
+    v = q.astype(np.float32).reshape(*lead, g, k // g, n) * scales.astype(np.float32)[..., :, None, :]
+    return v.reshape(q.shape)

@@ -16,7 +16,7 @@ Keys (one per safetensors tensor):
   bits 8: qweight int8 [..., K, N]; bits 4: qweight uint8 [..., K/2, N], packed row i = row 2i in
   the low nibble and row 2i+1 in the high nibble, each a two's-complement 4-bit value;
   scales bf16 [..., G, N], one per column per group of K/G consecutive rows (the contracting axis,
-  -2); value = q * scale rounded to bf16;
+  -2); value = q * scale (int8: exact; int4: rounded to bf16);
 - the embedding table in int8 per row: `.qweight` int8 [V, D] + `.scales` bf16 [V, 1]
   (quantization.embeddings = "int8"): row v = qweight[v] * scales[v].
 
