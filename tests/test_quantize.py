@@ -23,15 +23,19 @@ from tests.helpers import REPO
 from tests.helpers import grokctl as run_cli
 from tests.test_golden import CASES
 
-# int4 (group 128, clipping search) on grok-tiny, measured (docs/quantize.md): top-1 0.637,
-# KL mean 0.298 / max 3.42, max |dlogit| 7.53, greedy token agreement 0.344; per tensor relative
-# RMS 0.102 .. 0.130. (The fixture's random weights make it far more sensitive than a trained
-# model: int4 of the same model computed from the dequantized values as plain bf16 arrays gives
-# identical logits, so these figures are the quantization's, not the kernel's.) The thresholds
-# leave a margin over those values; a wrong packing or scale scores far outside them.
+# int4 (group 128, clipping search) on grok-tiny against its int8 source, measured
+# (docs/quantize.md): top-1 0.646, KL mean 0.320 / max 4.88, max |dlogit| 7.62, greedy token
+# agreement 0.3125; per tensor relative RMS 0.102 .. 0.130. (The fixture's random weights make it
+# far more sensitive than a trained model: int4 of the same model computed from the dequantized
+# values as plain bf16 arrays gives identical logits, so these figures are the quantization's, not
+# the kernel's.) Before int8 values became exact (stop 8) the int8 side rounded each weight to
+# bf16 and the same run measured KL max 3.42 (top-1 0.637, KL mean 0.298): only the KL tail moved,
+# and giving the int4 side exact values too leaves it at 4.83 — the tail follows which near-tie
+# tokens of the int8 reference flip, not the int4 weights. The thresholds leave a margin over the
+# measured values; a wrong packing or scale scores far outside them.
 INT4_MIN_TOP1 = 0.60
 INT4_MAX_KL_MEAN = 0.35
-INT4_MAX_KL_MAX = 4.0
+INT4_MAX_KL_MAX = 5.5
 INT4_MAX_DLOGIT = 9.0
 INT4_MIN_GREEDY = 0.25
 INT4_MAX_REL_RMS = 0.14

@@ -333,8 +333,16 @@ AVX512 void q_gemm_cols_512(const QProblem& p, int64_t n0, int64_t n1) {
   }
 }
 
-template <int MB, int R>
-AVX512 void nt_block_512(const NTProblem& p, int64_t m0, int64_t v) {
+// 16 table elements as f32: bf16 bits, or int8 (exact).
+AVX512 inline __m512 table16_512(const uint16_t* ptr, __mmask16 mask) { return load_bf16x16_512(ptr, mask); }
+AVX512 inline __m512 table16_512(const int8_t* ptr, __mmask16 mask) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, ptr)));
+}
+
+// Logits, R table rows x MB rows of x: per 16 table elements one widening load, one convert
+// (int8), one FMA per row of x; each row's next block prefetched (the same stream, R rows on).
+template <class T, int MB, int R>
+AVX512 void nt_block_512(const NTP<T>& p, int64_t m0, int64_t v) {
   __m512 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -344,7 +352,10 @@ AVX512 void nt_block_512(const NTProblem& p, int64_t m0, int64_t v) {
     __m512 xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, p.x + (m0 + m) * p.D + d);
     for (int r = 0; r < R; ++r) {
-      const __m512 t = load_bf16x16_512(p.t + (v + r) * p.D + d, mask);
+      const T* tr = p.t + (v + r) * p.D + d;
+      if ((d * int64_t(sizeof(T))) % 64 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(tr + R * p.D), _MM_HINT_T0);
+      const __m512 t = table16_512(tr, mask);
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(xv[m], t, acc[r][m]);
     }
   }
@@ -352,10 +363,11 @@ AVX512 void nt_block_512(const NTProblem& p, int64_t m0, int64_t v) {
     for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-AVX512 void nt_rows_512(const NTProblem& p, int64_t v0, int64_t v1) {
+template <class T>
+AVX512 void nt_rows_512(const NTP<T>& p, int64_t v0, int64_t v1) {
   row_blocks(p.M, [&](auto mb, int64_t m0) AVX512 {
     table_blocks(v0, v1, [&](auto rb, int64_t v) AVX512 {
-      nt_block_512<decltype(mb)::value, decltype(rb)::value>(p, m0, v);
+      nt_block_512<T, decltype(mb)::value, decltype(rb)::value>(p, m0, v);
     });
   });
 }
@@ -477,10 +489,10 @@ AVX512BF16 void q4_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t 
   });
 }
 
-// Logits with bf16 activations: one vdpbf16ps per 32 table elements. A bf16 table is used as
-// stored; an int8 table (native int8-per-row embeddings) is widened first (int8 -> bf16 is exact).
-template <class T, int MB, int R>
-AVX512BF16 void ntb_block_512(const NTP<T>& p, int64_t m0, int64_t v) {
+// Logits over a bf16 table with bf16 activations: one vdpbf16ps per 32 table elements. (An int8
+// table takes the f32 path above: widening it to bf16 cost more than the FMAs it saved.)
+template <int MB, int R>
+AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v) {
   __m512 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -494,20 +506,10 @@ AVX512BF16 void ntb_block_512(const NTP<T>& p, int64_t m0, int64_t v) {
       xv[m] = M_ ? _mm512_maskz_loadu_epi16(mask, xr) : _mm512_loadu_si512(xr);
     }
     for (int r = 0; r < R; ++r) {
-      const T* tr = p.t + (v + r) * p.D + d;
+      const uint16_t* tr = p.t + (v + r) * p.D + d;
       // the next block's line at this offset (the block after these R rows, same stream)
-      if ((d * int64_t(sizeof(T))) % 64 == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(tr + R * p.D), _MM_HINT_T0);
-      __m512i t;
-      if constexpr (std::is_same_v<T, uint16_t>) {
-        t = M_ ? _mm512_maskz_loadu_epi16(mask, tr) : _mm512_loadu_si512(tr);
-      } else {
-        const __m256i q = M_ ? _mm256_maskz_loadu_epi8(mask, tr)
-                             : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tr));
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-        t = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-      }
+      if ((d * 2) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(tr + R * p.D), _MM_HINT_T0);
+      const __m512i t = M_ ? _mm512_maskz_loadu_epi16(mask, tr) : _mm512_loadu_si512(tr);
       for (int m = 0; m < MB; ++m)
         acc[r][m] = _mm512_dpbf16_ps(acc[r][m], reinterpret_cast<__m512bh>(t),
                                      reinterpret_cast<__m512bh>(xv[m]));
@@ -520,11 +522,10 @@ AVX512BF16 void ntb_block_512(const NTP<T>& p, int64_t m0, int64_t v) {
     for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-template <class T>
-AVX512BF16 void ntb_rows_512(const NTP<T>& p, int64_t v0, int64_t v1) {
+AVX512BF16 void ntb_rows_512(const NTProblem& p, int64_t v0, int64_t v1) {
   row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 {
     table_blocks(v0, v1, [&](auto rb, int64_t v) AVX512BF16 {
-      ntb_block_512<T, decltype(mb)::value, decltype(rb)::value>(p, m0, v);
+      ntb_block_512<decltype(mb)::value, decltype(rb)::value>(p, m0, v);
     });
   });
 }
@@ -1102,10 +1103,10 @@ ffi::Error matmul_nt(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
   parallel_for(pool, units, [&](int64_t i) {
     const int64_t v0 = i * kTableRows, v1 = std::min(p.V, v0 + kTableRows);
 #ifdef GROKCTL_X86
-    if (level == kAvx512Bf16 && p.xb) return ntb_rows_512(p, v0, v1);
     if constexpr (std::is_same_v<T, uint16_t>) {
-      if (level >= kAvx512) return nt_rows_512(p, v0, v1);
+      if (level == kAvx512Bf16 && p.xb) return ntb_rows_512(p, v0, v1);
     }
+    if (level >= kAvx512) return nt_rows_512(p, v0, v1);
     if (level >= kAvx2) return nt_rows_256(p, v0, v1);
 #endif
     nt_rows_scalar(p, v0, v1);
