@@ -123,8 +123,12 @@ def qeinsum(spec: str, x: jax.Array, w: Any) -> jax.Array:
     wd = dequantize(w)
     if not (isinstance(w, QuantizedWeight) and w.bits == 8):
         wd = wd.astype(x.dtype)  # int4: bf16 values, exact in x's dtype
-    return jnp.einsum(spec, x if wd.dtype == x.dtype else x.astype(wd.dtype), wd,
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        spec,
+        x if wd.dtype == x.dtype else x.astype(wd.dtype),
+        wd,
+        preferred_element_type=jnp.float32,
+    )
 
 
 def take_expert(w: Any, e: jax.Array) -> Any:
@@ -341,7 +345,9 @@ def qmatmul(x: jax.Array, w: Any) -> jax.Array:
 
     def step(acc: jax.Array, inp: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
         wc, sc, xc = inp
-        wd = (unpack_int4(wc) if w.bits == 4 else wc).astype(jnp.float32) * sc.astype(jnp.float32)[None, :]
+        wd = (unpack_int4(wc) if w.bits == 4 else wc).astype(jnp.float32) * sc.astype(jnp.float32)[
+            None, :
+        ]
         if w.bits == 4:  # nibble x bf16 scale rounded to bf16, explicitly: XLA may elide a bf16
             # round trip (excess precision) but never a reduce_precision. int8: exact.
             wd = jax.lax.reduce_precision(wd, exponent_bits=8, mantissa_bits=7)

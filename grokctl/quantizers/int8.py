@@ -33,5 +33,8 @@ def dequantize_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     q x scale, exact (grokctl does not round it to bf16: grokctl/model/quant.py)."""
     *lead, k, n = q.shape
     g = scales.shape[-2]
-    v = q.astype(np.float32).reshape(*lead, g, k // g, n) * scales.astype(np.float32)[..., :, None, :]
+    v = (
+        q.astype(np.float32).reshape(*lead, g, k // g, n)
+        * scales.astype(np.float32)[..., :, None, :]
+    )
     return v.reshape(q.shape)
