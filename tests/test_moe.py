@@ -84,3 +84,15 @@ def test_chunked_int8_matmul_equals_dequantize_then_dot(weights, m: int, monkeyp
             chunked = fn(x, weight)
         assert "while" in lowered  # the chunked path really ran
         np.testing.assert_allclose(np.asarray(chunked), np.asarray(plain), rtol=1e-4, atol=1e-4)
+        # both are x . (int8 x scale) with exact weight values (not rounded to bf16), f32 sums
+        sl = weight  # kernels off: take_expert sliced it already
+        q, s = (
+            np.asarray(sl.weight, np.float64),
+            np.asarray(sl.scales.astype(jnp.float32), np.float64),
+        )
+        k, n = q.shape
+        wv = (q.reshape(s.shape[0], -1, n) * s[:, None, :]).reshape(k, n)
+        xf = np.asarray(x.astype(jnp.float32), np.float64)
+        bound = k * 2.0**-24 * (np.abs(xf) @ np.abs(wv)) + 1e-30
+        for got in (plain, chunked):
+            assert np.all(np.abs(np.asarray(got, np.float64) - xf @ wv) <= bound)
