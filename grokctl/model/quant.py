@@ -115,11 +115,21 @@ def qeinsum(spec: str, x: jax.Array, w: Any) -> jax.Array:
     """einsum(spec, x, dequantize(w)) with f32 accumulation -> f32, for a quantized weight
     [(E,) K, N] whose output ends in [..., N] after any expert axis. int8 with one scale group:
     the integer product in x's dtype (int8 values are exact in bf16), times the scales after
-    (exact dequantization, no weight-sized multiply); otherwise the exact values in f32."""
+    (exact dequantization, no weight-sized multiply). int8 with several groups and bf16 x: the
+    exact value (up to 15 significant bits) is hi + lo, two bf16 values, so x @ hi + x @ lo is
+    exact products with f32 sums in two bf16 dots (3x faster than one f32 dot on the development
+    CPU, and tensor-core dots on GPUs, where an f32 dot may run as TF32). Otherwise the exact
+    values in f32."""
     if isinstance(w, QuantizedWeight) and w.bits == 8 and w.scales.shape[-2] == 1:
         y = jnp.einsum(spec, x, w.weight.astype(x.dtype), preferred_element_type=jnp.float32)
         s = w.scales.astype(jnp.float32)
         return y * (s[0] if s.ndim == 2 else s)  # [N], or [E, 1, N] against [E, ..., N]
+    if isinstance(w, QuantizedWeight) and w.bits == 8 and x.dtype == jnp.bfloat16:
+        v = dequantize(w)
+        hi = v.astype(jnp.bfloat16)
+        lo = (v - hi.astype(jnp.float32)).astype(jnp.bfloat16)  # exact: the remaining <= 8 bits
+        dot = lambda b: jnp.einsum(spec, x, b, preferred_element_type=jnp.float32)  # noqa: E731
+        return dot(hi) + dot(lo)
     wd = dequantize(w)
     if not (isinstance(w, QuantizedWeight) and w.bits == 8):
         wd = wd.astype(x.dtype)  # int4: bf16 values, exact in x's dtype
