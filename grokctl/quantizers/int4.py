@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from grokctl.errors import UsageError
+from grokctl.quantizers.int8 import dequantize_int8
 
 QMAX = 7
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
@@ -54,12 +55,9 @@ def to_bf16_value(x: np.ndarray) -> np.ndarray:
 
 def dequantize_blocks(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """Exact model value of int weights [..., K, N] with block scales [..., G, N or 1]:
-    bf16(q * scale) as f32. (Per-row int8 embeddings: scales [V, 1], G = V.)"""
-    *lead, k, n = q.shape
-    g = scales.shape[-2]
-    qf = q.astype(np.float32).reshape(*lead, g, k // g, n)
-    v = qf * scales.astype(np.float32)[..., :, None, :]
-    return to_bf16_value(v).reshape(q.shape)
+    bf16(q * scale) as f32 (the exact product, rounded). (Per-row int8 embeddings: scales [V, 1],
+    G = V.)"""
+    return to_bf16_value(dequantize_int8(q, scales))
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:

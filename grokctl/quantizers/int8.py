@@ -29,8 +29,9 @@ def quantize_int8(w: np.ndarray, blocks: int = 1) -> Int8Weight:
 
 
 def dequantize_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """The model's value (f32) of int8 weights [..., K, N] with block scales [..., G, N]:
-    q x scale, exact (grokctl does not round it to bf16: grokctl/model/quant.py)."""
+    """The model's value (f32) of int8 weights [..., K, N] with block scales [..., G, N] (or any
+    int values: int4's `dequantize_blocks` rounds this): q x scale, exact (grokctl does not round
+    int8 values to bf16: grokctl/model/quant.py)."""
     *lead, k, n = q.shape
     g = scales.shape[-2]
     v = (
