@@ -407,3 +407,98 @@ def test_qmatmul3_three_products_in_one_call(isa: str, mix: str, xdtype) -> None
     with chunked_qmatmul(True):
         text = _program(lambda a, b, c, d: quant.qmatmul_many(a, [b, c, d]), x, *ws)
     assert kernels.QMATMUL3_TARGET in text
+
+
+def _attend_reference(q, kc, vc, positions, valid, mult, cap):  # type: ignore[no-untyped-def]
+    """The reference's attention in float64 numpy with its bf16 rounding points."""
+    import ml_dtypes
+
+    def rnd(x: np.ndarray) -> np.ndarray:
+        return x.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+    b, t, h, k = q.shape
+    g, s = kc.shape[1], kc.shape[2]
+    qf = np.asarray(q.astype(jnp.float32), np.float64).reshape(b, t, g, h // g, k)
+    kf = np.asarray(jax.lax.bitcast_convert_type(kc, jnp.bfloat16).astype(jnp.float32), np.float64)
+    vf = np.asarray(jax.lax.bitcast_convert_type(vc, jnp.bfloat16).astype(jnp.float32), np.float64)
+    logits = rnd(np.einsum("btgrk,bgsk->bgrts", qf, kf)) * np.float32(mult)
+    logits = cap * np.tanh(logits / cap)
+    mask = (np.arange(s)[None, None, :] <= np.asarray(positions)[:, :, None]) & np.asarray(valid)[
+        :, None, :
+    ]
+    logits = np.where(mask[:, None, None], logits, -1e30)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w = rnd(w / w.sum(-1, keepdims=True))
+    return np.einsum("bgrts,bgsk->btgrk", w, vf).reshape(b, t, h, k)
+
+
+@pytest.mark.parametrize(
+    ("b", "t", "h", "g", "s", "k", "qdtype"),
+    [
+        (2, 1, 6, 2, 37, 128, jnp.bfloat16),  # decode, R = 3
+        (1, 3, 8, 8, 100, 24, jnp.float32),  # a few new tokens (speculative steps), R = 1
+        (3, 2, 4, 1, 9, 16, jnp.bfloat16),  # one kv head; row 2 has no visible key
+        (1, 8, 4, 2, 300, 12, jnp.bfloat16),  # 8 new tokens at the end of the cache
+        (2, 1, 48, 8, 1000, 128, jnp.bfloat16),  # Grok-1's heads
+    ],
+)
+def test_attend_kernel_matches_reference(isa: str, b, t, h, g, s, k, qdtype) -> None:  # type: ignore[no-untyped-def]
+    """The native attention against float64 math with the same rounding points, and against
+    the XLA form; pad keys, causal masks and a fully masked row (uniform weights)."""
+    from grokctl.model.attention import attend_xla
+    from grokctl.model.cache import to_bits
+
+    rng = np.random.default_rng(s + t)
+    q = jnp.asarray(rng.standard_normal((b, t, h, k)) * 2, qdtype)
+    kc = to_bits(jnp.asarray(rng.standard_normal((b, g, s, k)) * 2, jnp.float32))
+    vc = to_bits(jnp.asarray(rng.standard_normal((b, g, s, k)), jnp.float32))
+    start = rng.integers(0, s - t + 1, b)
+    start[0] = s - t  # the last rows of the cache
+    positions = jnp.asarray(start[:, None] + np.arange(t)[None], jnp.int32)
+    valid = rng.random((b, s)) > 0.2
+    valid[:, 0] = False  # a left pad
+    if b == 3:
+        valid[2] = False
+    valid = jnp.asarray(valid)
+    mult, cap = 0.0883883, 30.0
+    got = np.asarray(jax.jit(kernels.attend, static_argnums=(5, 6))(q, kc, vc, positions, valid, mult, cap))
+    ref = _attend_reference(q, kc, vc, positions, valid, mult, cap)
+    xla = np.asarray(jax.jit(attend_xla, static_argnums=(5, 6))(q, kc, vc, positions, valid, mult, cap))
+    assert got.dtype == np.float32 and got.shape == (b, t, h, k)
+    # f32 sums in another order than float64 (a rare bf16 rounding flip of a logit or weight)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-4)
+    np.testing.assert_allclose(got, xla, rtol=0, atol=2e-4)
+    if b == 3:  # no visible key: the mean of all S values, as the reference's uniform softmax
+        uniform = np.asarray(jax.lax.bitcast_convert_type(vc, jnp.bfloat16).astype(jnp.float32))
+        np.testing.assert_allclose(got[2, :, 0], np.broadcast_to(uniform[2, 0].mean(0), (t, k)), atol=1e-2)
+
+
+def test_decode_attention_uses_the_kernel_in_place() -> None:
+    """A decode step's attention calls the native kernel on one CPU device (cpu mode) and
+    converts no cache to f32; prefill-sized T and other meshes keep the XLA form."""
+    from grokctl.model.attention import KERNEL_MAX_TOKENS, attend
+    from grokctl.model.cache import CACHE_DTYPE
+
+    class Cfg:
+        attn_output_multiplier, attn_logit_softcap = 0.1, 30.0
+
+    def f(q, kc, vc, pos, valid):  # type: ignore[no-untyped-def]
+        return attend(q, kc, vc, pos, valid, Cfg())  # type: ignore[arg-type]
+
+    def args(t: int) -> tuple[jax.Array, ...]:
+        return (
+            jnp.zeros((1, t, 4, 16), jnp.bfloat16),
+            jnp.zeros((1, 2, 64, 16), CACHE_DTYPE),
+            jnp.zeros((1, 2, 64, 16), CACHE_DTYPE),
+            jnp.zeros((1, t), jnp.int32),
+            jnp.ones((1, 64), bool),
+        )
+
+    with chunked_qmatmul(True):
+        one = _jit(f).lower(*args(1)).compile().as_text()
+        many = _program(f, *args(KERNEL_MAX_TOKENS + 1))
+    with chunked_qmatmul(False):
+        meshed = _program(f, *args(1))
+    assert kernels.ATTEND_TARGET in one
+    assert "f32[1,2,64,16]" not in one  # the cache is read in place, never widened
+    assert kernels.ATTEND_TARGET not in many and kernels.ATTEND_TARGET not in meshed

@@ -13,6 +13,9 @@
   chose the same expert sharing one pass over its weights.
 - `qmatmul3(x, (w, s), (w, s), (w, s))`: three products of the same x in one call (attention's
   query, key and value projections).
+- `attend(q, k_cache, v_cache, positions, valid, multiplier, softcap)`: the attention of new
+  tokens q [B, T, H, K] over a cache of bf16 bits (uint16 [B, G, S, K]) with the reference's rounding points,
+  reading only the keys the tokens may see (decode: O(position), not O(cache length)).
 - `argmax(x, limit)`: the greedy pick of each row of the logits (first maximum among ids < limit).
 - `matmul_nt_bf16(x, table)`: x [M, D] @ table[V, D]^T (bf16 table) -> f32 [M, V] (the logits).
 - `matmul_nt_int8(x, table)`: x [M, D] @ table[V, D]^T (int8 table, exact as bf16) -> f32 [M, V]
@@ -52,6 +55,7 @@ ARGMAX_TARGET = "grokctl_argmax"
 QMATMUL3_TARGET = "grokctl_qmatmul3"
 MATMUL_NT_TARGET = "grokctl_matmul_nt_bf16"
 MATMUL_NT_INT8_TARGET = "grokctl_matmul_nt_int8"
+ATTEND_TARGET = "grokctl_attend"
 # FFI target -> the handler symbol cpu_kernels.cc exports for it.
 HANDLERS = {
     QMATMUL_TARGET: "GrokctlQMatmul",
@@ -61,6 +65,7 @@ HANDLERS = {
     ARGMAX_TARGET: "GrokctlArgmax",
     MATMUL_NT_TARGET: "GrokctlMatmulNT",
     MATMUL_NT_INT8_TARGET: "GrokctlMatmulNTQ8",
+    ATTEND_TARGET: "GrokctlAttend",
 }
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
 
@@ -241,3 +246,32 @@ def matmul_nt_bf16(x: jax.Array, table: jax.Array) -> jax.Array:
 def matmul_nt_int8(x: jax.Array, table: jax.Array) -> jax.Array:
     """x [M, D] (f32 or bf16) @ table[V, D]^T (int8) -> f32 [M, V]."""
     return _call(MATMUL_NT_INT8_TARGET, (x.shape[0], table.shape[0]), x, table)  # type: ignore[no-any-return]
+
+
+def attend(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    positions: jax.Array,
+    valid: jax.Array,
+    multiplier: float,
+    softcap: float,
+) -> jax.Array:
+    """q [B, T, H, K] (f32 or bf16) over caches [B, G, S, K] of bf16 bits (uint16) -> f32
+    [B, T, H, K]: query head h reads kv head h // (H/G); key s is visible to token t when
+    valid[b, s] and s <= positions[b, t] (int32 [B, T]); logits bf16-rounded, times
+    `multiplier`, soft-capped at `softcap`, softmax weights rounded to bf16 (the reference's
+    rounding points); a token with no visible key gets uniform weights over all S keys (the
+    reference's masked softmax). Reads each (b, kv head)'s keys only up to its tokens' furthest
+    position."""
+    return _call(  # type: ignore[no-any-return]
+        ATTEND_TARGET,
+        q.shape,
+        q,
+        k_cache,
+        v_cache,
+        positions.astype(jnp.int32),
+        valid.astype(jnp.bool_),
+        multiplier=np.float32(multiplier),
+        softcap=np.float32(softcap),
+    )

@@ -18,6 +18,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -1084,6 +1085,161 @@ ffi::Error QMatmul3Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   return ffi::Error::Success();
 }
 
+// y rows [v0, v1) of x . t^T on the best path this CPU has.
+template <class T>
+void nt_rows(int level, const NTP<T>& p, int64_t v0, int64_t v1) {
+#ifdef GROKCTL_X86
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (level == kAvx512Bf16 && p.xb) return ntb_rows_512(p, v0, v1);
+  }
+  if (level >= kAvx512) return nt_rows_512(p, v0, v1);
+  if (level >= kAvx2) return nt_rows_256(p, v0, v1);
+#endif
+  (void)level;
+  nt_rows_scalar(p, v0, v1);
+}
+
+// ---------------------------------------------------------------- decode attention
+// out[M, K] += w[M, n] (bf16 values as f32, row stride ws) @ v[n, K] (bf16 bits): each cache row
+// read once for all M rows; zero weights (masked keys) skipped, which adds nothing. One body,
+// vectorized by the compiler for each ISA (the k loop carries no reduction).
+__attribute__((always_inline)) inline void wv_body(const float* w, int64_t ws, int64_t M,
+                                                   const uint16_t* v, int64_t n, int64_t K,
+                                                   float* out) {
+  for (int64_t s = 0; s < n; ++s) {
+    const uint16_t* vr = v + s * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float a = w[m * ws + s];
+      if (a == 0.0f) continue;
+      float* o = out + m * K;
+      for (int64_t k = 0; k < K; ++k) {
+        uint32_t u = uint32_t(vr[k]) << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        o[k] += a * f;
+      }
+    }
+  }
+}
+#ifdef GROKCTL_X86
+AVX512 void wv_512(const float* w, int64_t ws, int64_t M, const uint16_t* v, int64_t n, int64_t K,
+                   float* out) {
+  wv_body(w, ws, M, v, n, K, out);
+}
+AVX2 void wv_256(const float* w, int64_t ws, int64_t M, const uint16_t* v, int64_t n, int64_t K,
+                 float* out) {
+  wv_body(w, ws, M, v, n, K, out);
+}
+#endif
+void wv_scalar(const float* w, int64_t ws, int64_t M, const uint16_t* v, int64_t n, int64_t K,
+               float* out) {
+  wv_body(w, ws, M, v, n, K, out);
+}
+void wv(int level, const float* w, int64_t ws, int64_t M, const uint16_t* v, int64_t n, int64_t K,
+        float* out) {
+#ifdef GROKCTL_X86
+  if (level >= kAvx512) return wv_512(w, ws, M, v, n, K, out);
+  if (level >= kAvx2) return wv_256(w, ws, M, v, n, K, out);
+#endif
+  (void)level;
+  wv_scalar(w, ws, M, v, n, K, out);
+}
+
+// The attention of new tokens over a KV cache of bf16 bit patterns, one unit per (batch row, kv head): the
+// reference's numerics (grokctl/model/attention.py) with f32 sums in another order. Row (t, r)
+// is query head g*R + r of token t: logits = bf16(q . k) * multiplier, soft-capped
+// (cap * tanh(l / cap)), masked (key s valid and s <= position), softmax in f32, the weights
+// rounded to bf16, then weights @ v in f32. Only keys up to the last position the unit's tokens
+// may see are read (the rest are masked: weight exactly 0). A row with no visible key gets the
+// reference's uniform 1/S weights over the whole cache.
+ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<ffi::U16> kc,
+                      ffi::Buffer<ffi::U16> vc, ffi::Buffer<ffi::S32> positions,
+                      ffi::Buffer<ffi::PRED> valid, ffi::Result<ffi::Buffer<ffi::F32>> out,
+                      float multiplier, float softcap) {
+  const auto qd = q.dimensions();
+  const auto cd = kc.dimensions();
+  if ((q.element_type() != ffi::DataType::F32 && q.element_type() != ffi::DataType::BF16) ||
+      qd.size() != 4 || cd.size() != 4 || vc.dimensions() != cd)
+    return ffi::Error::InvalidArgument("grokctl_attend: q [B, T, H, K] f32|bf16, caches [B, G, S, K] bf16 bits (u16)");
+  const int64_t B = qd[0], T = qd[1], H = qd[2], K = qd[3], G = cd[1], S = cd[2];
+  if (cd[0] != B || cd[3] != K || G <= 0 || H % G != 0 || positions.dimensions().size() != 2 ||
+      positions.dimensions()[0] != B || positions.dimensions()[1] != T ||
+      valid.dimensions().size() != 2 || valid.dimensions()[0] != B || valid.dimensions()[1] != S)
+    return ffi::Error::InvalidArgument("grokctl_attend: shape mismatch");
+  const int64_t R = H / G, M = T * R;
+  static thread_local std::vector<float> qtmp;
+  const float* qf = as_f32(q, qtmp);
+  const uint16_t* qb = bf16_bits(q);
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(kc.untyped_data());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(vc.untyped_data());
+  const int32_t* pos = positions.typed_data();
+  const bool* ok = reinterpret_cast<const bool*>(valid.untyped_data());
+  float* y = out->typed_data();
+  const int level = isa();
+  const float uniform = round_bf16(1.0f / float(S));
+  parallel_for(pool, B * G, [&](int64_t unit) {
+    const int64_t b = unit / G, g = unit % G;
+    static thread_local std::vector<float> xs, sc, acc;
+    static thread_local std::vector<uint16_t> xbs;
+    static thread_local std::vector<int64_t> ends;
+    xs.resize(M * K);
+    xbs.resize(qb ? M * K : 0);
+    ends.resize(T);
+    int64_t n = 0;  // keys read: up to the furthest position among the unit's tokens
+    for (int64_t t = 0; t < T; ++t) {
+      ends[t] = std::clamp<int64_t>(int64_t(pos[b * T + t]) + 1, 0, S);
+      n = std::max(n, ends[t]);
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t src = ((b * T + t) * H + g * R + r) * K;
+        std::memcpy(&xs[(t * R + r) * K], qf + src, sizeof(float) * K);
+        if (qb) std::memcpy(&xbs[(t * R + r) * K], qb + src, sizeof(uint16_t) * K);
+      }
+    }
+    const uint16_t* kb = kp + (b * G + g) * S * K;
+    const uint16_t* vb = vp + (b * G + g) * S * K;
+    const bool* okb = ok + b * S;
+    sc.assign(M * std::max<int64_t>(n, 1), 0.0f);
+    if (n > 0) nt_rows(level, NTP<uint16_t>{xs.data(), qb ? xbs.data() : nullptr, kb, sc.data(), M, K, n}, 0, n);
+    acc.assign(M * K, 0.0f);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t r = 0; r < R; ++r) {
+        float* l = sc.data() + (t * R + r) * n;
+        float mx = -INFINITY;
+        int64_t seen = 0;
+        for (int64_t s = 0; s < ends[t]; ++s) {
+          if (!okb[s]) continue;
+          const float x = round_bf16(l[s]) * multiplier;
+          l[s] = softcap * std::tanh(x / softcap);
+          mx = std::max(mx, l[s]);
+          ++seen;
+        }
+        float* o = acc.data() + (t * R + r) * K;
+        if (seen == 0) {  // every key masked: the reference's uniform weights over all S keys
+          std::fill(l, l + n, 0.0f);
+          for (int64_t s = 0; s < S; ++s)
+            for (int64_t k = 0; k < K; ++k) o[k] += uniform * bf16_to_f32(vb[s * K + k]);
+          continue;
+        }
+        float sum = 0.0f;
+        for (int64_t s = 0; s < n; ++s) {
+          if (s < ends[t] && okb[s]) {
+            l[s] = std::exp(l[s] - mx);
+            sum += l[s];
+          } else {
+            l[s] = 0.0f;
+          }
+        }
+        for (int64_t s = 0; s < n; ++s) l[s] = round_bf16(l[s] / sum);
+      }
+    wv(level, sc.data(), n, M, vb, n, K, acc.data());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t r = 0; r < R; ++r)
+        std::memcpy(y + ((b * T + t) * H + g * R + r) * K, acc.data() + (t * R + r) * K,
+                    sizeof(float) * K);
+  });
+  return ffi::Error::Success();
+}
+
 // Logits over a bf16 (T = uint16_t) or int8 (T = int8_t) table, threaded over its rows.
 template <class T>
 ffi::Error matmul_nt(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
@@ -1102,14 +1258,7 @@ ffi::Error matmul_nt(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
   const int level = isa();
   parallel_for(pool, units, [&](int64_t i) {
     const int64_t v0 = i * kTableRows, v1 = std::min(p.V, v0 + kTableRows);
-#ifdef GROKCTL_X86
-    if constexpr (std::is_same_v<T, uint16_t>) {
-      if (level == kAvx512Bf16 && p.xb) return ntb_rows_512(p, v0, v1);
-    }
-    if (level >= kAvx512) return nt_rows_512(p, v0, v1);
-    if (level >= kAvx2) return nt_rows_256(p, v0, v1);
-#endif
-    nt_rows_scalar(p, v0, v1);
+    nt_rows(level, p, v0, v1);
   });
   return ffi::Error::Success();
 }
@@ -1186,6 +1335,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlMatmulNTQ8, MatmulNTQ8Impl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlAttend, AttendImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("multiplier")
+                                  .Attr<float>("softcap"));
 
 extern "C" __attribute__((visibility("default"))) int grokctl_cpu_isa() { return isa(); }
 extern "C" __attribute__((visibility("default"))) int grokctl_cpu_threads() { return max_threads(); }

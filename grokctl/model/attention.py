@@ -1,6 +1,7 @@
 """Grouped-query attention with rotary embeddings, soft-capped logits and a KV cache.
 
-Shapes: B batch, T new tokens, S cache length, H q heads, G kv heads, R = H/G, K key_size.
+Shapes: B batch, T new tokens, S cache length (the cache is [B, G, S, K]: each kv head's keys
+contiguous, so the attention dots read it in place), H q heads, G kv heads, R = H/G, K key_size.
 """
 
 from __future__ import annotations
@@ -10,9 +11,15 @@ import jax
 import jax.numpy as jnp
 
 from grokctl.config import ModelConfig
-from grokctl.model.layers import BF16, F32, linear, linears
+from grokctl.model.cache import from_bits, to_bits
+from grokctl.model.layers import BF16, F32, linear, linears, round_bf16
+from grokctl.model.quant import kernels_active
 
 MASKED = -1e30  # the reference's mask value (not -inf: a fully masked row goes uniform)
+# Up to this many new tokens (decode, speculative steps) the native CPU kernel computes the
+# attention where it applies: it reads the cache in place up to the last visible position,
+# where XLA:CPU converts and transposes the whole cache to f32 in every layer.
+KERNEL_MAX_TOKENS = 8
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -27,16 +34,16 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 
 
 def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """cache [B, S, G, K] <- new [B, T, G, K] at row offsets start [B]."""
-    update = lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=0)  # noqa: E731
-    return jax.vmap(update)(cache, new.astype(cache.dtype), start)
+    """cache [B, G, S, K] (bf16 bits) <- new [B, T, G, K] at positions start [B] + 0..T-1."""
+    update = lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=1)  # noqa: E731
+    return jax.vmap(update)(cache, to_bits(new).transpose(0, 2, 1, 3), start)
 
 
 def attention(
     x: jax.Array,  # [B, T, D] bf16
     positions: jax.Array,  # [B, T] absolute positions of the new tokens
-    k_cache: jax.Array,  # [B, S, G, K]
-    v_cache: jax.Array,  # [B, S, G, K]
+    k_cache: jax.Array,  # [B, G, S, K] bf16 bits
+    v_cache: jax.Array,  # [B, G, S, K] bf16 bits
     start: jax.Array,  # [B] where the new tokens are written
     key_valid: jax.Array,  # [B, S] bool: a real (non-pad) token sits there (after writing)
     cfg: ModelConfig,
@@ -54,17 +61,56 @@ def attention(
 
         k_cache = write_cache(k_cache, kk, start)
         v_cache = write_cache(v_cache, vv, start)
-        s = k_cache.shape[1]
+        attn = attend(q, k_cache, v_cache, positions, key_valid, cfg)
+        return linear(attn.astype(BF16).reshape(b, t, h * k), "linear", h * k, d), k_cache, v_cache
 
-        q = q.reshape(b, t, g, h // g, k)  # q head i reads kv head i // (H/G)
-        logits = jnp.einsum("btgrk,bsgk->bgrts", q, k_cache, preferred_element_type=F32)
-        logits = logits.astype(BF16).astype(F32) * cfg.attn_output_multiplier  # [B,G,R,T,S]
-        cap = cfg.attn_logit_softcap
-        logits = cap * jnp.tanh(logits / cap)
-        causal = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-        mask = (causal & key_valid[:, None, :])[:, None, None, :, :]
-        logits = jnp.where(mask, logits, MASKED)
-        weights = jax.nn.softmax(logits, axis=-1).astype(BF16)
-        attn = jnp.einsum("bgrts,bsgk->btgrk", weights, v_cache, preferred_element_type=F32)
-        attn = attn.astype(BF16).reshape(b, t, h * k)
-        return linear(attn, "linear", h * k, d), k_cache, v_cache
+
+def attend(
+    q: jax.Array,  # [B, T, H, K] bf16, rotated
+    k_cache: jax.Array,  # [B, G, S, K] bf16 bits, this step's keys written
+    v_cache: jax.Array,  # [B, G, S, K] bf16 bits
+    positions: jax.Array,  # [B, T]
+    key_valid: jax.Array,  # [B, S] bool
+    cfg: ModelConfig,
+) -> jax.Array:
+    """softmax(softcap(q . k)) . v -> f32 [B, T, H, K]: the native kernel for a few new tokens
+    on one CPU device, else `attend_xla` (same rounding points, f32 sums in another order)."""
+    mult, cap = cfg.attn_output_multiplier, cfg.attn_logit_softcap
+    if q.shape[1] <= KERNEL_MAX_TOKENS and kernels_active():
+        from grokctl import kernels
+
+        return kernels.attend(q, k_cache, v_cache, positions, key_valid, mult, cap)
+    return attend_xla(q, k_cache, v_cache, positions, key_valid, mult, cap)
+
+
+def attend_xla(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    positions: jax.Array,
+    key_valid: jax.Array,
+    multiplier: float,
+    cap: float,
+) -> jax.Array:
+    """The reference's attention in XLA ops (shapes as `attend`)."""
+    b, t, h, k = q.shape
+    g, s = k_cache.shape[1], k_cache.shape[2]
+    q = q.reshape(b, t, g, h // g, k)  # q head i reads kv head i // (H/G)
+    keys, values = from_bits(k_cache), from_bits(v_cache)
+    if jax.default_backend() == "cpu":
+        q, keys = q.astype(F32), keys.astype(F32)
+    logits = jnp.einsum("btgrk,bgsk->bgrts", q, keys, preferred_element_type=F32)
+    logits = round_bf16(logits) * multiplier  # [B,G,R,T,S]
+    logits = cap * jnp.tanh(logits / cap)
+    causal = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    mask = (causal & key_valid[:, None, :])[:, None, None, :, :]
+    logits = jnp.where(mask, logits, MASKED)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if jax.default_backend() == "cpu":
+        # the same products in f32 (bf16 values are exact in f32): XLA:CPU has no bf16 batched
+        # dot for this form ("Unsupported element type for DotThunk"), where it would convert
+        weights, values = round_bf16(weights), values.astype(F32)
+    else:
+        weights = weights.astype(BF16)
+    attn = jnp.einsum("bgrts,bgsk->btgrk", weights, values, preferred_element_type=F32)
+    return attn.reshape(b, t, h, k)

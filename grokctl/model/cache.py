@@ -1,8 +1,11 @@
 """The KV cache pytree.
 
-Shapes: L layers, B batch, S cache length, G kv heads, K key_size.
+Shapes: L layers, B batch, G kv heads, S cache length, K key_size.
 One array per layer (not a stacked [L, ...] array) so that each layer's write is an in-place
-`dynamic_update_slice` on a donated buffer.
+`dynamic_update_slice` on a donated buffer. Keys and values are bf16 values stored as their bit
+patterns (uint16, `CACHE_DTYPE`): XLA:CPU has no bf16 scatter and converts a bf16 cache to f32
+and back around every write (O(cache) per layer per step); the 16-bit integer write is in place.
+Each kv head's positions are contiguous ([B, G, S, K]), so attention reads the cache in place.
 """
 
 from __future__ import annotations
@@ -15,12 +18,24 @@ import jax.numpy as jnp
 
 from grokctl.config import ModelConfig
 
+CACHE_DTYPE = jnp.uint16  # bf16 bit patterns
+
+
+def to_bits(x: jax.Array) -> jax.Array:
+    """bf16 values -> the cache's uint16 bit patterns (free: a bitcast)."""
+    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), CACHE_DTYPE)
+
+
+def from_bits(x: jax.Array) -> jax.Array:
+    """The cache's uint16 bit patterns -> bf16 values (free: a bitcast)."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+
 
 @dataclasses.dataclass
 class KVCache:
     # Arrays, or ShapeDtypeStructs / shardings when the pytree describes a cache.
-    k: tuple[Any, ...]  # L x [B, S, G, K] bf16
-    v: tuple[Any, ...]  # L x [B, S, G, K] bf16
+    k: tuple[Any, ...]  # L x [B, G, S, K] uint16 (bf16 bits)
+    v: tuple[Any, ...]  # L x [B, G, S, K] uint16 (bf16 bits)
     pos: Any  # [B] int32: tokens already written (next write offset)
     valid: Any  # [B, S] bool: a real (non-pad) token sits at that position
 
@@ -38,7 +53,7 @@ jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "pos", "valid"]
 
 def cache_shapes(cfg: ModelConfig, batch: int, length: int) -> KVCache:
     """The cache as ShapeDtypeStructs (for eval_shape, memory plans and shardings)."""
-    kv = jax.ShapeDtypeStruct((batch, length, cfg.num_kv_heads, cfg.key_size), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((batch, cfg.num_kv_heads, length, cfg.key_size), CACHE_DTYPE)
     return KVCache(
         k=(kv,) * cfg.num_layers,
         v=(kv,) * cfg.num_layers,

@@ -17,6 +17,12 @@ BF16 = jnp.bfloat16
 F32 = jnp.float32
 
 
+def round_bf16(x: jax.Array) -> jax.Array:
+    """f32 values rounded to the nearest bf16, kept f32 (`x.astype(BF16).astype(F32)` that XLA
+    cannot elide: with excess precision allowed it may drop a convert pair, never this op)."""
+    return jax.lax.reduce_precision(x.astype(F32), exponent_bits=8, mantissa_bits=7)
+
+
 def bf16_dot(x: jax.Array, w: Any) -> jax.Array:
     """bf16 x dequantized weight (exact int8 values) with f32 accumulation, rounded to bf16 (the
     reference's matmul); `w` is a plain array or a QuantizedWeight8bit."""

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from grokctl.config import ModelConfig
-from grokctl.model.layers import BF16, F32, bf16_dot, scoped_param
+from grokctl.model.layers import BF16, F32, bf16_dot, round_bf16, scoped_param
 from grokctl.model.quant import (
     QuantizedWeight8bit,
     qeinsum,
@@ -134,7 +134,7 @@ def _expert_ffn(
 
 def _combine(outs: jax.Array, gates: jax.Array) -> jax.Array:
     """outs [N, k, D] f32, gates [N, k] -> [N, D] bf16 (gates rounded to bf16 as the reference)."""
-    g = gates.astype(BF16).astype(F32)[..., None]
+    g = round_bf16(gates)[..., None]
     return jnp.sum(outs * g, axis=1).astype(BF16)
 
 
@@ -166,8 +166,8 @@ def moe_rows(x, gates, experts, w, v, w1) -> jax.Array:  # type: ignore[no-untyp
     k = experts.shape[1]
     idx = experts.reshape(n * k)
     rows = jnp.repeat(x.astype(BF16), k, axis=0)  # [N*k, D], token-major like experts
-    hw = qmatmul_rows(rows, w, idx).astype(BF16).astype(F32)
-    hv = qmatmul_rows(rows, v, idx).astype(BF16).astype(F32)
+    hw = round_bf16(qmatmul_rows(rows, w, idx))
+    hv = round_bf16(qmatmul_rows(rows, v, idx))
     hidden = jax.nn.gelu(hw) * hv
     out = qmatmul_rows(hidden, w1, idx)  # [N*k, D] f32
     return _combine(out.reshape(n, k, d), gates)

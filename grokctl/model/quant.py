@@ -184,6 +184,12 @@ def _use_kernels() -> bool:
     return kernels.available()
 
 
+def kernels_active() -> bool:
+    """At trace time: this program runs on one CPU device with the native kernels (the engine's
+    `chunked_qmatmul(True)` context and the kernels available)."""
+    return _use_kernels()
+
+
 def cpu_kernels_enabled(single_device_cpu: bool) -> bool:
     """Whether an engine on a single CPU device will run the native kernels."""
     if not single_device_cpu:

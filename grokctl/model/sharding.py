@@ -55,15 +55,15 @@ EXPERT_PARALLEL_RULES: tuple[Rule, ...] = (
 
 LAYOUTS = ("tensor", "expert")
 
-# KV cache [B, S, G, K], positions [B], key-valid mask [B, S]; tokens [B, T].
-CACHE_KV: Spec = (DATA, None, MODEL, None)
+# KV cache [B, G, S, K], positions [B], key-valid mask [B, S]; tokens [B, T].
+CACHE_KV: Spec = (DATA, MODEL, None, None)
 CACHE_POS: Spec = (DATA,)
 CACHE_VALID: Spec = (DATA, None)
 TOKENS: Spec = (DATA, None)
 REPLICATED: Spec = ()
 
 ACTIVATION_RULES: tuple[tuple[str, Spec], ...] = (
-    ("kv cache k/v [B, S, G, K]", CACHE_KV),
+    ("kv cache k/v [B, G, S, K]", CACHE_KV),
     ("cache positions [B]", CACHE_POS),
     ("cache valid mask [B, S]", CACHE_VALID),
     ("tokens [B, T]", TOKENS),
