@@ -50,7 +50,12 @@ def test_grok1_program_lowers_on_1x8(phase: str) -> None:
     out = lowered.out_info
     assert out.logits.shape == (batch, cfg.vocab_size)  # the one position's logits, [B, V]
     assert out.logits.dtype == np.float32
-    assert len(out.cache.k) == 64 and out.cache.k[0].shape == (batch, 8, length, 128)  # [B, G, S, K]
+    assert len(out.cache.k) == 64 and out.cache.k[0].shape == (
+        batch,
+        8,
+        length,
+        128,
+    )  # [B, G, S, K]
     assert out.cache.k[0].dtype == np.uint16  # bf16 bit patterns
     text = lowered.as_text()
     # int8 weights enter the program as int8: no full-precision copy of the model is an input.

@@ -461,16 +461,22 @@ def test_attend_kernel_matches_reference(isa: str, b, t, h, g, s, k, qdtype) -> 
         valid[2] = False
     valid = jnp.asarray(valid)
     mult, cap = 0.0883883, 30.0
-    got = np.asarray(jax.jit(kernels.attend, static_argnums=(5, 6))(q, kc, vc, positions, valid, mult, cap))
+    got = np.asarray(
+        jax.jit(kernels.attend, static_argnums=(5, 6))(q, kc, vc, positions, valid, mult, cap)
+    )
     ref = _attend_reference(q, kc, vc, positions, valid, mult, cap)
-    xla = np.asarray(jax.jit(attend_xla, static_argnums=(5, 6))(q, kc, vc, positions, valid, mult, cap))
+    xla = np.asarray(
+        jax.jit(attend_xla, static_argnums=(5, 6))(q, kc, vc, positions, valid, mult, cap)
+    )
     assert got.dtype == np.float32 and got.shape == (b, t, h, k)
     # f32 sums in another order than float64 (a rare bf16 rounding flip of a logit or weight)
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-4)
     np.testing.assert_allclose(got, xla, rtol=0, atol=2e-4)
     if b == 3:  # no visible key: the mean of all S values, as the reference's uniform softmax
         uniform = np.asarray(jax.lax.bitcast_convert_type(vc, jnp.bfloat16).astype(jnp.float32))
-        np.testing.assert_allclose(got[2, :, 0], np.broadcast_to(uniform[2, 0].mean(0), (t, k)), atol=1e-2)
+        np.testing.assert_allclose(
+            got[2, :, 0], np.broadcast_to(uniform[2, 0].mean(0), (t, k)), atol=1e-2
+        )
 
 
 def test_decode_attention_uses_the_kernel_in_place() -> None:
