@@ -179,6 +179,17 @@ void nt_rows_scalar(const NTP<T>& p, int64_t v0, int64_t v1) {
 }
 
 #ifdef GROKCTL_X86
+// Software prefetches of the weight stream go to L2 (T1), not L1: an L1 prefetch holds one of
+// the core's few L1 miss buffers until its line arrives, so with the dequantize/FMA work in
+// flight the loads never overlapped it (the logits over an int8 table ran at the sum of compute
+// time and read time: 16 ms on one AMD Zen 4 thread; 5.4 ms, the plain read rate, with T1).
+#ifndef GROKCTL_PREFETCH_HINT
+#define GROKCTL_PREFETCH_HINT _MM_HINT_T1
+#endif
+constexpr auto kPrefetch = GROKCTL_PREFETCH_HINT;
+// How far ahead the logits kernels prefetch, in table rows (16 KB-32 KB on a 1024-wide table).
+constexpr int64_t kTablePrefetchRows = 16;
+
 // ---------------------------------------------------------------- AVX-512
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 
@@ -211,7 +222,7 @@ AVX512 void q8_rows_512(const QProblem& p, float* ag, int64_t stride, int64_t m0
     const __mmask16 mask = M_ ? last : __mmask16(0xffff);
     if ((v & 3) == 0)  // the next pass's rows, one line each per 64 columns
       for (int u = 0; u < U; ++u)
-        _mm_prefetch(reinterpret_cast<const char*>(wr[u] + U * p.N + v * 16), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wr[u] + U * p.N + v * 16), kPrefetch);
     __m512 a[MB];
     for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(ag + m * stride + v * 16);
     for (int u = 0; u < U; ++u) {
@@ -355,7 +366,7 @@ AVX512 void nt_block_512(const NTP<T>& p, int64_t m0, int64_t v) {
     for (int r = 0; r < R; ++r) {
       const T* tr = p.t + (v + r) * p.D + d;
       if ((d * int64_t(sizeof(T))) % 64 == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(tr + R * p.D), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(tr + kTablePrefetchRows * p.D), kPrefetch);
       const __m512 t = table16_512(tr, mask);
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(xv[m], t, acc[r][m]);
     }
@@ -425,7 +436,7 @@ AVX512BF16 void q4_rows_512(const QProblem& p, const uint16_t* srow, float* acc,
     const __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(sh), 16));
     if ((v & 3) == 0)
       for (int q = 0; q < P; ++q)
-        _mm_prefetch(reinterpret_cast<const char*>(wr[q] + P * p.N + v * 16), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wr[q] + P * p.N + v * 16), kPrefetch);
     __m512 a[MB];
     for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(acc + m * acc_stride + v * 16);
     for (int q = 0; q < P; ++q) {
@@ -509,7 +520,7 @@ AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v) {
     for (int r = 0; r < R; ++r) {
       const uint16_t* tr = p.t + (v + r) * p.D + d;
       // the next block's line at this offset (the block after these R rows, same stream)
-      if ((d * 2) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(tr + R * p.D), _MM_HINT_T0);
+      if ((d * 2) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(tr + kTablePrefetchRows * p.D), kPrefetch);
       const __m512i t = M_ ? _mm512_maskz_loadu_epi16(mask, tr) : _mm512_loadu_si512(tr);
       for (int m = 0; m < MB; ++m)
         acc[r][m] = _mm512_dpbf16_ps(acc[r][m], reinterpret_cast<__m512bh>(t),
