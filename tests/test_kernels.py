@@ -508,3 +508,29 @@ def test_decode_attention_uses_the_kernel_in_place() -> None:
     assert kernels.ATTEND_TARGET in one
     assert "f32[1,2,64,16]" not in one  # the cache is read in place, never widened
     assert kernels.ATTEND_TARGET not in many and kernels.ATTEND_TARGET not in meshed
+
+
+@pytest.mark.parametrize("threads", ["1", "3", "7"])
+def test_results_do_not_depend_on_the_thread_count(
+    threads: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each worker runs its own range of units and steals from the back of the others'; partial
+    sums are still added in slab order, so any thread count gives the same bits (more workers
+    than units or than the pool's threads included)."""
+    rng = np.random.default_rng(11)
+    w = _quantized(rng, 1280, 640, 10, e=4)
+    x = jnp.asarray(rng.standard_normal((3, 1280)), jnp.float32)
+    experts = jnp.asarray([2, 0, 2], jnp.int32)
+    table = jnp.asarray(rng.integers(-127, 128, (3000, 256), dtype=np.int8))
+    xt = jnp.asarray(rng.standard_normal((2, 256)), jnp.bfloat16)
+
+    def run() -> list[np.ndarray]:
+        rows = jax.jit(kernels.qmatmul_rows)(x, w.weight, w.scales, experts)
+        logits = jax.jit(kernels.matmul_nt_int8)(xt, table)
+        return [np.asarray(rows), np.asarray(logits)]
+
+    monkeypatch.setenv("GROKCTL_CPU_THREADS", "2")
+    base = run()
+    monkeypatch.setenv("GROKCTL_CPU_THREADS", threads)
+    for a, b in zip(base, run(), strict=True):
+        np.testing.assert_array_equal(a, b)

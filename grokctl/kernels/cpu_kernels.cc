@@ -749,35 +749,57 @@ int max_threads() {
   return value;
 }
 
-// Run body(i) for i in [0, units) on the calling thread and up to threads-1 pool tasks. Units
-// are claimed from an atomic counter; a task that starts late finds none left and returns
-// without touching `body` (which lives on the caller's stack), so the caller only waits for
-// units actually being worked on.
+// Run body(i) for i in [0, units) on the calling thread and up to threads-1 pool tasks. Each
+// worker owns a contiguous range of units and runs it in order, so consecutive units of a
+// weight stream (the slabs of one matrix) run on one core, whose prefetches of the next rows
+// run on into its next unit; a worker that runs out takes units off the back of another's range.
+// Ranges are claimed with a compare-and-swap on (front, back), so a task that starts late finds
+// its range taken and returns without touching `body` (which lives on the caller's stack): the
+// caller only waits for units actually being worked on.
 template <class F>
 void parallel_for(ffi::ThreadPool& pool, int64_t units, F&& body) {
-  int threads = int(std::min<int64_t>(max_threads(), units));
+  const int threads = int(std::min<int64_t>(max_threads(), units));
   if (threads <= 1) {
     for (int64_t i = 0; i < units; ++i) body(i);
     return;
   }
+  struct alignas(64) Range {
+    std::atomic<uint64_t> fb{0};  // front << 32 | back
+  };
   struct State {
-    std::atomic<int64_t> next{0};
+    explicit State(int n) : ranges(size_t(n)) {}
+    std::vector<Range> ranges;
     std::atomic<int64_t> done{0};
   };
-  auto st = std::make_shared<State>();
+  auto st = std::make_shared<State>(threads);
+  for (int t = 0; t < threads; ++t) {
+    const uint64_t f = uint64_t(units * t / threads), b = uint64_t(units * (t + 1) / threads);
+    st->ranges[size_t(t)].fb.store(f << 32 | b, std::memory_order_relaxed);
+  }
+  // Take the front unit of range r (own) or its back unit (stealing); -1 when it is empty.
+  auto take = [](Range& r, bool front) -> int64_t {
+    uint64_t cur = r.fb.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t f = cur >> 32, b = cur & 0xffffffffu;
+      if (f >= b) return -1;
+      const uint64_t next = front ? ((f + 1) << 32 | b) : (f << 32 | (b - 1));
+      if (r.fb.compare_exchange_weak(cur, next, std::memory_order_acq_rel, std::memory_order_relaxed))
+        return int64_t(front ? f : b - 1);
+    }
+  };
   using Body = std::remove_reference_t<F>;
   Body* bp = &body;
-  auto work = [st, bp, units] {
+  auto work = [st, bp, units, threads, take](int self) {
     int64_t finished = 0;
-    for (int64_t i; (i = st->next.fetch_add(1, std::memory_order_relaxed)) < units;) {
-      (*bp)(i);
-      ++finished;
-    }
+    for (int64_t i; (i = take(st->ranges[size_t(self)], true)) >= 0; ++finished) (*bp)(i);
+    for (int k = 1; k < threads; ++k)
+      for (int64_t i; (i = take(st->ranges[size_t((self + k) % threads)], false)) >= 0; ++finished)
+        (*bp)(i);
     if (finished && st->done.fetch_add(finished, std::memory_order_acq_rel) + finished == units)
       st->done.notify_all();
   };
-  for (int t = 1; t < threads; ++t) pool.Schedule(decltype(work)(work));
-  work();
+  for (int t = 1; t < threads; ++t) pool.Schedule([work, t] { work(t); });
+  work(0);
   // A short spin (the last units finish within microseconds on an idle machine), then sleep
   // on the counter (futex): spinning on a loaded machine burns the CPU the helper needs.
   for (int spins = 0; spins < 256 && st->done.load(std::memory_order_acquire) < units; ++spins) {
