@@ -357,6 +357,29 @@ def test_qmatmul_rows_each_row_its_expert(
     np.testing.assert_array_equal(clamped[0], np.asarray(single(x[:1], w.weight, w.scales, 3))[0])
 
 
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4), (8, 4)])
+def test_qmatmul_rows2_is_two_rows_calls_in_one(isa: str, bits: tuple[int, int]) -> None:
+    """Two weights of the same experts (different widths, int8 and/or int4) in one call give
+    exactly what two `qmatmul_rows` calls give; a shape mismatch between them is an error."""
+    rng = np.random.default_rng(5)
+    make = {8: _quantized, 4: _quantized4}
+    w = make[bits[0]](rng, 256, 320, 2, e=4)
+    v = make[bits[1]](rng, 256, 96, 4, e=4)
+    x = jnp.asarray(rng.standard_normal((5, 256)), jnp.bfloat16)
+    idx = jnp.asarray([3, 1, 3, 0, 1], jnp.int32)
+    yw, yv = jax.jit(kernels.qmatmul_rows2)(x, (w.weight, w.scales), (v.weight, v.scales), idx)
+    rows = jax.jit(kernels.qmatmul_rows)
+    np.testing.assert_array_equal(np.asarray(yw), np.asarray(rows(x, w.weight, w.scales, idx)))
+    np.testing.assert_array_equal(np.asarray(yv), np.asarray(rows(x, v.weight, v.scales, idx)))
+    other = _quantized(rng, 256, 96, 4, e=3)  # 3 experts, not 4
+    with pytest.raises(Exception, match="grokctl_qmatmul_rows2: shape mismatch"):
+        jax.block_until_ready(
+            jax.jit(kernels.qmatmul_rows2)(
+                x, (w.weight, w.scales), (other.weight, other.scales), idx
+            )
+        )
+
+
 def test_native_argmax_matches_jnp_and_sample() -> None:
     from grokctl.sampling import first_argmax, sample
 

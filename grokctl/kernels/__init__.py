@@ -11,6 +11,8 @@
 - `qmatmul_rows(x, weight, scales, experts)`: row a of x times expert experts[a]'s matrix
   (int8 or packed int4 [E, K(/2), N]): a MoE decode step's assignments in one call, rows that
   chose the same expert sharing one pass over its weights.
+- `qmatmul_rows2(x, (w, s), (w, s), experts)`: the same for two weights of the same experts in
+  one call (a MoE layer's gate and up projections: one thread-pool wake-up, one parallel loop).
 - `qmatmul3(x, (w, s), (w, s), (w, s))`: three products of the same x in one call (attention's
   query, key and value projections).
 - `attend(q, k_cache, v_cache, positions, valid, multiplier, softcap)`: the attention of new
@@ -51,6 +53,7 @@ BUILD_DIR = Path(__file__).with_name("_build")
 QMATMUL_TARGET = "grokctl_qmatmul"
 QMATMUL4_TARGET = "grokctl_qmatmul4"
 QMATMUL_ROWS_TARGET = "grokctl_qmatmul_rows"
+QMATMUL_ROWS2_TARGET = "grokctl_qmatmul_rows2"
 ARGMAX_TARGET = "grokctl_argmax"
 QMATMUL3_TARGET = "grokctl_qmatmul3"
 MATMUL_NT_TARGET = "grokctl_matmul_nt_bf16"
@@ -61,6 +64,7 @@ HANDLERS = {
     QMATMUL_TARGET: "GrokctlQMatmul",
     QMATMUL4_TARGET: "GrokctlQMatmul4",
     QMATMUL_ROWS_TARGET: "GrokctlQMatmulRows",
+    QMATMUL_ROWS2_TARGET: "GrokctlQMatmulRows2",
     QMATMUL3_TARGET: "GrokctlQMatmul3",
     ARGMAX_TARGET: "GrokctlArgmax",
     MATMUL_NT_TARGET: "GrokctlMatmulNT",
@@ -217,6 +221,21 @@ def qmatmul_rows(
     (or packed int4 uint8 [E, K/2, N]) with scales [E, G, N] -> f32 [A, N], in one call."""
     idx = experts.astype(jnp.int32)
     return _call(QMATMUL_ROWS_TARGET, (x.shape[0], weight.shape[-1]), x, weight, scales, idx)  # type: ignore[no-any-return]
+
+
+def qmatmul_rows2(
+    x: jax.Array,
+    first: tuple[jax.Array, jax.Array],
+    second: tuple[jax.Array, jax.Array],
+    experts: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """`qmatmul_rows` of x [A, K] with two (weight [E, K(/2), N_j], scales [E, G_j, N_j]) pairs
+    of the same experts -> (f32 [A, N_0], f32 [A, N_1]), in one call."""
+    _require()
+    idx = experts.astype(jnp.int32)
+    outs = tuple(jax.ShapeDtypeStruct((x.shape[0], w.shape[-1]), jnp.float32) for w, _ in (first, second))
+    y0, y1 = jax.ffi.ffi_call(QMATMUL_ROWS2_TARGET, outs)(x, *first, *second, idx)
+    return y0, y1
 
 
 def qmatmul3(x: jax.Array, *weights: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, ...]:

@@ -977,27 +977,40 @@ ffi::Error QMatmul4Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   return qmatmul_impl(pool, x, w, s, expert, y, 4, "grokctl_qmatmul4");
 }
 
-// y[A, N] = row a of x [A, K] times expert idx[a]'s matrix of w [E, K(/2), N] (int8, or packed
-// int4 as uint8): a MoE step's assignments in one call. Rows choosing the same expert share
-// one pass over its weights; all chosen experts' units run in one parallel loop.
-ffi::Error QMatmulRowsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer s,
-                           ffi::Buffer<ffi::S32> idx, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+// y_j[A, N_j] = row a of x [A, K] times expert idx[a]'s matrix of w_j [E, K(/2), N_j] (int8,
+// or packed int4 as uint8) for one or two weights sharing the experts (a MoE layer's gate and
+// up projections): a MoE step's assignments in one call. Rows choosing the same expert share
+// one pass over its weights; every chosen expert's units of every weight run in one parallel
+// loop (one thread-pool wake-up, not one per matrix).
+ffi::Error rows_impl(ffi::ThreadPool& pool, const char* name, ffi::AnyBuffer x, int nmat,
+                     const ffi::AnyBuffer* const* ws, const ffi::AnyBuffer* const* ss,
+                     ffi::Buffer<ffi::S32>& idx, float* const* ys) {
   const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  const auto sd = s.dimensions();
+  auto bad = [&](const char* what) { return ffi::Error::InvalidArgument(std::string(name) + ": " + what); };
   if (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)
-    return ffi::Error::InvalidArgument("grokctl_qmatmul_rows: x must be f32 or bf16");
-  const int bits = w.element_type() == ffi::DataType::S8 ? 8 : w.element_type() == ffi::DataType::U8 ? 4 : 0;
-  if (bits == 0 || s.element_type() != ffi::DataType::BF16)
-    return ffi::Error::InvalidArgument("grokctl_qmatmul_rows: w must be int8 or packed int4 (uint8), scales bf16");
-  if (xd.size() != 2 || wd.size() != 3 || sd.size() != 3 || idx.element_count() != size_t(xd[0]))
-    return ffi::Error::InvalidArgument("grokctl_qmatmul_rows: bad ranks");
-  const int64_t A = xd[0], K = xd[1], E = wd[0], N = wd[2], G = sd[1];
-  const int64_t Kp = bits == 8 ? K : K / 2;
-  if (wd[1] != Kp || sd[0] != E || sd[2] != N || G <= 0 || K % G != 0 || (bits == 4 && (K / G) % 2))
-    return ffi::Error::InvalidArgument("grokctl_qmatmul_rows: shape mismatch");
+    return bad("x must be f32 or bf16");
+  if (xd.size() != 2 || idx.element_count() != size_t(xd[0])) return bad("bad ranks");
+  const int64_t A = xd[0], K = xd[1];
   const int level = isa();
-  const bool split_k = bits == 4 || level >= kAvx512;
+  int bits[2] = {0, 0};
+  int64_t E = -1, N[2] = {0, 0}, G[2] = {0, 0};
+  bool split_k = true;
+  for (int j = 0; j < nmat; ++j) {
+    const auto wd = ws[j]->dimensions();
+    const auto sd = ss[j]->dimensions();
+    bits[j] = ws[j]->element_type() == ffi::DataType::S8 ? 8 : ws[j]->element_type() == ffi::DataType::U8 ? 4 : 0;
+    if (bits[j] == 0 || ss[j]->element_type() != ffi::DataType::BF16)
+      return bad("w must be int8 or packed int4 (uint8), scales bf16");
+    if (wd.size() != 3 || sd.size() != 3) return bad("bad ranks");
+    N[j] = wd[2];
+    G[j] = sd[1];
+    const int64_t Kp = bits[j] == 8 ? K : K / 2;
+    if (wd[1] != Kp || sd[0] != wd[0] || sd[2] != N[j] || G[j] <= 0 || K % G[j] != 0 ||
+        (bits[j] == 4 && (K / G[j]) % 2) || (E >= 0 && wd[0] != E))
+      return bad("shape mismatch");
+    E = wd[0];
+    split_k = split_k && (bits[j] == 4 || level >= kAvx512);
+  }
   static thread_local std::vector<float> xtmp, xg, yg;
   static thread_local std::vector<uint16_t> xbg;
   static thread_local std::vector<int64_t> order;
@@ -1010,32 +1023,58 @@ ffi::Error QMatmulRowsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
   auto expert_of = [&](int64_t a) { return std::min<int64_t>(std::max<int64_t>(ids[a], 0), E - 1); };
   std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return expert_of(i) < expert_of(j); });
   xg.resize(size_t(A * K));
-  yg.resize(size_t(A * N));
+  yg.resize(size_t(A * (N[0] + N[1])));
   if (xb) xbg.resize(size_t(A * K));
   for (int64_t r = 0; r < A; ++r) {
     std::memcpy(xg.data() + r * K, xf + order[r] * K, sizeof(float) * K);
     if (xb) std::memcpy(xbg.data() + r * K, xb + order[r] * K, sizeof(uint16_t) * K);
   }
   ps.clear();
-  const int8_t* wbase = reinterpret_cast<const int8_t*>(w.untyped_data());
-  const uint16_t* sbase = reinterpret_cast<const uint16_t*>(s.untyped_data());
-  for (int64_t r = 0; r < A;) {
-    const int64_t e = expert_of(order[r]);
-    int64_t r1 = r;
-    while (r1 < A && expert_of(order[r1]) == e) ++r1;
-    ps.push_back(QProblem{xg.data() + r * K, xb ? xbg.data() + r * K : nullptr, wbase + e * Kp * N,
-                          sbase + e * G * N, yg.data() + r * N, r1 - r, K, N, G});
-    r = r1;
+  for (int j = 0; j < nmat; ++j) {
+    const int64_t Kp = bits[j] == 8 ? K : K / 2;
+    const int8_t* wbase = reinterpret_cast<const int8_t*>(ws[j]->untyped_data());
+    const uint16_t* sbase = reinterpret_cast<const uint16_t*>(ss[j]->untyped_data());
+    float* yj = yg.data() + A * (j ? N[0] : 0);
+    for (int64_t r = 0; r < A;) {
+      const int64_t e = expert_of(order[r]);
+      int64_t r1 = r;
+      while (r1 < A && expert_of(order[r1]) == e) ++r1;
+      QProblem q{xg.data() + r * K, xb ? xbg.data() + r * K : nullptr, wbase + e * Kp * N[j],
+                 sbase + e * G[j] * N[j], yj + r * N[j], r1 - r, K, N[j], G[j]};
+      q.bits = bits[j];
+      ps.push_back(q);
+      r = r1;
+    }
   }
   slab_gemv_many(
       pool, ps,
       [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
-        gemv_unit(level, bits, q, k0, k1, n0, n1, out);
+        gemv_unit(level, q.bits, q, k0, k1, n0, n1, out);
       },
       split_k);
-  float* yd = y->typed_data();
-  for (int64_t r = 0; r < A; ++r) std::memcpy(yd + order[r] * N, yg.data() + r * N, sizeof(float) * N);
+  for (int j = 0; j < nmat; ++j) {
+    const float* yj = yg.data() + A * (j ? N[0] : 0);
+    for (int64_t r = 0; r < A; ++r)
+      std::memcpy(ys[j] + order[r] * N[j], yj + r * N[j], sizeof(float) * N[j]);
+  }
   return ffi::Error::Success();
+}
+
+ffi::Error QMatmulRowsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer s,
+                           ffi::Buffer<ffi::S32> idx, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const ffi::AnyBuffer* ws[1] = {&w};
+  const ffi::AnyBuffer* ss[1] = {&s};
+  float* ys[1] = {y->typed_data()};
+  return rows_impl(pool, "grokctl_qmatmul_rows", x, 1, ws, ss, idx, ys);
+}
+
+ffi::Error QMatmulRows2Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w0, ffi::AnyBuffer s0,
+                            ffi::AnyBuffer w1, ffi::AnyBuffer s1, ffi::Buffer<ffi::S32> idx,
+                            ffi::Result<ffi::Buffer<ffi::F32>> y0, ffi::Result<ffi::Buffer<ffi::F32>> y1) {
+  const ffi::AnyBuffer* ws[2] = {&w0, &w1};
+  const ffi::AnyBuffer* ss[2] = {&s0, &s1};
+  float* ys[2] = {y0->typed_data(), y1->typed_data()};
+  return rows_impl(pool, "grokctl_qmatmul_rows2", x, 2, ws, ss, idx, ys);
 }
 
 // idx[B] = the first index of each row's maximum over x[B, V][:, :limit] (f32); a NaN counts as
@@ -1333,6 +1372,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlQMatmulRows, QMatmulRowsImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlQMatmulRows2, QMatmulRows2Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlArgmax, ArgmaxImpl,

@@ -33,6 +33,7 @@ from grokctl.model.quant import (
     qeinsum,
     qmatmul,
     qmatmul_rows,
+    qmatmul_rows2,
     rows_kernel_ok,
     take_expert,
 )
@@ -160,14 +161,14 @@ def block_size(n_tokens: int, k: int, n_experts: int) -> int:
 
 def moe_rows(x, gates, experts, w, v, w1) -> jax.Array:  # type: ignore[no-untyped-def]
     """Few assignments (decode, native CPU kernels): every (token, expert) pair is one row of a
-    single kernel call per matrix, which reads each chosen expert once. The same rounding points
-    and per-row sums as `_expert_ffn` on each expert."""
+    single kernel call per matrix (the gate and up projections share one), which reads each
+    chosen expert once. The same rounding points and per-row sums as `_expert_ffn` on each
+    expert."""
     n, d = x.shape
     k = experts.shape[1]
     idx = experts.reshape(n * k)
     rows = jnp.repeat(x.astype(BF16), k, axis=0)  # [N*k, D], token-major like experts
-    hw = round_bf16(qmatmul_rows(rows, w, idx))
-    hv = round_bf16(qmatmul_rows(rows, v, idx))
+    hw, hv = (round_bf16(h) for h in qmatmul_rows2(rows, w, v, idx))
     hidden = jax.nn.gelu(hw) * hv
     out = qmatmul_rows(hidden, w1, idx)  # [N*k, D] f32
     return _combine(out.reshape(n, k, d), gates)

@@ -243,6 +243,16 @@ def qmatmul_rows(x: jax.Array, w: QuantizedWeight, experts: jax.Array) -> jax.Ar
     return kernels.qmatmul_rows(xf, w.weight, w.scales, experts)
 
 
+def qmatmul_rows2(
+    x: jax.Array, w: QuantizedWeight, v: QuantizedWeight, experts: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(`qmatmul_rows`(x, w), `qmatmul_rows`(x, v)) in one kernel call: the same values."""
+    from grokctl import kernels
+
+    xf = x if x.dtype == jnp.float32 else x.astype(jnp.bfloat16)
+    return kernels.qmatmul_rows2(xf, (w.weight, w.scales), (v.weight, v.scales), experts)
+
+
 def unembed(h: jax.Array, table: Any) -> jax.Array:
     """Logits h [..., D] . table[V, D]^T with bf16 operands and f32 accumulation -> bf16
     [..., V] (the reference's bf16 matmul of the tied embedding); an int8-per-row table
