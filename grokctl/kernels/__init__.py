@@ -233,7 +233,9 @@ def qmatmul_rows2(
     of the same experts -> (f32 [A, N_0], f32 [A, N_1]), in one call."""
     _require()
     idx = experts.astype(jnp.int32)
-    outs = tuple(jax.ShapeDtypeStruct((x.shape[0], w.shape[-1]), jnp.float32) for w, _ in (first, second))
+    outs = tuple(
+        jax.ShapeDtypeStruct((x.shape[0], w.shape[-1]), jnp.float32) for w, _ in (first, second)
+    )
     y0, y1 = jax.ffi.ffi_call(QMATMUL_ROWS2_TARGET, outs)(x, *first, *second, idx)
     return y0, y1
 
