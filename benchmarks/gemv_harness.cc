@@ -4,28 +4,10 @@
 //
 //   g++ -O3 -std=c++20 -pthread -isystem $(python -c "import jax; print(jax.ffi.include_dir())") \
 //       benchmarks/gemv_harness.cc -o /tmp/gemv_harness && /tmp/gemv_harness
-#include "../grokctl/kernels/cpu_kernels.cc"
-
-#include <chrono>
-#include <cstdio>
-#include <thread>
-
-namespace {
-AVX512 long read_sum(const int8_t* p, size_t n) {
-  __m512i a = _mm512_setzero_si512(), b = a;
-  for (size_t i = 0; i + 128 <= n; i += 128) {
-    a = _mm512_add_epi32(a, _mm512_loadu_si512(p + i));
-    b = _mm512_add_epi32(b, _mm512_loadu_si512(p + i + 64));
-  }
-  return _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
-}
-}  // namespace
+#include "harness.h"
 
 int main() {
-  if (isa() < kAvx512) {
-    std::printf("this CPU lacks AVX-512: the harness times that path only\n");
-    return 0;
-  }
+  if (!harness::has_avx512()) return 0;
   const int64_t K = 1024, N = 5120, G = 8, M = 1, copies = 40, per_rep = 8;
   std::vector<int8_t> w(size_t(K * N * copies));
   for (size_t i = 0; i < w.size(); ++i) w[i] = int8_t((i * 2654435761u) >> 24);
@@ -44,7 +26,7 @@ int main() {
               const int8_t* wm = w.data() + size_t((r * per_rep + c) % copies) * K * N;
               QProblem p{x.data(), xb.data(), wm, s.data(), y.data(), M, K, N, G};
               for (int u = t; u < 4; u += threads) {  // 4 slabs of 256 rows, as the kernel cuts
-                if (kind == 0) sink += read_sum(wm + u * 256 * N, size_t(256 * N));
+                if (kind == 0) sink += harness::read_sum(wm + u * 256 * N, size_t(256 * N));
                 else q8_block_512(p, u * 256, u * 256 + 256, 0, N, y.data() + u * N);
               }
             }

@@ -7,30 +7,12 @@
 //
 //   g++ -O3 -std=c++20 -pthread -isystem $(python -c "import jax; print(jax.ffi.include_dir())") \
 //       benchmarks/logits_harness.cc -o /tmp/logits_harness && /tmp/logits_harness
-#include "../grokctl/kernels/cpu_kernels.cc"
+#include "harness.h"
 
 #include <sys/mman.h>
 
-#include <chrono>
-#include <cstdio>
-#include <thread>
-
-namespace {
-AVX512 long read_sum(const int8_t* p, size_t n) {
-  __m512i a = _mm512_setzero_si512(), b = a;
-  for (size_t i = 0; i + 128 <= n; i += 128) {
-    a = _mm512_add_epi32(a, _mm512_loadu_si512(p + i));
-    b = _mm512_add_epi32(b, _mm512_loadu_si512(p + i + 64));
-  }
-  return _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
-}
-}  // namespace
-
 int main() {
-  if (isa() < kAvx512) {
-    std::printf("this CPU lacks AVX-512: the harness times that path only\n");
-    return 0;
-  }
+  if (!harness::has_avx512()) return 0;
   const int64_t V = 131072, D = 1024;
   const size_t bytes = size_t(V * D);
   int8_t* t = static_cast<int8_t*>(std::aligned_alloc(size_t(1) << 21, bytes));
@@ -49,7 +31,7 @@ int main() {
           th.emplace_back([&, k] {
             const int64_t v0 = V / threads * k, v1 = V / threads * (k + 1);
             if (kind == 0) {
-              sink += read_sum(t + v0 * D, size_t((v1 - v0) * D));
+              sink += harness::read_sum(t + v0 * D, size_t((v1 - v0) * D));
             } else {
               NTP<int8_t> p{x.data(), nullptr, t, y.data(), 1, D, V};
               for (int64_t u = v0; u < v1; u += kTableRows) nt_rows_512(p, u, std::min(v1, u + kTableRows));
