@@ -143,7 +143,7 @@ def qeinsum(spec: str, x: jax.Array, w: Any) -> jax.Array:
 
 def take_expert(w: Any, e: jax.Array) -> Any:
     """Expert `e`'s slice of an [E, K, N] (quantized) weight: reads only that expert's bytes."""
-    if isinstance(w, QuantizedWeight) and _kernel_operand(w) and _use_kernels():
+    if isinstance(w, QuantizedWeight) and _kernel_operand(w) and kernels_active():
         return ExpertSlice(w, e)
     pick = lambda a: jax.lax.dynamic_index_in_dim(a, e, axis=0, keepdims=False)  # noqa: E731
     return jax.tree_util.tree_map(pick, w)
@@ -174,9 +174,10 @@ def chunked_qmatmul(enabled: bool) -> Iterator[None]:
         _chunked.reset(token)
 
 
-def _use_kernels() -> bool:
-    """Single-device CPU trace (`chunked_qmatmul(True)`) and the native kernels are available
-    (built, loaded, not disabled by GROKCTL_CPU_KERNELS=0)."""
+def kernels_active() -> bool:
+    """At trace time: this program runs on one CPU device (the engine's `chunked_qmatmul(True)`
+    context) and the native kernels are available (built, loaded, not disabled by
+    GROKCTL_CPU_KERNELS=0)."""
     if not _chunked.get():
         return False
     from grokctl import kernels
@@ -184,10 +185,9 @@ def _use_kernels() -> bool:
     return kernels.available()
 
 
-def kernels_active() -> bool:
-    """At trace time: this program runs on one CPU device with the native kernels (the engine's
-    `chunked_qmatmul(True)` context and the kernels available)."""
-    return _use_kernels()
+def _kernel_x(x: jax.Array) -> jax.Array:
+    """Activations as the kernels take them: f32 as given, anything else as bf16."""
+    return x if x.dtype == jnp.float32 else x.astype(jnp.bfloat16)
 
 
 def cpu_kernels_enabled(single_device_cpu: bool) -> bool:
@@ -208,13 +208,13 @@ def qmatmul_many(x: jax.Array, weights: list[Any]) -> list[jax.Array]:
         and m <= KERNEL_MAX_M
         and all(isinstance(w, QuantizedWeight) and w.weight.ndim == 2 for w in weights)
         and all(_kernel_operand(w) for w in weights)
-        and _use_kernels()
+        and kernels_active()
     )
     if not ok:
         return [qmatmul(x, w) for w in weights]
     from grokctl import kernels
 
-    xf = x if x.dtype == jnp.float32 else x.astype(jnp.bfloat16)
+    xf = _kernel_x(x)
     ys = kernels.qmatmul3(xf.reshape(-1, xf.shape[-1]), *((w.weight, w.scales) for w in weights))
     return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
 
@@ -229,7 +229,7 @@ def rows_kernel_ok(rows: int, *weights: Any) -> bool:
     return (
         rows <= ROWS_KERNEL_MAX
         and all(isinstance(w, QuantizedWeight) and _kernel_operand(w) for w in weights)
-        and _use_kernels()
+        and kernels_active()
     )
 
 
@@ -239,7 +239,7 @@ def qmatmul_rows(x: jax.Array, w: QuantizedWeight, experts: jax.Array) -> jax.Ar
     sums as `qmatmul` on that expert."""
     from grokctl import kernels
 
-    xf = x if x.dtype == jnp.float32 else x.astype(jnp.bfloat16)
+    xf = _kernel_x(x)
     return kernels.qmatmul_rows(xf, w.weight, w.scales, experts)
 
 
@@ -249,7 +249,7 @@ def qmatmul_rows2(
     """(`qmatmul_rows`(x, w), `qmatmul_rows`(x, v)) in one kernel call: the same values."""
     from grokctl import kernels
 
-    xf = x if x.dtype == jnp.float32 else x.astype(jnp.bfloat16)
+    xf = _kernel_x(x)
     return kernels.qmatmul_rows2(xf, (w.weight, w.scales), (v.weight, v.scales), experts)
 
 
@@ -261,7 +261,7 @@ def unembed(h: jax.Array, table: Any) -> jax.Array:
     hb = h.astype(jnp.bfloat16)
     m = math.prod(h.shape[:-1])
     if isinstance(table, QuantizedWeight):  # int8 per row [V, D] + scales [V, 1]: (h . W^T) * s^T
-        if m <= KERNEL_MAX_M and _use_kernels():
+        if m <= KERNEL_MAX_M and kernels_active():
             from grokctl import kernels
 
             acc = kernels.matmul_nt_int8(hb.reshape(-1, hb.shape[-1]), table.weight)
@@ -269,7 +269,7 @@ def unembed(h: jax.Array, table: Any) -> jax.Array:
         else:
             acc = qmatmul(hb, table.weight.T)  # f32 [..., V]
         return (acc * table.scales[:, 0].astype(jnp.float32)).astype(jnp.bfloat16)
-    if table.dtype == jnp.bfloat16 and m <= KERNEL_MAX_M and _use_kernels():
+    if table.dtype == jnp.bfloat16 and m <= KERNEL_MAX_M and kernels_active():
         from grokctl import kernels
 
         y = kernels.matmul_nt_bf16(hb.reshape(-1, hb.shape[-1]), table)
@@ -342,9 +342,9 @@ def qmatmul(x: jax.Array, w: Any) -> jax.Array:
     Exact int8 values (see the module docstring), int4 values rounded to bf16, and x as given
     (bf16 activations, or f32 for the expert output projection).
     """
-    xf = x if x.dtype == jnp.float32 else x.astype(jnp.bfloat16)
+    xf = _kernel_x(x)
     m = math.prod(x.shape[:-1])
-    if _kernel_operand(w) and m <= KERNEL_MAX_M and _use_kernels():
+    if _kernel_operand(w) and m <= KERNEL_MAX_M and kernels_active():
         from grokctl import kernels
 
         full, e = (w.full, w.expert) if isinstance(w, ExpertSlice) else (w, 0)
