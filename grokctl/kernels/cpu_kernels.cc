@@ -16,14 +16,18 @@
 // most GROKCTL_CPU_THREADS (default: the CPUs this process may run on).
 
 #include <sched.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -735,12 +739,8 @@ int isa() {
   return detected;
 }
 
-// GROKCTL_CPU_THREADS, else the CPUs this process may run on.
-int max_threads() {
-  if (const char* env = std::getenv("GROKCTL_CPU_THREADS")) {
-    const int want = std::atoi(env);
-    if (want > 0) return want;
-  }
+// The CPUs this process may run on.
+int affinity_cpus() {
   static const int value = [] {
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, int(CPU_COUNT(&set)));
@@ -749,13 +749,124 @@ int max_threads() {
   return value;
 }
 
-// Run body(i) for i in [0, units) on the calling thread and up to threads-1 pool tasks. Each
-// worker owns a contiguous range of units and runs it in order, so consecutive units of a
-// weight stream (the slabs of one matrix) run on one core, whose prefetches of the next rows
-// run on into its next unit; a worker that runs out takes units off the back of another's range.
-// Ranges are claimed with a compare-and-swap on (front, back), so a task that starts late finds
-// its range taken and returns without touching `body` (which lives on the caller's stack): the
-// caller only waits for units actually being worked on.
+// GROKCTL_CPU_THREADS, else affinity_cpus().
+int max_threads() {
+  if (const char* env = std::getenv("GROKCTL_CPU_THREADS")) {
+    const int want = std::atoi(env);
+    if (want > 0) return want;
+  }
+  return affinity_cpus();
+}
+
+// Helper threads of the kernels' own, which stay awake for a while after each call. A decode
+// step makes ~40 kernel calls a few microseconds apart; XLA's intra-op pool parks its threads
+// between them, and a parked thread took 20-100 us (at times over 1 ms) to start on the next
+// call (measured: docs/PERFORMANCE.md, "Decode, fifth round"), the caller streaming alone
+// meanwhile. A helper here spins (with pause) for GROKCTL_CPU_SPIN_US (default kSpinUs)
+// after its last job, then sleeps on the job counter (futex); with more workers than CPUs
+// (GROKCTL_CPU_THREADS above them) it sleeps at once, leaving the CPUs to those still working.
+// One caller at a time holds the helpers; a concurrent caller (several XLA devices in one
+// process) uses XLA's pool instead.
+// The state is never destroyed (threads may outlive static destructors at exit), and a forked
+// child builds its own.
+constexpr int kSpinUs = 2000;
+
+class Helpers {
+ public:
+  using Task = std::function<void(int)>;
+
+  static Helpers& get() {
+    static std::atomic<Helpers*> current{nullptr};
+    Helpers* h = current.load(std::memory_order_acquire);
+    if (h == nullptr || h->pid_ != getpid()) {
+      static std::mutex m;
+      std::lock_guard<std::mutex> lock(m);
+      h = current.load(std::memory_order_acquire);
+      if (h == nullptr || h->pid_ != getpid()) {
+        h = new Helpers();  // never deleted: see above
+        current.store(h, std::memory_order_release);
+      }
+    }
+    return *h;
+  }
+
+  // Start task(1) .. task(n) on helpers; false (nothing started) when another caller holds them.
+  bool start(int n, std::shared_ptr<const Task> task) {
+    if (busy_.exchange(true, std::memory_order_acquire)) return false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (int(threads_) < n) {
+        const int self = int(++threads_);
+        std::thread([this, self] { loop(self); }).detach();
+      }
+      task_ = std::move(task);
+      workers_ = n;
+      spin_ = n + 1 <= affinity_cpus();
+      gen_.fetch_add(1, std::memory_order_seq_cst);
+    }
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) gen_.notify_all();
+    return true;
+  }
+
+  void release() { busy_.store(false, std::memory_order_release); }
+
+ private:
+  Helpers() : pid_(getpid()) {
+    const char* env = std::getenv("GROKCTL_CPU_SPIN_US");
+    spin_us_ = env ? std::max(0, std::atoi(env)) : kSpinUs;
+  }
+
+  void loop(int self) {
+    uint32_t seen = 0;
+    bool spin = true;
+    for (;;) {
+      uint32_t g = gen_.load(std::memory_order_acquire);
+      const auto t0 = std::chrono::steady_clock::now();
+      const auto limit = std::chrono::microseconds(spin ? spin_us_ : 0);
+      for (int spins = 0; g == seen; g = gen_.load(std::memory_order_acquire)) {
+        if (++spins % 64 == 0 && std::chrono::steady_clock::now() - t0 > limit) {
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          gen_.wait(seen, std::memory_order_seq_cst);
+          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+        } else {
+#ifdef GROKCTL_X86
+          _mm_pause();
+#endif
+        }
+      }
+      std::shared_ptr<const Task> task;
+      int workers;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        seen = gen_.load(std::memory_order_relaxed);
+        task = task_;
+        workers = workers_;
+        spin = spin_;
+      }
+      if (task && self <= workers) (*task)(self);
+    }
+  }
+
+  const pid_t pid_;
+  int spin_us_ = kSpinUs;
+  std::atomic<bool> busy_{false};
+  std::mutex mu_;
+  std::atomic<uint32_t> gen_{0};
+  std::atomic<int> sleepers_{0};
+  std::shared_ptr<const Task> task_;  // under mu_
+  int workers_ = 0;                   // under mu_
+  bool spin_ = true;                  // under mu_
+  unsigned threads_ = 0;              // under mu_
+};
+
+// Run body(i) for i in [0, units) on the calling thread and up to threads-1 helpers (the
+// kernels' own, else tasks on XLA's pool). Each worker owns a contiguous range of units and
+// runs it in order, so consecutive units of a weight stream (the slabs of one matrix) run on
+// one core, whose prefetches of the next rows run on into its next unit; a worker that runs out
+// takes units off the back of another's range. Ranges are claimed with a compare-and-swap on
+// (front, back), so a helper that starts late finds its range taken and returns without
+// touching `body` (which lives on the caller's stack): the caller only waits for units
+// actually being worked on.
 template <class F>
 void parallel_for(ffi::ThreadPool& pool, int64_t units, F&& body) {
   const int threads = int(std::min<int64_t>(max_threads(), units));
@@ -798,7 +909,10 @@ void parallel_for(ffi::ThreadPool& pool, int64_t units, F&& body) {
     if (finished && st->done.fetch_add(finished, std::memory_order_acq_rel) + finished == units)
       st->done.notify_all();
   };
-  for (int t = 1; t < threads; ++t) pool.Schedule([work, t] { work(t); });
+  Helpers& helpers = Helpers::get();
+  const bool own = helpers.start(threads - 1, std::make_shared<const Helpers::Task>(work));
+  if (!own)
+    for (int t = 1; t < threads; ++t) pool.Schedule([work, t] { work(t); });
   work(0);
   // A short spin (the last units finish within microseconds on an idle machine), then sleep
   // on the counter (futex): spinning on a loaded machine burns the CPU the helper needs.
@@ -808,6 +922,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t units, F&& body) {
 #endif
   }
   for (int64_t d; (d = st->done.load(std::memory_order_acquire)) < units;) st->done.wait(d);
+  if (own) helpers.release();
 }
 
 const uint16_t* bf16_bits(ffi::AnyBuffer x) {
