@@ -251,22 +251,26 @@ class _Batch:
         )
 
 
-def _choose(
-    engine: Engine, batch: _Batch, rows: _Rows, logits: jax.Array, step: int
-) -> tuple[jax.Array, np.ndarray]:
-    """Sample one token per row (on the device, and its host copy); with `logprobs`, record the
-    top-N log-probabilities of each unfinished row's token."""
-    params = rows.params
+def _pick(engine: Engine, batch: _Batch, rows: _Rows, logits: jax.Array, step: int) -> jax.Array:
+    """Sample one token per row, on the device (dispatched, not waited for)."""
     adjusted = logits
-    if params.adjusts_logits:  # through the engine: its compile time is counted apart
+    if rows.params.adjusts_logits:  # through the engine: its compile time is counted apart
         window = rows.recent()
         adjusted = engine._run(
             "adjust", _adjust, (logits, window, batch.repeat_penalty, batch.min_p)
         )
-    tok = engine.sample(
+    return engine.sample(
         adjusted, batch.seeds, step, batch.temperature, batch.top_p, batch.top_k,
         batch.vocab_limit,
     )  # fmt: skip
+
+
+def _record(
+    engine: Engine, batch: _Batch, rows: _Rows, logits: jax.Array, tok: jax.Array
+) -> np.ndarray:
+    """The sampled tokens on the host (waits for them); with `logprobs`, record the top-N
+    log-probabilities of each unfinished row's token."""
+    params = rows.params
     host = np.asarray(jax.device_get(tok))
     if rows.logprobs is not None:
         lp = engine._run(
@@ -286,7 +290,7 @@ def _choose(
                         ],
                     }
                 )
-    return tok, host
+    return host
 
 
 @dataclasses.dataclass
@@ -305,32 +309,67 @@ def _decode_loop(
     on_token: OnToken | None,
 ) -> _Timing:
     """Prefill, then one decode step at a time until every row has finished (or the cache is
-    full, or Ctrl-C); compile time is measured apart from prefill and decode time."""
+    full, or Ctrl-C); compile time is measured apart from prefill and decode time.
+
+    Decode steps are pipelined: step s+1 (fed step s's token on the device) is dispatched
+    before step s's token is fetched, so the host's work per step (the dispatch, the token's
+    trip to the host, on_token) overlaps the device's instead of idling it. When a row then
+    turns out to have finished (EOS, a stop string) the step already dispatched is discarded:
+    the same tokens as one step at a time, never waited for. Not pipelined: repeat penalty /
+    min-p (their window needs step s's token on the host) and routing collections (the extra
+    step would count)."""
     timing = _Timing()
     compile0 = compile1 = engine.compile_seconds
+    pipelined = not rows.params.adjusts_logits and not engine.collecting_routing
+    longest = int(batch.lengths.max())
     t0 = time.perf_counter()
     try:
         cache = engine.new_cache(batch.b, batch.cache_len)
         logits, cache = engine.prefill(batch.tokens, batch.lengths, cache)
-        next_tok, host_tok = _choose(engine, batch, rows, logits, 0)
+        tok = _pick(engine, batch, rows, logits, 0)
+        host_tok = _record(engine, batch, rows, logits, tok)
         timing.prefill_s = time.perf_counter() - t0 - (engine.compile_seconds - compile0)
         compile1 = engine.compile_seconds
         t1 = time.perf_counter()
+        ahead: tuple[jax.Array, jax.Array] | None = None  # (logits, token) of a dispatched step
         while True:
             _accept(rows, host_tok, batch.lengths, engine.cfg, decode_text, on_token)
             if rows.done:
                 break
-            if int(batch.lengths.max()) + timing.steps + 1 >= batch.cache_len:
+            if longest + timing.steps + 1 >= batch.cache_len:
                 rows.finish = [f or FINISH_CONTEXT for f in rows.finish]  # full for the longest
                 break
             timing.steps += 1
-            logits, cache = engine.decode(next_tok, cache)
-            next_tok, host_tok = _choose(engine, batch, rows, logits, timing.steps)
+            if ahead is None:
+                logits, cache = engine.decode(tok, cache)
+                tok = _pick(engine, batch, rows, logits, timing.steps)
+            else:
+                logits, tok = ahead
+            ahead = None
+            if (
+                pipelined
+                and longest + timing.steps + 1 < batch.cache_len
+                and not _all_finish_next(rows, batch.lengths, engine.cfg)
+            ):
+                next_logits, cache = engine.decode(tok, cache)
+                ahead = (next_logits, _pick(engine, batch, rows, next_logits, timing.steps + 1))
+            host_tok = _record(engine, batch, rows, logits, tok)
         timing.decode_s = time.perf_counter() - t1 - (engine.compile_seconds - compile1)
     except KeyboardInterrupt:
         rows.interrupt()
     timing.compile_s = engine.compile_seconds - compile0
     return timing
+
+
+def _all_finish_next(rows: _Rows, lengths: np.ndarray, cfg: ModelConfig) -> bool:
+    """Whether the next token finishes every unfinished row whatever it is (max tokens or the
+    context reached): then no further step is dispatched ahead."""
+    return all(
+        len(rows.out[i]) + 1 >= rows.params.max_tokens
+        or lengths[i] + len(rows.out[i]) + 1 >= cfg.sequence_len
+        for i in range(rows.n)
+        if rows.finish[i] is None
+    )
 
 
 def _completions(

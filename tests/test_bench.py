@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from grokctl import bench, costmodel
@@ -197,3 +198,22 @@ def test_runner_reuses_its_programs_across_runs(grok_tiny: Path) -> None:
     second = runner.run(case, reps=2)
     assert model.engine.programs == programs and second.compile_s == 0.0
     assert first.compile_s > 0 and len(first.token_s) == 2 * 3 and len(first.tok_s) == 2
+
+
+def test_pipelined_tg_feeds_what_one_step_at_a_time_samples(grok_tiny: Path) -> None:
+    """tg dispatches step s+1 before fetching step s's token: the tokens it feeds are those a
+    step-at-a-time loop from the same cache samples, and it times one interval per step."""
+    import grokctl
+
+    model = grokctl.load_model(grok_tiny, mesh="2x4")
+    eng = model.engine
+    runner = bench.Runner(eng, seed=5)
+    case = bench.Case("tg", 6, 3, 2, "sparse")
+    cache = runner._fill(eng, case)
+    times, fed = runner._tg(eng, case, runner._copy(cache), 6)
+    assert fed.shape == (2, 6) and len(times) == 6 and all(t > 0 for t in times)
+    tok, cache = fed[:, 0], runner._copy(cache)
+    for step in range(1, 6):
+        logits, cache = eng.decode(tok, cache)
+        tok = eng.fetch(runner._sample(eng, logits, step - 1))
+        np.testing.assert_array_equal(tok, fed[:, step])

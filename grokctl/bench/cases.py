@@ -1,7 +1,8 @@
 """Benchmark cases in llama-bench's vocabulary, and the runner that times them on an engine.
 
 A case is `pp<P>` (a prompt of P tokens, timed to the first sampled token on the host) or
-`tg<N>` (N decode steps, each timed to its sampled token on the host), after a context of
+`tg<N>` (N decode steps, pipelined as `generate` runs them, each timed from the previous
+token's arrival on the host to its own), after a context of
 `depth` tokens already in the KV cache, for `batch` rows and one MoE kernel. Every combination
 of the given lists is a case. The depth is filled once per case, untimed; each repetition
 starts from a copy of that cache. One untimed warm-up run per case compiles and warms the
@@ -159,22 +160,18 @@ class Runner:
     """Times cases on one engine per MoE kernel (sharing the loaded parameters).
 
     `routing`: after each case's timed repetitions, replay their tokens once more, untimed,
-    with a routing collection on (CaseResult.routing; see the module docstring).
-    `on_step` observes each timed step (the case, "prefill" or "decode", the step's logits)
-    outside the timings."""
+    with a routing collection on (CaseResult.routing; see the module docstring)."""
 
     def __init__(
         self,
         engine: Engine,
         seed: int = 0,
-        on_step: Callable[[Case, str, Any], None] | None = None,
         routing: bool = False,
     ):
         self.base = engine
         self.cfg = engine.cfg
         self.engines: dict[str, Engine] = {engine.opts.moe_kernel: engine}
         self.rng = np.random.default_rng(seed)
-        self.on_step = on_step
         self.routing = routing
         self.host_rss_peak = hw.host_rss()
         self._copy = jax.jit(lambda c: jax.tree_util.tree_map(jnp.copy, c))
@@ -216,28 +213,32 @@ class Runner:
         start = time.perf_counter()
         logits, cache = eng.prefill(prompt, lengths, cache)
         eng.fetch(self._sample(eng, logits, 0))
-        elapsed = time.perf_counter() - start
-        if self.on_step:
-            self.on_step(case, "prefill", logits)
-        return elapsed, prompt
+        return time.perf_counter() - start, prompt
 
     def _tg(
         self, eng: Engine, case: Case, cache: KVCache, steps: int
     ) -> tuple[list[float], np.ndarray]:
-        """(seconds of each step, the tokens [B, steps] fed to decode: the random first one,
-        then each sampled token fed back; the last sampled one is never fed)."""
+        """(seconds of each step: from the previous step's token reaching the host (the first
+        from the start) to this one's; the tokens [B, steps] fed to decode: the random first
+        one, then each sampled token fed back; the last sampled one is never fed). Pipelined as
+        `generate` runs: step s+1 is dispatched, fed step s's token on the device, before step
+        s's token is fetched."""
         tok: Any = self._tokens(case.batch, 1)[:, 0]
         fed = [tok]
         times = []
+        last = time.perf_counter()
+        logits, cache = eng.decode(tok, cache)
+        tok = self._sample(eng, logits, 0)
         for step in range(steps):
-            start = time.perf_counter()
-            logits, cache = eng.decode(tok, cache)
-            tok = self._sample(eng, logits, step)
-            host = eng.fetch(tok)
-            times.append(time.perf_counter() - start)
+            current = tok
+            if step + 1 < steps:
+                logits, cache = eng.decode(current, cache)
+                tok = self._sample(eng, logits, step + 1)
+            host = eng.fetch(current)
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
             fed.append(host)
-            if self.on_step:
-                self.on_step(case, "decode", logits)
         return times, np.stack(fed[:steps], axis=1).astype(np.int32)
 
     def _routing_pass(
