@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
     not kernels.available(), reason="CPU kernels unavailable (no compiler?)"
 )
 
-ISAS = ["scalar", "avx2", "avx512", "avx512_bf16"]
+ISAS = ["scalar", "avx2", "avx512", "avx512_bf16", "avx512_vnni"]
 
 
 @pytest.fixture(params=ISAS)
@@ -585,3 +585,26 @@ def test_concurrent_calls_on_two_devices_agree() -> None:
     assert len(results[0]) == len(results[1]) == 40
     for got in results[0] + results[1]:
         np.testing.assert_array_equal(got, want)
+
+
+def test_int8_table_logits_on_vnni_are_correctly_rounded(isa: str) -> None:
+    """The VNNI path (bf16 x, int8 table) computes the dot products exactly in integers: each
+    logit is the float64 product rounded once to f32, remainders of tiny activations included;
+    a non-finite activation falls back to the f32 path (NaN, as XLA gives)."""
+    if isa != "avx512_vnni":
+        pytest.skip("the VNNI path only")
+    rng = np.random.default_rng(21)
+    table = jnp.asarray(rng.integers(-128, 128, (520, 1100), dtype=np.int8))
+    x = rng.standard_normal((3, 1100)).astype(np.float32)
+    x[1] *= 2.0**-22  # below the four digit planes of its largest entry: remainder terms
+    x[1, 0] = 1.0
+    x[2, :] = 0.0
+    xb = jnp.asarray(x, jnp.bfloat16)
+    got = np.asarray(jax.jit(kernels.matmul_nt_int8)(xb, table))
+    exact = np.asarray(xb, np.float64) @ np.asarray(table, np.float64).T
+    np.testing.assert_array_equal(got[[0, 2]], exact[[0, 2]].astype(np.float32))
+    ulp = np.spacing(np.abs(exact[1]).astype(np.float32))
+    assert np.all(np.abs(got[1] - exact[1]) <= ulp)
+    assert np.mean(got[1] == exact[1].astype(np.float32)) > 0.99
+    bad = xb.at[0, 5].set(jnp.inf).at[1, 9].set(jnp.nan)
+    assert np.isnan(np.asarray(jax.jit(kernels.matmul_nt_int8)(bad, table))[1]).all()

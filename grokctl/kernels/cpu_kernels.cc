@@ -182,6 +182,45 @@ void nt_rows_scalar(const NTP<T>& p, int64_t v0, int64_t v1) {
   }
 }
 
+// x split into digit planes for the int8-table logits on VNNI (see ntq_block_vnni).
+constexpr int kPlanes = 4;
+
+struct XPlanes {
+  int64_t Dp = 0;                      // D rounded up to 64 (digits zero-padded)
+  std::vector<int8_t> digits;          // [M, kPlanes, Dp]
+  std::vector<int64_t> bias;           // [M]: 128 sum_k 128^(kPlanes-1-k) sum_i dk_i
+  std::vector<int> exps;               // [M]: e
+  std::vector<std::vector<std::pair<int64_t, float>>> rest;  // [M]: (i, r_i) where r_i != 0
+};
+
+// False (nothing usable) when a row of x holds an inf or NaN: the f32 path propagates them.
+inline bool make_planes(const uint16_t* xb, int64_t M, int64_t D, XPlanes& xp) {
+  xp.Dp = (D + 63) / 64 * 64;
+  xp.digits.assign(size_t(M * kPlanes * xp.Dp), 0);
+  xp.bias.assign(size_t(M), 0);
+  xp.exps.assign(size_t(M), 0);
+  xp.rest.assign(size_t(M), {});
+  for (int64_t m = 0; m < M; ++m) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(bf16_to_f32(xb[m * D + i])));
+    if (!std::isfinite(amax)) return false;
+    int e = 0;
+    std::frexp(amax, &e);  // amax < 2^e (0 for an all-zero row: every digit 0)
+    xp.exps[size_t(m)] = e;
+    for (int64_t i = 0; i < D; ++i) {
+      float r = std::ldexp(bf16_to_f32(xb[m * D + i]), 6 - e);  // |r| < 64
+      for (int k = 0; k < kPlanes; ++k) {
+        const float d = std::nearbyint(r);
+        xp.digits[size_t((m * kPlanes + k) * xp.Dp + i)] = int8_t(d);
+        xp.bias[size_t(m)] += int64_t(d) * (int64_t(1) << (7 * (kPlanes - 1 - k) + 7));
+        r = (r - d) * 128.0f;  // exact; |r| <= 64
+      }
+      if (r != 0.0f) xp.rest[size_t(m)].emplace_back(i, r);
+    }
+  }
+  return true;
+}
+
 #ifdef GROKCTL_X86
 // Software prefetches of the weight stream go to L2 (T1), not L1: an L1 prefetch holds one of
 // the core's few L1 miss buffers until its line arrives, so with the dequantize/FMA work in
@@ -546,6 +585,68 @@ AVX512BF16 void ntb_rows_512(const NTProblem& p, int64_t v0, int64_t v1) {
   });
 }
 
+// ---------------------------------------------------------------- AVX-512 VNNI: int8-table logits
+// Logits over an int8 table with bf16 activations in integer arithmetic. Converting each int8 to
+// f32 for an FMA costs three vector uops per 16 weights on the two vector ports, which kept the
+// kernel below the cores' read rate (docs/PERFORMANCE.md, "Decode, fifth round"); vpdpbusd takes
+// 64 weights per uop. Each row of x is split exactly into signed 7-bit digits: x_i = 2^(e-6)
+// (d0_i + d1_i/128 + d2_i/128^2 + d3_i/128^3 + r_i/128^4) with 2^(e-1) <= max|x| < 2^e,
+// |d| <= 64 and r the exact remainder (the f32 steps r -> 128 (r - round(r)) lose nothing). Per
+// table row the four integer dot products S_k = sum_i dk_i t_i are exact (the table is flipped to
+// unsigned, t + 128, for vpdpbusd, and 128 sum_i dk_i taken off again) and combined exactly in
+// 64-bit integers; the few remainders (non-zero only where |x_i| < ~2^-19 max|x|) are added in
+// double, and the result is rounded once to f32: the dot product correctly rounded (to within a
+// double rounding where remainders exist), where the f32 paths round at every addition.
+#define AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+template <int R>
+AVX512VNNI void ntq_block_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t m, int64_t v) {
+  __m512i acc[R][kPlanes];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < kPlanes; ++k) acc[r][k] = _mm512_setzero_si512();
+  const int8_t* dm = xp.digits.data() + m * kPlanes * xp.Dp;
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  auto step = [&](int64_t d, auto masked) AVX512VNNI {
+    constexpr bool M_ = decltype(masked)::value;
+    const __mmask64 mask = M_ ? __mmask64((uint64_t(1) << (p.D - d)) - 1) : ~__mmask64(0);
+    __m512i dv[kPlanes];
+    for (int k = 0; k < kPlanes; ++k) dv[k] = _mm512_loadu_si512(dm + k * xp.Dp + d);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* tr = p.t + (v + r) * p.D + d;
+      _mm_prefetch(reinterpret_cast<const char*>(tr + kTablePrefetchRows * p.D), kPrefetch);
+      const __m512i t = M_ ? _mm512_maskz_loadu_epi8(mask, tr) : _mm512_loadu_si512(tr);
+      const __m512i u = _mm512_xor_si512(t, flip);  // t + 128 as unsigned bytes
+      for (int k = 0; k < kPlanes; ++k) acc[r][k] = _mm512_dpbusd_epi32(acc[r][k], u, dv[k]);
+    }
+  };
+  const int64_t full = p.D / 64 * 64;
+  for (int64_t d = 0; d < full; d += 64) step(d, std::false_type{});
+  if (full < p.D) step(full, std::true_type{});  // padded digits are 0: the masked bytes add 0
+  // sum_k 128^(3-k) S_k in 64-bit lanes (|.| < 2^46: exact), less 128 sum_k 128^(3-k) sum_i dk_i
+  const int64_t* bias = xp.bias.data() + m;
+  const auto& rest = xp.rest[size_t(m)];
+  for (int r = 0; r < R; ++r) {
+    __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+    for (int k = 0; k < kPlanes; ++k) {
+      const int shift = 7 * (kPlanes - 1 - k);
+      lo = _mm512_add_epi64(lo, _mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[r][k])), shift));
+      hi = _mm512_add_epi64(hi, _mm512_slli_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[r][k], 1)), shift));
+    }
+    const int64_t total = _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi)) - *bias;
+    double t = double(total);  // units of 2^(e-6) 128^-3; exact (< 2^53)
+    if (!rest.empty()) {
+      const int8_t* row = p.t + (v + r) * p.D;
+      for (const auto& [i, rem] : rest) t += double(rem) * double(row[i]) / 128.0;
+    }
+    p.y[m * p.V + v + r] = float(std::ldexp(t, xp.exps[size_t(m)] - 6 - 7 * (kPlanes - 1)));
+  }
+}
+
+AVX512VNNI void ntq_rows_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t v0, int64_t v1) {
+  table_blocks(v0, v1, [&](auto rb, int64_t v) AVX512VNNI {
+    for (int64_t m = 0; m < p.M; ++m) ntq_block_vnni<decltype(rb)::value>(p, xp, m, v);
+  });
+}
+
 // ---------------------------------------------------------------- AVX2 + FMA
 #define AVX2 __attribute__((target("avx2,fma")))
 
@@ -715,27 +816,31 @@ AVX2 void q4_block_256(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, in
 #endif  // GROKCTL_X86
 
 // ---------------------------------------------------------------- dispatch
-enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+// Levels in order; each has what the one before has. kAvx512Vnni: BF16 and VNNI both.
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAvx512Vnni = 4 };
 
 int detect_isa() {
 #ifdef GROKCTL_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
-    return __builtin_cpu_supports("avx512bf16") ? kAvx512Bf16 : kAvx512;
+    return !__builtin_cpu_supports("avx512bf16")    ? kAvx512
+           : __builtin_cpu_supports("avx512vnni") ? kAvx512Vnni
+                                                   : kAvx512Bf16;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
 #endif
   return kScalar;
 }
 
-// The best ISA this CPU has, capped by GROKCTL_CPU_ISA ("scalar" | "avx2" | "avx512"; read per
-// call so tests can exercise every path on one machine).
+// The best ISA this CPU has, capped by GROKCTL_CPU_ISA ("scalar" | "avx2" | "avx512" |
+// "avx512_bf16"; read per call so tests can exercise every path on one machine).
 int isa() {
   static const int detected = detect_isa();
   const char* cap = std::getenv("GROKCTL_CPU_ISA");
   if (cap && std::strcmp(cap, "scalar") == 0) return kScalar;
   if (cap && std::strcmp(cap, "avx2") == 0) return std::min<int>(detected, kAvx2);
   if (cap && std::strcmp(cap, "avx512") == 0) return std::min<int>(detected, kAvx512);
+  if (cap && std::strcmp(cap, "avx512_bf16") == 0) return std::min<int>(detected, kAvx512Bf16);
   return detected;
 }
 
@@ -1004,7 +1109,7 @@ void gemv_unit(int level, int bits, const QProblem& p, int64_t k0, int64_t k1, i
                float* out) {
 #ifdef GROKCTL_X86
   if (bits == 8 && level >= kAvx512) return q8_block_512(p, k0, k1, n0, n1, out);
-  if (bits == 4 && level == kAvx512Bf16)
+  if (bits == 4 && level >= kAvx512Bf16)
     return p.xb ? q4_block_512<true>(p, k0, k1, n0, n1, out) : q4_block_512<false>(p, k0, k1, n0, n1, out);
   if (bits == 4 && level >= kAvx2) return q4_block_256(p, k0, k1, n0, n1, out);
   // int8 without AVX-512: the column paths, which take all K rows (split_k = false)
@@ -1273,16 +1378,20 @@ ffi::Error QMatmul3Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
 }
 
 // y rows [v0, v1) of x . t^T on the best path this CPU has.
+// `xp`: x's digit planes when the int8 VNNI path applies (bf16 x on a VNNI CPU), else null.
 template <class T>
-void nt_rows(int level, const NTP<T>& p, int64_t v0, int64_t v1) {
+void nt_rows(int level, const NTP<T>& p, const XPlanes* xp, int64_t v0, int64_t v1) {
 #ifdef GROKCTL_X86
   if constexpr (std::is_same_v<T, uint16_t>) {
-    if (level == kAvx512Bf16 && p.xb) return ntb_rows_512(p, v0, v1);
+    if (level >= kAvx512Bf16 && p.xb) return ntb_rows_512(p, v0, v1);
+  } else {
+    if (level >= kAvx512Vnni && xp) return ntq_rows_vnni(p, *xp, v0, v1);
   }
   if (level >= kAvx512) return nt_rows_512(p, v0, v1);
   if (level >= kAvx2) return nt_rows_256(p, v0, v1);
 #endif
   (void)level;
+  (void)xp;
   nt_rows_scalar(p, v0, v1);
 }
 
@@ -1386,7 +1495,7 @@ ffi::Error AttendImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Buffer<ffi::U
     const uint16_t* vb = vp + (b * G + g) * S * K;
     const bool* okb = ok + b * S;
     sc.assign(M * std::max<int64_t>(n, 1), 0.0f);
-    if (n > 0) nt_rows(level, NTP<uint16_t>{xs.data(), qb ? xbs.data() : nullptr, kb, sc.data(), M, K, n}, 0, n);
+    if (n > 0) nt_rows(level, NTP<uint16_t>{xs.data(), qb ? xbs.data() : nullptr, kb, sc.data(), M, K, n}, nullptr, 0, n);
     acc.assign(M * K, 0.0f);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t r = 0; r < R; ++r) {
@@ -1443,9 +1552,14 @@ ffi::Error matmul_nt(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
                  y->typed_data(), xd[0], xd[1], td[0]};
   const int64_t units = (p.V + kTableRows - 1) / kTableRows;
   const int level = isa();
+  static thread_local XPlanes planes;
+  const XPlanes* xp = nullptr;
+  if constexpr (std::is_same_v<T, int8_t>) {
+    if (level >= kAvx512Vnni && p.xb && make_planes(p.xb, p.M, p.D, planes)) xp = &planes;
+  }
   parallel_for(pool, units, [&](int64_t i) {
     const int64_t v0 = i * kTableRows, v1 = std::min(p.V, v0 + kTableRows);
-    nt_rows(level, p, v0, v1);
+    nt_rows(level, p, xp, v0, v1);
   });
   return ffi::Error::Success();
 }
