@@ -46,13 +46,15 @@ def replace_into(tmp: Path, dest: Path) -> None:
     fsync_dir(dest.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write to a temporary name beside `path`, fsync, then rename: never a partial file."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """A binary file to write `path` through: a temporary name beside it, fsynced and renamed
+    into place when the block completes (removed if it raises): never a partial file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared data
@@ -61,6 +63,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write to a temporary name beside `path`, fsync, then rename: never a partial file."""
+    with atomic_open(path) as fh:
+        fh.write(data)
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 1) -> None:

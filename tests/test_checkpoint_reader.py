@@ -191,3 +191,27 @@ def test_wrong_shape_is_an_integrity_error(grok_tiny: Path, tmp_path: Path) -> N
     target = _planted(grok_tiny, tmp_path, 1, dumps_tensor(np.ones(64, np.float32)))
     with pytest.raises(IntegrityError, match="expected \\[128\\]"):
         CheckpointIndex.open(target.parents[1])
+
+
+def test_random_weights_drawn_a_matrix_at_a_time_equal_the_whole_tensor_draw(
+    tmp_path: Path,
+) -> None:
+    """random-checkpoint draws an expert tensor one [K, N] matrix at a time (quantized on worker
+    threads, pickled straight to the file): the values, the bytes and the random stream after
+    it are those of drawing the whole tensor at once."""
+    from grokctl.checkpoint.xai.writer import dump_tensor, random_param
+    from grokctl.quantizers.int8 import quantize_int8
+
+    cfg = preset("grok-tiny")
+    spec = next(s for s in param_specs(cfg) if s.quantized and len(s.shape) == 3)
+    drawn = np.random.default_rng(9)
+    got = random_param(spec, cfg, drawn)
+    rng = np.random.default_rng(9)
+    whole = rng.standard_normal(spec.shape, dtype=np.float32) / np.sqrt(spec.shape[-2])
+    want = quantize_int8(whole, spec.scale_blocks)
+    np.testing.assert_array_equal(got.weight, want.weight)
+    np.testing.assert_array_equal(got.scales, want.scales)
+    np.testing.assert_array_equal(drawn.standard_normal(4), rng.standard_normal(4))
+    dump_tensor(tmp_path / "t", got)
+    assert (tmp_path / "t").read_bytes() == dumps_tensor(ReleaseQuantWeight(*want))
+    assert [p.name for p in tmp_path.iterdir()] == ["t"]  # no temporary left behind
