@@ -1,9 +1,12 @@
-// The logits kernel alone, outside XLA: [1, 1024] f32 x an int8 table [131072, 1024] (134 MB,
-// DRAM-resident), 1 and 2 threads (each thread a contiguous range of rows, as the kernel's
-// workers run), against a plain streaming read of the same bytes. docs/PERFORMANCE.md, "Decode,
-// fourth round". The kernel's prefetch hint is a compile flag: add
-// -DGROKCTL_PREFETCH_HINT=_MM_HINT_T0 to time the L1 prefetch it used before. HUGE=1 in the
-// environment puts the table on 2 MB pages (madvise).
+// The logits kernels alone, outside XLA: [1, 1024] bf16 activations x an int8 table
+// [131072, 1024] (134 MB), 1 and 2 threads (each thread a contiguous range of rows, as the
+// kernel's workers run), against a plain streaming read of the same bytes: the f32 path (widen,
+// convert, FMA) and, on a CPU with AVX-512 VNNI, the integer path (digit planes + vpdpbusd).
+// Four tables are read in rotation (536 MB: past the caches of the machines seen so far, one of
+// which had a 480 MB L3), median of 12 passes. docs/PERFORMANCE.md, "Decode, fourth round" and
+// "Decode, fifth round". The kernels' prefetch hint is a compile flag: add
+// -DGROKCTL_PREFETCH_HINT=_MM_HINT_T0 to time the L1 prefetch they used before. HUGE=1 in the
+// environment puts the tables on 2 MB pages (madvise).
 //
 //   g++ -O3 -std=c++20 -pthread -isystem $(python -c "import jax; print(jax.ffi.include_dir())") \
 //       benchmarks/logits_harness.cc -o /tmp/logits_harness && /tmp/logits_harness
@@ -13,35 +16,54 @@
 
 int main() {
   if (!harness::has_avx512()) return 0;
-  const int64_t V = 131072, D = 1024;
+  const int64_t V = 131072, D = 1024, tables = 4;
   const size_t bytes = size_t(V * D);
-  int8_t* t = static_cast<int8_t*>(std::aligned_alloc(size_t(1) << 21, bytes));
-  if (std::getenv("HUGE")) madvise(t, bytes, MADV_HUGEPAGE);
-  for (size_t i = 0; i < bytes; ++i) t[i] = int8_t((i * 2654435761u) >> 24);
+  std::vector<int8_t*> ts;
+  for (int64_t j = 0; j < tables; ++j) {
+    int8_t* t = static_cast<int8_t*>(std::aligned_alloc(size_t(1) << 21, bytes));
+    if (std::getenv("HUGE")) madvise(t, bytes, MADV_HUGEPAGE);
+    for (size_t i = 0; i < bytes; ++i) t[i] = int8_t(((i + size_t(j)) * 2654435761u) >> 24);
+    ts.push_back(t);
+  }
   std::vector<float> x(D), y(V);
-  for (int64_t i = 0; i < D; ++i) x[i] = 0.001f * float(i % 97) - 0.03f;
+  std::vector<uint16_t> xb(D);
+  for (int64_t i = 0; i < D; ++i) {
+    xb[size_t(i)] = uint16_t(0x3c00 + (i * 37) % 200) ^ uint16_t((i % 3 == 0) << 15);  // +-[0.0078, 0.05]
+    x[size_t(i)] = bf16_to_f32(xb[size_t(i)]);
+  }
+  XPlanes planes;
+  make_planes(xb.data(), 1, D, planes);
+  const bool vnni = isa() >= kAvx512Vnni;
+  const char* names[] = {"plain read", "f32 logits", "vnni logits"};
   std::atomic<long> sink{0};
-  for (int kind = 0; kind < 2; ++kind)
-    for (int threads : {1, 2}) {
-      double best = 1e9;
-      for (int rep = 0; rep < 7; ++rep) {
+  for (int threads : {1, 2})
+    for (int kind = 0; kind < (vnni ? 3 : 2); ++kind) {
+      std::vector<double> secs;
+      for (int rep = 0; rep < 12; ++rep) {
+        const int8_t* t = ts[size_t(rep % tables)];
         const auto t0 = std::chrono::steady_clock::now();
         std::vector<std::thread> th;
         for (int k = 0; k < threads; ++k)
           th.emplace_back([&, k] {
             const int64_t v0 = V / threads * k, v1 = V / threads * (k + 1);
+            const NTP<int8_t> p{x.data(), xb.data(), t, y.data(), 1, D, V};
             if (kind == 0) {
               sink += harness::read_sum(t + v0 * D, size_t((v1 - v0) * D));
             } else {
-              NTP<int8_t> p{x.data(), nullptr, t, y.data(), 1, D, V};
-              for (int64_t u = v0; u < v1; u += kTableRows) nt_rows_512(p, u, std::min(v1, u + kTableRows));
+              for (int64_t u = v0; u < v1; u += kTableRows) {
+                const int64_t u1 = std::min(v1, u + kTableRows);
+                if (kind == 1) nt_rows_512(p, u, u1);
+                else ntq_rows_vnni(p, planes, u, u1);
+              }
             }
           });
         for (auto& h : th) h.join();
-        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        secs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       }
-      std::printf("%-12s %d thread(s): %.2f ms per table, %.1f GB/s\n", kind ? "int8 logits" : "plain read",
-                  threads, best * 1e3, double(bytes) / best / 1e9);
+      std::sort(secs.begin(), secs.end());
+      const double med = secs[secs.size() / 2];
+      std::printf("%-12s %d thread(s): %.2f ms per table, %.1f GB/s\n", names[kind], threads,
+                  med * 1e3, double(bytes) / med / 1e9);
     }
-  std::free(t);
+  for (int8_t* t : ts) std::free(t);
 }
