@@ -223,6 +223,21 @@ class _Run:
         self.remove()
 
 
+def _payload_fetched(run: Any, done_at_start: int) -> int:
+    """Payload bytes this run received. libtorrent adds its peers' statistics into the torrent's
+    counters on its one-second tick, so a transfer that ends between two ticks is not all
+    counted yet: wait (two ticks at most) until the count covers what this run completed."""
+    deadline = time.monotonic() + 2.5
+    st = run.handle.status()
+    while (
+        st.total_payload_download < st.total_wanted_done - done_at_start
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+        st = run.handle.status()
+    return int(st.total_payload_download)
+
+
 def _wait_for(run: _Run, done: Callable[[], bool], what: str) -> None:
     """Pump alerts until `done()`; give up after opts.timeout seconds without progress."""
     last, last_change = -1, time.monotonic()
@@ -361,14 +376,19 @@ def _phase2(
     renamed = dict(atp.renamed_files).items()
     run.at_final = {i for i, f in renamed if i in run.final and Path(f) == run.final[i]}
     run.metadata = True
+    # Wanted bytes already on disk when the transfer starts: none for a fresh download, else
+    # read once checking has ended (a best effort: pieces may arrive before the first look).
+    done_at_start: int | None = None if (run.resume_path.is_file() or trusted) else 0
     run.add(atp)
     last_resume = time.monotonic()
 
     def finished() -> bool:
-        nonlocal last_resume
+        nonlocal last_resume, done_at_start
         st = run.handle.status()
         if st.state in (lt.torrent_status.checking_files, lt.torrent_status.checking_resume_data):
             return False
+        if done_at_start is None:
+            done_at_start = int(st.total_wanted_done)
         if time.monotonic() - last_resume > opts.resume_interval:
             run.handle.save_resume_data(lt.save_resume_flags_t.save_info_dict)
             last_resume = time.monotonic()
@@ -384,8 +404,7 @@ def _phase2(
         run.save_resume()
         cf.wait(run.hashes)
         manifest.save()
-    st = run.handle.status()
-    result.bytes_fetched = int(st.total_payload_download)
+    result.bytes_fetched = _payload_fetched(run, done_at_start or 0)
     result.hash_failures = run.hash_failures
     result.seconds = time.perf_counter() - start
     if on_complete:
