@@ -322,6 +322,12 @@ def _decode_loop(
     compile0 = compile1 = engine.compile_seconds
     pipelined = not rows.params.adjusts_logits and not engine.collecting_routing
     longest = int(batch.lengths.max())
+
+    def step(tok: jax.Array, cache: Any, index: int) -> tuple[tuple[jax.Array, jax.Array], Any]:
+        """Dispatch decode step `index` fed `tok`: ((logits, its sampled token), cache)."""
+        logits, cache = engine.decode(tok, cache)
+        return (logits, _pick(engine, batch, rows, logits, index)), cache
+
     t0 = time.perf_counter()
     try:
         cache = engine.new_cache(batch.b, batch.cache_len)
@@ -341,18 +347,14 @@ def _decode_loop(
                 break
             timing.steps += 1
             if ahead is None:
-                logits, cache = engine.decode(tok, cache)
-                tok = _pick(engine, batch, rows, logits, timing.steps)
-            else:
-                logits, tok = ahead
-            ahead = None
+                ahead, cache = step(tok, cache, timing.steps + 1)
+            (logits, tok), ahead = ahead, None
             if (
                 pipelined
                 and longest + timing.steps + 1 < batch.cache_len
                 and not _all_finish_next(rows, batch.lengths, engine.cfg)
             ):
-                next_logits, cache = engine.decode(tok, cache)
-                ahead = (next_logits, _pick(engine, batch, rows, next_logits, timing.steps + 1))
+                ahead, cache = step(tok, cache, timing.steps + 1)
             host_tok = _record(engine, batch, rows, logits, tok)
         timing.decode_s = time.perf_counter() - t1 - (engine.compile_seconds - compile1)
     except KeyboardInterrupt:
@@ -365,8 +367,7 @@ def _all_finish_next(rows: _Rows, lengths: np.ndarray, cfg: ModelConfig) -> bool
     """Whether the next token finishes every unfinished row whatever it is (max tokens or the
     context reached): then no further step is dispatched ahead."""
     return all(
-        len(rows.out[i]) + 1 >= rows.params.max_tokens
-        or lengths[i] + len(rows.out[i]) + 1 >= cfg.sequence_len
+        _out_of_room(rows, i, len(rows.out[i]) + 1, lengths, cfg) is not None
         for i in range(rows.n)
         if rows.finish[i] is None
     )
@@ -430,10 +431,19 @@ def _accept(
             on_token(i, tok)
         if _hit_stop(rows, i, decode_text):
             continue
-        if len(rows.out[i]) >= params.max_tokens:
-            rows.finish[i] = FINISH_LENGTH
-        elif lengths[i] + len(rows.out[i]) >= cfg.sequence_len:
-            rows.finish[i] = FINISH_CONTEXT
+        rows.finish[i] = _out_of_room(rows, i, len(rows.out[i]), lengths, cfg)
+
+
+def _out_of_room(
+    rows: _Rows, i: int, generated: int, lengths: np.ndarray, cfg: ModelConfig
+) -> str | None:
+    """The finish reason of row i after `generated` tokens when it has no room for another
+    (max tokens, or its context full), else None."""
+    if generated >= rows.params.max_tokens:
+        return FINISH_LENGTH
+    if lengths[i] + generated >= cfg.sequence_len:
+        return FINISH_CONTEXT
+    return None
 
 
 def _hit_stop(rows: _Rows, i: int, decode_text: Decoder | None) -> bool:

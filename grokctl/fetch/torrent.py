@@ -223,7 +223,7 @@ class _Run:
         self.remove()
 
 
-def _payload_fetched(run: Any, done_at_start: int) -> int:
+def _payload_fetched(run: _Run, done_at_start: int) -> int:
     """Payload bytes this run received. libtorrent adds its peers' statistics into the torrent's
     counters on its one-second tick, so a transfer that ends between two ticks is not all
     counted yet: wait (two ticks at most) until the count covers what this run completed."""
