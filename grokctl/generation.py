@@ -347,7 +347,7 @@ def _decode_loop(
                 break
             timing.steps += 1
             if ahead is None:
-                ahead, cache = step(tok, cache, timing.steps + 1)
+                ahead, cache = step(tok, cache, timing.steps)
             (logits, tok), ahead = ahead, None
             if (
                 pipelined
