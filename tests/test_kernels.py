@@ -67,6 +67,7 @@ def _check(got: jax.Array, x: jax.Array, wd: jax.Array) -> None:
         (2, 30, 40, 10),  # odd rows per scale group: no row pairs (the plain AVX-512 loop)
         (1, 600, 50, 2),  # several row slabs, a group boundary inside one (partial sums)
         (3, 4104, 33, 6),  # 16 slabs of 264 rows + tail
+        (32, 600, 130, 3),  # a decode step at batch 32: eight 4-row blocks, several slabs
     ],
 )
 @pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
@@ -205,6 +206,27 @@ def test_qmatmul_uses_the_kernel_in_cpu_mode_and_agrees_with_the_fallback(
     np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-5, atol=1e-4)
 
 
+def test_decode_batches_up_to_kernel_max_m_take_the_kernels() -> None:
+    """A decode step of up to KERNEL_MAX_M rows (batch 32) runs its projections, MoE rows and
+    logits on the native kernels; more rows (prefill) take XLA's dot."""
+    rng = np.random.default_rng(5)
+    w = _quantized(rng, 64, 48, 4)
+    wide = _quantized(rng, 64, 48, 4, e=4)
+    table = jnp.asarray(rng.standard_normal((300, 64)), jnp.bfloat16)
+    top = quant.KERNEL_MAX_M
+    assert top >= 32 and quant.ROWS_KERNEL_MAX >= 2 * top  # batch 32 with top-2 routing
+    for m, kernel in ((top, True), (top + 1, False)):
+        x = jnp.asarray(rng.standard_normal((m, 64)), jnp.bfloat16)
+        idx = jnp.zeros((2 * m,), jnp.int32)
+        with chunked_qmatmul(True):
+            assert (kernels.QMATMUL_TARGET in _program(quant.qmatmul, x, w)) is kernel
+            assert (kernels.MATMUL_NT_TARGET in _program(quant.unembed, x, table)) is kernel
+            assert quant.rows_kernel_ok(2 * m, wide) is kernel
+            if kernel:  # the rows call the MoE layer makes at this batch
+                rows = jnp.repeat(x, 2, axis=0)
+                assert kernels.QMATMUL_ROWS_TARGET in _program(quant.qmatmul_rows, rows, wide, idx)
+
+
 def test_bf16_table_and_unembed_are_exact() -> None:
     rng = np.random.default_rng(3)
     table = jnp.asarray(rng.standard_normal((300, 64)), jnp.float32)
@@ -334,7 +356,12 @@ def test_random_checkpoint_config_errors(
 @pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(
     ("k", "n", "g", "experts"),
-    [(64, 40, 2, [2, 0, 2, 1]), (600, 2100, 3, [1, 1]), (96, 37, 4, [3])],
+    [
+        (64, 40, 2, [2, 0, 2, 1]),
+        (600, 2100, 3, [1, 1]),
+        (96, 37, 4, [3]),
+        (96, 37, 4, [3, 0] * 5 + [3, 3, 1]),  # 8 rows on one expert: two 4-row blocks
+    ],
 )
 def test_qmatmul_rows_each_row_its_expert(
     isa: str, bits: int, xdtype, k: int, n: int, g: int, experts: list[int]

@@ -108,11 +108,8 @@ inline void table_blocks(int64_t v0, int64_t v1, F&& f) {
 // read as one contiguous run of up to kCols bytes, long enough for the hardware prefetchers
 // (256-byte runs at a row stride of N bytes defeated them: 1.5x more CPU time per byte).
 constexpr int64_t kCols = 2048;
-// Column width of a dequantized panel in the GEMM path; rows of the table per NT work unit.
-constexpr int64_t kPanelCols = 256;
+// Rows of the table per NT work unit.
 constexpr int64_t kTableRows = 256;
-// From this many rows on, the AVX-512 path dequantizes panels once and runs a GEMM microkernel.
-constexpr int64_t kGemmRows = 8;
 
 // Work unit of the GEMV: a slab of kSlabRows weight rows x a chunk of at most kSlabCols(M)
 // columns. A unit streams its slab row after row (each row a contiguous run of up to 24 KB, the
@@ -319,73 +316,6 @@ AVX512 void q8_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, 
   row_blocks(p.M, [&](auto mb, int64_t m0) AVX512 {
     q8_unit_512<decltype(mb)::value>(p, m0, k0, k1, n0, n1 - n0, out);
   });
-}
-
-// Many rows (prefill): dequantize a [kPanelK, w] panel of the weight to f32 once (cache
-// resident, reused by every row), then a 4-row x 64-column register-tiled FMA microkernel.
-// Each output still sums its K products in order, with the same exact weight values.
-constexpr int64_t kPanelK = 32;
-
-template <int MB>
-AVX512 void gemm_tile_512(const QProblem& p, const float* panel, int64_t m0, int64_t k0, int kp,
-                          int64_t n0, int64_t c0, int64_t w, bool first) {
-  // columns [c0, c0 + 64) of the chunk (w columns from n0)
-  const int64_t cols = std::min<int64_t>(64, w - c0);
-  __mmask16 mask[4];
-  for (int j = 0; j < 4; ++j) {
-    const int64_t rem = cols - 16 * j;
-    mask[j] = rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
-  }
-  __m512 acc[MB][4];
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < 4; ++j)
-      acc[m][j] = first ? _mm512_setzero_ps()
-                        : _mm512_maskz_loadu_ps(mask[j], p.y + (m0 + m) * p.N + n0 + c0 + 16 * j);
-  const float* xr[MB];
-  for (int m = 0; m < MB; ++m) xr[m] = p.x + (m0 + m) * p.K + k0;
-  for (int k = 0; k < kp; ++k) {
-    const float* pr = panel + k * kPanelCols + c0;
-    const __m512 w0 = _mm512_load_ps(pr), w1 = _mm512_load_ps(pr + 16);
-    const __m512 w2 = _mm512_load_ps(pr + 32), w3 = _mm512_load_ps(pr + 48);
-    for (int m = 0; m < MB; ++m) {
-      const __m512 xb = _mm512_set1_ps(xr[m][k]);
-      acc[m][0] = _mm512_fmadd_ps(xb, w0, acc[m][0]);
-      acc[m][1] = _mm512_fmadd_ps(xb, w1, acc[m][1]);
-      acc[m][2] = _mm512_fmadd_ps(xb, w2, acc[m][2]);
-      acc[m][3] = _mm512_fmadd_ps(xb, w3, acc[m][3]);
-    }
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < 4; ++j)
-      _mm512_mask_storeu_ps(p.y + (m0 + m) * p.N + n0 + c0 + 16 * j, mask[j], acc[m][j]);
-}
-
-AVX512 void q_gemm_cols_512(const QProblem& p, int64_t n0, int64_t n1) {
-  alignas(64) static thread_local float panel[kPanelK * kPanelCols];
-  const int64_t w = n1 - n0;
-  const int nv = int((w + 15) / 16);
-  const __mmask16 last = (w % 16) ? __mmask16((1u << (w % 16)) - 1) : __mmask16(0xffff);
-  const int64_t kb = p.K / p.G;
-  for (int64_t k0 = 0; k0 < p.K; k0 += kPanelK) {
-    const int kp = int(std::min<int64_t>(kPanelK, p.K - k0));
-    for (int k = 0; k < kp; ++k) {
-      const int8_t* wr = p.w + (k0 + k) * p.N + n0;
-      const uint16_t* sr = p.s + ((k0 + k) / kb) * p.N + n0;
-      float* pr = panel + k * kPanelCols;
-      for (int v = 0; v < nv; ++v) {
-        const __mmask16 mask = v == nv - 1 ? last : __mmask16(0xffff);
-        const __m512 s = load_bf16x16_512(sr + v * 16, mask);
-        _mm512_store_ps(pr + v * 16, dequant16_512(_mm_maskz_loadu_epi8(mask, wr + v * 16), s));
-      }
-      for (int v = nv; v < (nv + 3) / 4 * 4; ++v) _mm512_store_ps(pr + v * 16, _mm512_setzero_ps());
-    }
-    const bool first = k0 == 0;
-    for (int64_t c0 = 0; c0 < w; c0 += 64) {
-      row_blocks(p.M, [&](auto mb, int64_t m0) AVX512 {
-        gemm_tile_512<decltype(mb)::value>(p, panel, m0, k0, kp, n0, c0, w, first);
-      });
-    }
-  }
 }
 
 // 16 table elements as f32: bf16 bits, or int8 (exact).
@@ -1159,27 +1089,22 @@ ffi::Error qmatmul_impl(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer 
              G};
   p.bits = bits;
   const int level = isa();
-  const bool gemm = bits == 8 && level >= kAvx512 && M >= kGemmRows;
-  if (bits == 4 || (level >= kAvx512 && !gemm)) {  // row slabs x column chunks
+  if (bits == 4 || level >= kAvx512) {  // row slabs x column chunks
     slab_gemv_many(pool, {p}, [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
       gemv_unit(level, bits, q, k0, k1, n0, n1, out);
     });
     return ffi::Error::Success();
   }
-  // int8 column paths. GEMV: as few, wide chunks as give every thread the same share; GEMM:
-  // panel-wide chunks.
-  int64_t width = kPanelCols;
-  if (!gemm) {
-    const int64_t threads = std::max(1, max_threads());
-    const int64_t per_thread = (N + threads - 1) / threads;
-    const int64_t rounds = (per_thread + kCols - 1) / kCols;
-    width = std::min(kCols, ((per_thread + rounds - 1) / rounds + 63) / 64 * 64);
-  }
+  // int8 without AVX-512: the column paths, as few, wide chunks as give every thread the same
+  // share.
+  const int64_t threads = std::max(1, max_threads());
+  const int64_t per_thread = (N + threads - 1) / threads;
+  const int64_t rounds = (per_thread + kCols - 1) / kCols;
+  const int64_t width = std::min(kCols, ((per_thread + rounds - 1) / rounds + 63) / 64 * 64);
   const int64_t units = (N + width - 1) / width;
   parallel_for(pool, units, [&](int64_t i) {
     const int64_t n0 = i * width, n1 = std::min(N, n0 + width);
 #ifdef GROKCTL_X86
-    if (level >= kAvx512) return q_gemm_cols_512(p, n0, n1);
     if (level == kAvx2) return q_cols_256(p, n0, n1);
 #endif
     q_cols_scalar(p, n0, n1);

@@ -156,9 +156,10 @@ def take_expert(w: Any, e: jax.Array) -> Any:
 # matmul, docs/PERFORMANCE.md). Enabled by the engine on single-device CPU runs only: on a mesh the
 # scan would have to gather a row-sharded weight, and GPUs read HBM fast enough without it.
 SMALL_M = 16
-# Rows up to which the native kernel is used (decode). Beyond it XLA's dequantize-then-dot wins
-# on the development CPU (docs/PERFORMANCE.md, benchmarks/qmatmul_bench.py), so prefill keeps it.
-KERNEL_MAX_M = 8
+# Rows up to which the native kernels are used: a decode step up to batch 32 (and prompts that
+# short). Beyond it XLA's dequantize-then-dot does as well on these CPUs, so prefill keeps it
+# (docs/PERFORMANCE.md, "Batched decode"; benchmarks/qmatmul_bench.py).
+KERNEL_MAX_M = 32
 CHUNK_ROWS = 128
 _chunked = contextvars.ContextVar("grokctl_chunked_qmatmul", default=False)
 
@@ -220,8 +221,8 @@ def qmatmul_many(x: jax.Array, weights: list[Any]) -> list[jax.Array]:
 
 
 # Assignments (tokens x chosen experts) up to which a sparse MoE step runs as rows of one native
-# kernel call per matrix (`qmatmul_rows`): decode steps up to batch 8 with top-2.
-ROWS_KERNEL_MAX = 16
+# kernel call per matrix (`qmatmul_rows`): decode steps up to KERNEL_MAX_M tokens with top-2.
+ROWS_KERNEL_MAX = 2 * KERNEL_MAX_M
 
 
 def rows_kernel_ok(rows: int, *weights: Any) -> bool:
