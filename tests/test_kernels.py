@@ -615,9 +615,10 @@ def test_concurrent_calls_on_two_devices_agree() -> None:
 
 
 def test_int8_table_logits_on_vnni_are_correctly_rounded(isa: str) -> None:
-    """The VNNI path (bf16 x, int8 table) computes the dot products exactly in integers: each
-    logit is the float64 product rounded once to f32, remainders of tiny activations included;
-    a non-finite activation falls back to the f32 path (NaN, as XLA gives)."""
+    """The VNNI path (one row of bf16 x, int8 table: batch 1 decode) computes the dot products
+    exactly in integers: each logit is the float64 product rounded once to f32, remainders of
+    tiny activations included; a non-finite activation falls back to the f32 path (NaN, as XLA
+    gives), and so does the batched (bf16) path."""
     if isa != "avx512_vnni":
         pytest.skip("the VNNI path only")
     rng = np.random.default_rng(21)
@@ -627,11 +628,13 @@ def test_int8_table_logits_on_vnni_are_correctly_rounded(isa: str) -> None:
     x[1, 0] = 1.0
     x[2, :] = 0.0
     xb = jnp.asarray(x, jnp.bfloat16)
-    got = np.asarray(jax.jit(kernels.matmul_nt_int8)(xb, table))
+    nt = jax.jit(kernels.matmul_nt_int8)
+    got = np.concatenate([np.asarray(nt(xb[i : i + 1], table)) for i in range(3)])
     exact = np.asarray(xb, np.float64) @ np.asarray(table, np.float64).T
     np.testing.assert_array_equal(got[[0, 2]], exact[[0, 2]].astype(np.float32))
     ulp = np.spacing(np.abs(exact[1]).astype(np.float32))
     assert np.all(np.abs(got[1] - exact[1]) <= ulp)
     assert np.mean(got[1] == exact[1].astype(np.float32)) > 0.99
     bad = xb.at[0, 5].set(jnp.inf).at[1, 9].set(jnp.nan)
-    assert np.isnan(np.asarray(jax.jit(kernels.matmul_nt_int8)(bad, table))[1]).all()
+    assert np.isnan(np.asarray(nt(bad, table))[1]).all()
+    assert np.isnan(np.asarray(nt(bad[1:2], table))).all()

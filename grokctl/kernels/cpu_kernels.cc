@@ -476,7 +476,7 @@ AVX512BF16 void q4_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t 
 
 // Logits over a bf16 table with bf16 activations: one vdpbf16ps per 32 table elements. (An int8
 // table takes the f32 path above: widening it to bf16 cost more than the FMAs it saved.)
-template <int MB, int R>
+template <int MB, int R, bool PF = true>
 AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v) {
   __m512 acc[R][MB];
   for (int r = 0; r < R; ++r)
@@ -493,7 +493,7 @@ AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v) {
     for (int r = 0; r < R; ++r) {
       const uint16_t* tr = p.t + (v + r) * p.D + d;
       // the next block's line at this offset (the block after these R rows, same stream)
-      if ((d * 2) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(tr + kTablePrefetchRows * p.D), kPrefetch);
+      if (PF && (d * 2) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(tr + kTablePrefetchRows * p.D), kPrefetch);
       const __m512i t = M_ ? _mm512_maskz_loadu_epi16(mask, tr) : _mm512_loadu_si512(tr);
       for (int m = 0; m < MB; ++m)
         acc[r][m] = _mm512_dpbf16_ps(acc[r][m], reinterpret_cast<__m512bh>(t),
@@ -507,12 +507,56 @@ AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v) {
     for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
+// Table rows outer: a block of table rows stays in L1 while every row of x takes it.
 AVX512BF16 void ntb_rows_512(const NTProblem& p, int64_t v0, int64_t v1) {
-  row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 {
-    table_blocks(v0, v1, [&](auto rb, int64_t v) AVX512BF16 {
+  table_blocks(v0, v1, [&](auto rb, int64_t v) AVX512BF16 {
+    row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 {
       ntb_block_512<decltype(mb)::value, decltype(rb)::value>(p, m0, v);
     });
   });
+}
+
+// Logits over an int8 table for a batched decode step (kNtBf16Rows rows of x or more): each block
+// of 4 table rows is widened once to bf16 (exact: |q| <= 128) in an L1 buffer, then every row of
+// x takes it with one vdpbf16ps per 32 elements, as over a bf16 table. The widening (5 uops per
+// 32 elements) is shared by all rows, where the f32 and VNNI paths convert or multiply per row.
+constexpr int64_t kNtBf16Rows = 2;
+
+AVX512BF16 void ntq_rows_bf16(const NTP<int8_t>& p, int64_t v0, int64_t v1) {
+  static thread_local std::vector<uint16_t> buf;
+  buf.resize(size_t(4 * p.D));
+  NTProblem q{p.x, p.xb, buf.data(), p.y, p.M, p.D, p.V};
+  const int64_t full = p.D / 32 * 32;
+  auto widen = [&](int64_t v, int64_t rows) AVX512BF16 {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int8_t* tr = p.t + (v + r) * p.D;
+      uint16_t* br = buf.data() + r * p.D;
+      for (int64_t d = 0; d < p.D; d += 32) {
+        if (d % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(tr + kTablePrefetchRows * p.D + d), kPrefetch);
+        const __mmask32 mask = d < full ? ~__mmask32(0) : __mmask32((1u << (p.D - d)) - 1);
+        const __m256i raw = _mm256_maskz_loadu_epi8(mask, tr + d);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1)));
+        _mm512_mask_storeu_epi16(br + d, mask, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+      }
+    }
+  };
+  for (int64_t v = v0; v < v1;) {
+    const int64_t rows = std::min<int64_t>(4, v1 - v);
+    widen(v, rows);
+    q.y = p.y + v;  // the buffer's row r is table row v + r
+    if (rows == 4) {
+      row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 { ntb_block_512<decltype(mb)::value, 4, false>(q, m0, 0); });
+    } else {
+      for (int64_t r = 0; r < rows; ++r) {
+        q.t = buf.data() + r * p.D;
+        q.y = p.y + v + r;
+        row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 { ntb_block_512<decltype(mb)::value, 1, false>(q, m0, 0); });
+      }
+      q.t = buf.data();
+    }
+    v += rows;
+  }
 }
 
 // ---------------------------------------------------------------- AVX-512 VNNI: int8-table logits
@@ -1310,6 +1354,7 @@ void nt_rows(int level, const NTP<T>& p, const XPlanes* xp, int64_t v0, int64_t 
   if constexpr (std::is_same_v<T, uint16_t>) {
     if (level >= kAvx512Bf16 && p.xb) return ntb_rows_512(p, v0, v1);
   } else {
+    if (level >= kAvx512Bf16 && p.xb && p.M >= kNtBf16Rows) return ntq_rows_bf16(p, v0, v1);
     if (level >= kAvx512Vnni && xp) return ntq_rows_vnni(p, *xp, v0, v1);
   }
   if (level >= kAvx512) return nt_rows_512(p, v0, v1);
@@ -1480,7 +1525,7 @@ ffi::Error matmul_nt(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
   static thread_local XPlanes planes;
   const XPlanes* xp = nullptr;
   if constexpr (std::is_same_v<T, int8_t>) {
-    if (level >= kAvx512Vnni && p.xb && make_planes(p.xb, p.M, p.D, planes)) xp = &planes;
+    if (level >= kAvx512Vnni && p.xb && p.M < kNtBf16Rows && make_planes(p.xb, p.M, p.D, planes)) xp = &planes;
   }
   parallel_for(pool, units, [&](int64_t i) {
     const int64_t v0 = i * kTableRows, v1 = std::min(p.V, v0 + kTableRows);
