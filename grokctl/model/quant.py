@@ -160,6 +160,10 @@ SMALL_M = 16
 # short). Beyond it XLA's dequantize-then-dot does as well on these CPUs, so prefill keeps it
 # (docs/PERFORMANCE.md, "Batched decode"; benchmarks/qmatmul_bench.py).
 KERNEL_MAX_M = 32
+# Rows of one expert's block in the sorted MoE dispatch (prefill; decode steps take
+# `qmatmul_rows`) up to which the kernel runs it: from 32-row blocks (prompts of 65-128 tokens)
+# XLA's dot is 2x faster in the whole prefill (docs/PERFORMANCE.md, "Batched decode").
+BLOCK_KERNEL_MAX_M = 16
 CHUNK_ROWS = 128
 _chunked = contextvars.ContextVar("grokctl_chunked_qmatmul", default=False)
 
@@ -345,7 +349,8 @@ def qmatmul(x: jax.Array, w: Any) -> jax.Array:
     """
     xf = _kernel_x(x)
     m = math.prod(x.shape[:-1])
-    if _kernel_operand(w) and m <= KERNEL_MAX_M and kernels_active():
+    top = BLOCK_KERNEL_MAX_M if isinstance(w, ExpertSlice) else KERNEL_MAX_M
+    if _kernel_operand(w) and m <= top and kernels_active():
         from grokctl import kernels
 
         full, e = (w.full, w.expert) if isinstance(w, ExpertSlice) else (w, 0)
