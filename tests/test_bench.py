@@ -154,6 +154,14 @@ def test_plot_draws_a_png(run: tuple[list[dict], Path], tmp_path: Path) -> None:
     bench.plot(two_batches, tmp_path / "b.png")
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*tmp*"))
+    # a panel for each axis that varies: batch only here, batch and depth below
+    deeper = two_batches + [{**r, "depth": 64} for r in two_batches]
+    bench.plot(deeper, tmp_path / "bd.png")
+
+    def width(name: str) -> int:  # from the PNG's IHDR chunk
+        return int.from_bytes((tmp_path / name).read_bytes()[16:20], "big")
+
+    assert width("bd.png") > 1.8 * width("b.png")
 
 
 @pytest.mark.parametrize(

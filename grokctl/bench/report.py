@@ -363,20 +363,23 @@ def compare_text(rows: Sequence[dict[str, Any]], tolerance: float) -> str:
 
 def plot(records: Sequence[dict[str, Any]], path: Path) -> None:
     """tok/s against batch size (one line per test, depth, kernel) and against context depth
-    (one line per test, batch, kernel), as a PNG."""
+    (one line per test, batch, kernel), as a PNG: a panel for each of the two that varies
+    (the batch panel when neither does)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_b, ax_d) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, x, group in ((ax_b, "batch", "depth"), (ax_d, "depth", "batch")):
+    axes = [x for x in ("batch", "depth") if len({r[x] for r in records}) > 1] or ["batch"]
+    fig, panels = plt.subplots(1, len(axes), figsize=(5.5 * len(axes), 4.2), squeeze=False)
+    for ax, x in zip(panels[0], axes, strict=True):
+        group = "depth" if x == "batch" else "batch"
         series: dict[tuple[Any, ...], list[tuple[int, float, float]]] = {}
         for r in records:
             series.setdefault((r["test"], r[group], r["moe"]), []).append(
                 (r[x], r["tok_s_mean"], r["tok_s_sd"])
             )
-        for (test, g, moe), pts in sorted(series.items(), key=lambda kv: str(kv[0])):
+        for (test, g, moe), pts in sorted(series.items()):
             pts.sort()
             ax.errorbar(
                 [p[0] for p in pts],
