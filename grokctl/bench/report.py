@@ -401,8 +401,9 @@ def plot(records: Sequence[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     r0 = records[0]
+    sep = " · " if len(axes) > 1 else "\n"  # one panel: the title in two lines
     fig.suptitle(
-        f"grokctl bench · {r0['model']['name']} ({r0['precision']['label']}) · "
+        f"grokctl bench · {r0['model']['name']} ({r0['precision']['label']}){sep}"
         f"{r0['device_kind']} mesh {r0['mesh']} · {r0['commit'][:12]}",
         fontsize=9,
     )
