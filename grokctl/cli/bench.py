@@ -62,7 +62,10 @@ def bench(
     ] = 0.1,
     plot_path: Annotated[
         Path | None,
-        typer.Option("--plot", help="Draw tok/s vs batch size and context depth to FILE.png."),
+        typer.Option(
+            "--plot",
+            help="Draw tok/s vs batch size and context depth (a panel for each that varies) to FILE.png.",
+        ),
     ] = None,
     mesh: options.Mesh = None,
     layout: options.Layout = None,

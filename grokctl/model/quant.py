@@ -156,10 +156,10 @@ def take_expert(w: Any, e: jax.Array) -> Any:
 # matmul, docs/PERFORMANCE.md). Enabled by the engine on single-device CPU runs only: on a mesh the
 # scan would have to gather a row-sharded weight, and GPUs read HBM fast enough without it.
 SMALL_M = 16
-# Rows up to which the native kernels are used: a decode step up to batch 32 (and prompts that
-# short). Beyond it XLA's dequantize-then-dot does as well on these CPUs, so prefill keeps it
-# (docs/PERFORMANCE.md, "Batched decode"; benchmarks/qmatmul_bench.py).
-KERNEL_MAX_M = 32
+# Rows up to which the native kernels are used: a decode step up to batch 64 (and prompts that
+# short). Beyond it XLA's dequantize-then-dot does as well on these CPUs (batch 128 ran as fast
+# as 64), so longer prefills keep it (docs/PERFORMANCE.md, "Batched decode").
+KERNEL_MAX_M = 64
 # Rows of one expert's block in the sorted MoE dispatch (prefill; decode steps take
 # `qmatmul_rows`) up to which the kernel runs it: from 32-row blocks (prompts of 65-128 tokens)
 # XLA's dot is 2x faster in the whole prefill (docs/PERFORMANCE.md, "Batched decode").
@@ -262,11 +262,11 @@ def unembed(h: jax.Array, table: Any) -> jax.Array:
     """Logits h [..., D] . table[V, D]^T with bf16 operands and f32 accumulation -> bf16
     [..., V] (the reference's bf16 matmul of the tied embedding); an int8-per-row table
     (QuantizedWeight, native checkpoints) gives (h . W^T) * scales^T. With the native kernels and
-    a bf16 or int8 table, one pass over the table; otherwise XLA's dot."""
+    a bf16 or int8 table, one pass over the table for any number of rows (the kernels block the
+    rows, and XLA's dot would first convert the whole table); otherwise XLA's dot."""
     hb = h.astype(jnp.bfloat16)
-    m = math.prod(h.shape[:-1])
     if isinstance(table, QuantizedWeight):  # int8 per row [V, D] + scales [V, 1]: (h . W^T) * s^T
-        if m <= KERNEL_MAX_M and kernels_active():
+        if kernels_active():
             from grokctl import kernels
 
             acc = kernels.matmul_nt_int8(hb.reshape(-1, hb.shape[-1]), table.weight)
@@ -274,7 +274,7 @@ def unembed(h: jax.Array, table: Any) -> jax.Array:
         else:
             acc = qmatmul(hb, table.weight.T)  # f32 [..., V]
         return (acc * table.scales[:, 0].astype(jnp.float32)).astype(jnp.bfloat16)
-    if table.dtype == jnp.bfloat16 and m <= KERNEL_MAX_M and kernels_active():
+    if table.dtype == jnp.bfloat16 and kernels_active():
         from grokctl import kernels
 
         y = kernels.matmul_nt_bf16(hb.reshape(-1, hb.shape[-1]), table)
