@@ -149,7 +149,10 @@ def test_qmatmul_expert_index_reads_that_expert(isa: str) -> None:
         _check(got, x, dequantize(QuantizedWeight8bit(w.weight[e], w.scales[e])))
 
 
-@pytest.mark.parametrize(("m", "d", "v"), [(1, 1024, 1000), (6, 40, 13), (2, 7, 5)])
+@pytest.mark.parametrize(
+    ("m", "d", "v"),
+    [(1, 1024, 1000), (6, 40, 13), (2, 7, 5), (70, 72, 300)],  # 70: two row chunks
+)
 def test_matmul_nt_bf16_matches(isa: str, m: int, d: int, v: int) -> None:
     rng = np.random.default_rng(d)
     table = jnp.asarray(rng.standard_normal((v, d)), jnp.bfloat16)
@@ -158,7 +161,9 @@ def test_matmul_nt_bf16_matches(isa: str, m: int, d: int, v: int) -> None:
     _check(got, x, table.T)
 
 
-@pytest.mark.parametrize(("m", "d", "v"), [(1, 1024, 1000), (6, 40, 13), (2, 7, 5), (3, 70, 9)])
+@pytest.mark.parametrize(
+    ("m", "d", "v"), [(1, 1024, 1000), (6, 40, 13), (2, 7, 5), (3, 70, 9), (70, 72, 300)]
+)
 @pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
 def test_matmul_nt_int8_matches(isa: str, m: int, d: int, v: int, xdtype) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(d + 7)

@@ -108,8 +108,10 @@ inline void table_blocks(int64_t v0, int64_t v1, F&& f) {
 // read as one contiguous run of up to kCols bytes, long enough for the hardware prefetchers
 // (256-byte runs at a row stride of N bytes defeated them: 1.5x more CPU time per byte).
 constexpr int64_t kCols = 2048;
-// Rows of the table per NT work unit.
+// Rows of the table per NT work unit, and rows of x per pass over a unit (the logits of a long
+// prompt: x in L2-sized chunks, each unit's table rows read once from memory).
 constexpr int64_t kTableRows = 256;
+constexpr int64_t kNtRowChunk = 64;
 
 // Work unit of the GEMV: a slab of kSlabRows weight rows x a chunk of at most kSlabCols(M)
 // columns. A unit streams its slab row after row (each row a contiguous run of up to 24 KB, the
@@ -1529,7 +1531,15 @@ ffi::Error matmul_nt(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
   }
   parallel_for(pool, units, [&](int64_t i) {
     const int64_t v0 = i * kTableRows, v1 = std::min(p.V, v0 + kTableRows);
-    nt_rows(level, p, xp, v0, v1);
+    // rows of x in chunks that stay in L2 while the unit's table rows (also in L2) pass by
+    for (int64_t m0 = 0; m0 < p.M; m0 += kNtRowChunk) {
+      NTP<T> q = p;
+      q.x += m0 * p.D;
+      if (q.xb) q.xb += m0 * p.D;
+      q.y += m0 * p.V;
+      q.M = std::min(kNtRowChunk, p.M - m0);
+      nt_rows(level, q, xp, v0, v1);
+    }
   });
   return ffi::Error::Success();
 }
