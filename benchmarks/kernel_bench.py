@@ -37,15 +37,6 @@ def main() -> None:
     rng = np.random.default_rng(0)
     table = jnp.asarray(rng.standard_normal((131072, 1024)), jnp.bfloat16)
     x = jnp.asarray(rng.standard_normal((1, 1024)), jnp.bfloat16)
-    xla = jax.jit(lambda x_, t: jnp.einsum("mk,vk->mv", x_, t, preferred_element_type=jnp.float32))
-    e, k, n, g = 8, 1024, 5120, 8
-    wq = jnp.asarray(rng.integers(-127, 128, (e, k, n), dtype=np.int8))
-    s = jnp.asarray(rng.standard_normal((e, g, n)), jnp.bfloat16)
-
-    @jax.jit
-    def experts(x_, w_, s_):  # type: ignore[no-untyped-def]
-        return sum(kernels.qmatmul(x_, w_, s_, i) for i in range(e))
-
     if a.logits_rows:
         t8 = jnp.asarray(rng.integers(-127, 128, table.shape, dtype=np.int8))
         for m in a.logits_rows:
@@ -60,6 +51,15 @@ def main() -> None:
                 line[f"{name}_gflop_s"] = round(2 * m * t.size / ms / 1e6, 1)
             print(json.dumps(line))
         return
+    xla = jax.jit(lambda x_, t: jnp.einsum("mk,vk->mv", x_, t, preferred_element_type=jnp.float32))
+    e, k, n, g = 8, 1024, 5120, 8
+    wq = jnp.asarray(rng.integers(-127, 128, (e, k, n), dtype=np.int8))
+    s = jnp.asarray(rng.standard_normal((e, g, n)), jnp.bfloat16)
+
+    @jax.jit
+    def experts(x_, w_, s_):  # type: ignore[no-untyped-def]
+        return sum(kernels.qmatmul(x_, w_, s_, i) for i in range(e))
+
     row = {"kernels": kernels.info()}
     row["logits_kernel_ms_cpu_ms"] = median_ms(
         jax.jit(kernels.matmul_nt_bf16), x, table, reps=a.reps

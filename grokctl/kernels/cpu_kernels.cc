@@ -477,7 +477,8 @@ AVX512BF16 void q4_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t 
 }
 
 // Logits over a bf16 table with bf16 activations: one vdpbf16ps per 32 table elements. (An int8
-// table takes the f32 path above: widening it to bf16 cost more than the FMAs it saved.)
+// table at batch 1 takes the VNNI or f32 path: widening it to bf16 for one row cost more than the
+// FMAs it saved; a batch widens each block once for all its rows, ntq_rows_bf16 below.)
 template <int MB, int R, bool PF = true>
 AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v) {
   __m512 acc[R][MB];
@@ -543,22 +544,13 @@ AVX512BF16 void ntq_rows_bf16(const NTP<int8_t>& p, int64_t v0, int64_t v1) {
       }
     }
   };
-  for (int64_t v = v0; v < v1;) {
-    const int64_t rows = std::min<int64_t>(4, v1 - v);
-    widen(v, rows);
+  table_blocks(v0, v1, [&](auto rb, int64_t v) AVX512BF16 {
+    widen(v, decltype(rb)::value);
     q.y = p.y + v;  // the buffer's row r is table row v + r
-    if (rows == 4) {
-      row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 { ntb_block_512<decltype(mb)::value, 4, false>(q, m0, 0); });
-    } else {
-      for (int64_t r = 0; r < rows; ++r) {
-        q.t = buf.data() + r * p.D;
-        q.y = p.y + v + r;
-        row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 { ntb_block_512<decltype(mb)::value, 1, false>(q, m0, 0); });
-      }
-      q.t = buf.data();
-    }
-    v += rows;
-  }
+    row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 {
+      ntb_block_512<decltype(mb)::value, decltype(rb)::value, false>(q, m0, 0);
+    });
+  });
 }
 
 // ---------------------------------------------------------------- AVX-512 VNNI: int8-table logits
