@@ -83,16 +83,25 @@ def test_qmatmul_matches_exact_dequant_dot(
 
 
 def _quantized4(
-    rng: np.random.Generator, k: int, n: int, g: int, e: int = 0
+    rng: np.random.Generator, k: int, n: int, g: int, e: int = 0, scales: str = "bf16"
 ) -> quant.QuantizedWeight:
+    """Random packed int4 with bf16 scales: any bf16 ("bf16": each weight is rounded to bf16),
+    of 5 significant bits as quantize writes them ("exact": nibble x scale is a bf16 value, the
+    kernels' unscaled-sum path), or "mixed": exact groups, a zero column and one group of any
+    bf16 scales (a unit takes both paths)."""
     from grokctl.checkpoint.native.format import pack_int4
 
     shape = (e, k, n) if e else (k, n)
     q = rng.integers(-8, 8, shape).astype(np.int8)
-    scales = rng.uniform(0.01, 0.1, (*shape[:-2], g, n))
-    return quant.QuantizedWeight(
-        jnp.asarray(pack_int4(q)), jnp.asarray(scales, jnp.bfloat16), bits=4
-    )
+    s = rng.uniform(0.01, 0.1, (*shape[:-2], g, n)).astype(np.float32)
+    if scales != "bf16":
+        bits = s.view(np.uint32) & np.uint32(0xFFF80000)  # 1 + 4 mantissa bits
+        s5 = bits.view(np.float32)
+        if scales == "mixed":
+            s5[..., -1] = 0.0
+            s5[..., g // 2, : n // 2] = s[..., g // 2, : n // 2]
+        s = s5
+    return quant.QuantizedWeight(jnp.asarray(pack_int4(q)), jnp.asarray(s, jnp.bfloat16), bits=4)
 
 
 @pytest.mark.parametrize(
@@ -107,11 +116,12 @@ def _quantized4(
     ],
 )
 @pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("scales", ["bf16", "exact", "mixed"])
 def test_qmatmul4_matches_exact_dequant_dot(
-    isa: str, m: int, k: int, n: int, g: int, xdtype
+    isa: str, m: int, k: int, n: int, g: int, xdtype, scales: str
 ) -> None:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(m * 77 + n)
-    w = _quantized4(rng, k, n, g)
+    w = _quantized4(rng, k, n, g, scales=scales)
     x = jnp.asarray(rng.standard_normal((m, k)), xdtype)
     got = jax.jit(kernels.qmatmul4)(x, w.weight, w.scales)
     _check(got, x, dequantize(w))  # nibble x scale rounded to bf16, as the XLA path
@@ -369,7 +379,7 @@ def test_random_checkpoint_config_errors(
     assert "bad.json" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, "4-exact"])
 @pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(
     ("k", "n", "g", "experts"),
@@ -381,12 +391,16 @@ def test_random_checkpoint_config_errors(
     ],
 )
 def test_qmatmul_rows_each_row_its_expert(
-    isa: str, bits: int, xdtype, k: int, n: int, g: int, experts: list[int]
+    isa: str, bits: int | str, xdtype, k: int, n: int, g: int, experts: list[int]
 ) -> None:  # type: ignore[no-untyped-def]
     """Every row times its own expert's matrix, bit-identical to the single-expert kernel (the
     same per-row sums), rows sharing an expert included; out-of-range ids clamp."""
     rng = np.random.default_rng(k + n)
-    w = _quantized4(rng, k, n, g, e=4) if bits == 4 else _quantized(rng, k, n, g, e=4)
+    if bits == 8:
+        w = _quantized(rng, k, n, g, e=4)
+    else:
+        w = _quantized4(rng, k, n, g, e=4, scales="mixed" if bits == "4-exact" else "bf16")
+        bits = 4
     x = jnp.asarray(rng.standard_normal((len(experts), k)), xdtype)
     idx = jnp.asarray(experts, jnp.int32)
     got = np.asarray(jax.jit(kernels.qmatmul_rows)(x, w.weight, w.scales, idx))
@@ -463,7 +477,10 @@ def test_qmatmul3_three_products_in_one_call(isa: str, mix: str, xdtype) -> None
     if mix == "int8":
         ws = [_quantized(rng, k, n, 4) for n in (64, 32, 32)]
     elif mix == "int4":
-        ws = [_quantized4(rng, k, n, 3) for n in (64, 20, 20)]
+        ws = [
+            _quantized4(rng, k, n, 3, scales=s)
+            for n, s in ((64, "exact"), (20, "mixed"), (20, "bf16"))
+        ]
     elif mix == "mixed":
         ws = [_quantized(rng, k, 50, 2), _quantized4(rng, k, 33, 6), _quantized(rng, k, 16, 1)]
     else:  # the first: 96 rows in 32 groups, 3 rows each (odd): no row pairs, column paths

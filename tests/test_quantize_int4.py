@@ -80,6 +80,46 @@ def test_int4_round_trip_and_clip_search_never_worse() -> None:
     assert rel < 0.16  # measured 0.1513 (round to nearest alone: more)
 
 
+@pytest.mark.filterwarnings("error")  # a zero group never walks the grid down to a zero scale
+def test_int4_scales_have_5_significant_bits_so_every_value_is_exact() -> None:
+    """Scales of INT4_SCALE_BITS significant bits: q x scale is a bf16 value for every q, so the
+    model's value (rounded to bf16) is the exact product, the form the CPU kernels sum unscaled."""
+    from grokctl.checkpoint.native.format import INT4_SCALE_BITS
+
+    assert INT4_SCALE_BITS == 5
+    rng = np.random.default_rng(3)
+    w = (rng.standard_t(3, (2, 128, 40)) * np.logspace(-15, 15, 40)).astype(np.float32)
+    w[0, :64, 0] = 0.0  # an all-zero group
+    for clip in (False, True):
+        r = quantize_int4(w, 64, clip_search=clip)
+        assert np.all(r.scales.view(np.uint16) & 7 == 0)
+        q = unpack_int4(r.packed).astype(np.float32)
+        exact = q * r.scales.astype(np.float32).repeat(64, axis=-2)
+        assert np.array_equal(dequantize_int4(r.packed, r.scales), exact)
+
+
+def test_clip_search_finds_the_best_5_bit_scale_of_each_group() -> None:
+    """Brute force over every 5-bit value in [0.75, 1] x max|w| / 7 (and the smallest one above):
+    per group, no scale on the grid reconstructs the group with a smaller squared error."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_t(4, (64, 12)).astype(np.float32)
+    r = quantize_int4(w, 16)
+    got = r.scales.astype(np.float32)
+    grid = np.array(
+        [m * 2.0**e for e in range(-12, 4) for m in range(16, 32)], np.float32
+    )  # 1.xxxx x 2^e
+    for g in range(4):
+        wg = w[16 * g : 16 * (g + 1)]
+        for n in range(12):
+            col = wg[:, n]
+            amax = np.abs(col).max()
+            top = grid[grid >= amax / 7].min()
+            cands = grid[(grid >= np.float32(amax * 0.75 / 7)) & (grid <= top)]
+            errs = [np.square(np.clip(np.rint(col / s), -7, 7) * s - col).sum() for s in cands]
+            best = np.square(np.clip(np.rint(col / got[g, n]), -7, 7) * got[g, n] - col).sum()
+            assert got[g, n] in cands and best <= min(errs) * (1 + 1e-6), (g, n)
+
+
 def test_group_size_falls_back_to_a_divisor_of_k() -> None:
     assert group_size_for(6144, 128) == 128
     assert group_size_for(32768, 128) == 128

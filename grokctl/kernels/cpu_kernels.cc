@@ -146,6 +146,38 @@ inline int nibble(uint8_t b, int high) {  // two's-complement 4-bit value
   return v >= 8 ? v - 16 : v;
 }
 
+// An int4 scale group is exact when nibble x scale is a bf16 value for every nibble (|q| <= 8):
+// each scale has at most 5 significant bits (its 3 lowest mantissa bits zero; `quantize` writes
+// such scales, format.INT4_SCALE_BITS), is normal and 8 x scale finite — or is zero. Then the
+// model's value round_bf16(nibble x scale) is nibble x scale, and the GEMV sums x . nibble
+// unscaled over the group and scales once (int8's form): a table lookup per nibble instead of
+// a convert, a multiply, a rounding and a pairing.
+inline bool int4_group_exact(const uint16_t* s, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t mag = s[i] & 0x7fffu, e = mag >> 7;
+    bad |= (mag & 7u) | uint32_t(mag != 0 && (e == 0 || e > 251));
+  }
+  return bad == 0;
+}
+
+// The 16 nibbles' values: as bf16 bits (32 entries, index & 15 the nibble, for a 5-bit vpermw
+// index) and as f32.
+struct NibbleTables {
+  alignas(64) uint16_t bf16[32];
+  alignas(64) float f32[16];
+  NibbleTables() {
+    for (int i = 0; i < 32; ++i) {
+      const float f = float(nibble(uint8_t(i & 15), 0));
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      bf16[i] = uint16_t(u >> 16);  // small integers: exact in bf16
+      if (i < 16) f32[i] = f;
+    }
+  }
+};
+const NibbleTables kNibbles;
+
 // int4 weight rows [k0, k1) x columns [n0, n1): partial sums into out (row stride N).
 void q4_block_scalar(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
   const int64_t kb = p.K / p.G;
@@ -245,6 +277,19 @@ AVX512 inline __m512 load_bf16x16_512(const uint16_t* ptr, __mmask16 mask) {
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, ptr)), 16));
 }
 
+// acc[m] += scale_n * ag[m] over a unit's columns: a scale group's unscaled sums into the unit's.
+template <int MB>
+AVX512 inline void fold_group_512(float* acc, const float* ag, const uint16_t* srow, int64_t stride,
+                                  int nv, __mmask16 last) {
+  for (int v = 0; v < nv; ++v) {
+    const __m512 sv = load_bf16x16_512(srow + v * 16, v == nv - 1 ? last : __mmask16(0xffff));
+    for (int m = 0; m < MB; ++m) {
+      float* a = acc + m * stride + v * 16;
+      _mm512_store_ps(a, _mm512_fmadd_ps(sv, _mm512_load_ps(ag + m * stride + v * 16), _mm512_load_ps(a)));
+    }
+  }
+}
+
 // The int8 GEMV. A scale group's rows are summed unscaled, sum_k x_k * float(q_kn) (exact
 // products of a bf16 or f32 x and an int8, f32 sums), in a group accumulator; at the group's end
 // the unit's accumulator takes scale_gn * that sum. Per 16 weights: one widening load, one
@@ -298,13 +343,7 @@ AVX512 void q8_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, i
     std::memset(ag, 0, sizeof(float) * stride * MB);
     for (; k + 8 <= gend; k += 8) q8_rows_512<MB, 8>(p, ag, stride, m0, n0, nv, last, k);
     for (; k < gend; ++k) q8_rows_512<MB, 1>(p, ag, stride, m0, n0, nv, last, k);
-    for (int v = 0; v < nv; ++v) {
-      const __m512 sv = load_bf16x16_512(srow + v * 16, v == nv - 1 ? last : __mmask16(0xffff));
-      for (int m = 0; m < MB; ++m) {
-        float* a = acc + m * stride + v * 16;
-        _mm512_store_ps(a, _mm512_fmadd_ps(sv, _mm512_load_ps(ag + m * stride + v * 16), _mm512_load_ps(a)));
-      }
-    }
+    fold_group_512<MB>(acc, ag, srow, stride, nv, last);
   }
   for (int m = 0; m < MB; ++m)
     for (int v = 0; v < nv; ++v) {
@@ -439,11 +478,68 @@ AVX512BF16 void q4_rows_512(const QProblem& p, const uint16_t* srow, float* acc,
   if (full < nv) step(full, std::true_type{});
 }
 
+// An exact group's packed rows (int4_group_exact): unscaled sums x . nibble into ag. Each byte is
+// widened to a 32-bit lane; bf16 activations: the lane's two 16-bit halves index (low 5 bits)
+// a 32-entry table of the nibbles' bf16 values — low half the byte (low nibble), high half the
+// byte >> 4 — so one vpermw gives the row pair of 16 columns, paired as vdpbf16ps takes them;
+// f32 activations: one vpermps per nibble (index = the lane's low 4 bits) and an FMA.
+template <int MB, int P, bool BX>
+AVX512BF16 void q4x_rows_512(const QProblem& p, float* ag, int64_t stride, int64_t m0, int64_t n0,
+                             int nv, __mmask16 last, int64_t k) {
+  const uint8_t* wr[P];
+  __m512i xp[MB][P];
+  __m512 xf[MB][2 * P];
+  const uint8_t* w8 = reinterpret_cast<const uint8_t*>(p.w);
+  for (int q = 0; q < P; ++q) wr[q] = w8 + (k / 2 + q) * p.N + n0;
+  for (int m = 0; m < MB; ++m) {
+    if constexpr (BX) {
+      for (int q = 0; q < P; ++q)
+        xp[m][q] = _mm512_set1_epi32(int(bf16_pair(p.xb + (m0 + m) * p.K + k + 2 * q)));
+    } else {
+      for (int u = 0; u < 2 * P; ++u) xf[m][u] = _mm512_set1_ps(p.x[(m0 + m) * p.K + k + u]);
+    }
+  }
+  const __m512i tb = _mm512_load_si512(kNibbles.bf16);
+  const __m512 tf = _mm512_load_ps(kNibbles.f32);
+  auto step = [&](int v, auto masked) AVX512BF16 {
+    constexpr bool M_ = decltype(masked)::value;
+    const __mmask16 mask = M_ ? last : __mmask16(0xffff);
+    if ((v & 3) == 0)
+      for (int q = 0; q < P; ++q)
+        _mm_prefetch(reinterpret_cast<const char*>(wr[q] + P * p.N + v * 16), kPrefetch);
+    __m512 a[MB];
+    for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(ag + m * stride + v * 16);
+    for (int q = 0; q < P; ++q) {
+      const __m512i b = _mm512_cvtepu8_epi32(load16<M_>(wr[q] + v * 16, mask));
+      if constexpr (BX) {
+        const __m512i w = _mm512_permutexvar_epi16(_mm512_or_si512(b, _mm512_slli_epi32(b, 12)), tb);
+        for (int m = 0; m < MB; ++m)
+          a[m] = _mm512_dpbf16_ps(a[m], reinterpret_cast<__m512bh>(w),
+                                  reinterpret_cast<__m512bh>(xp[m][q]));
+      } else {
+        const __m512 lo = _mm512_permutexvar_ps(b, tf);
+        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tf);
+        for (int m = 0; m < MB; ++m) {
+          a[m] = _mm512_fmadd_ps(xf[m][2 * q], lo, a[m]);
+          a[m] = _mm512_fmadd_ps(xf[m][2 * q + 1], hi, a[m]);
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) _mm512_store_ps(ag + m * stride + v * 16, a[m]);
+  };
+  const int full = last == __mmask16(0xffff) ? nv : nv - 1;
+  for (int v = 0; v < full; ++v) step(v, std::false_type{});
+  if (full < nv) step(full, std::true_type{});
+}
+
 // Rows [m0, m0+MB), weight rows [k0, k1), columns [n0, n0+w): partial sums into out (row stride N).
+// An exact scale group takes q4x_rows_512 and is scaled once; any other group is dequantized
+// weight by weight (q4_rows_512).
 template <int MB, bool BX>
 AVX512BF16 void q4_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0,
                             int64_t w, float* out) {
   alignas(64) static thread_local float acc[6144 + 64 * 4];
+  alignas(64) static thread_local float ag[6144 + 64 * 4];
   const int64_t stride = (w + 15) / 16 * 16;
   const int nv = int(stride / 16);
   const __mmask16 last = (w % 16) ? __mmask16((1u << (w % 16)) - 1) : __mmask16(0xffff);
@@ -452,6 +548,13 @@ AVX512BF16 void q4_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k
   for (int64_t k = k0; k < k1;) {
     const int64_t gend = std::min(k1, (k / kb + 1) * kb);
     const uint16_t* srow = p.s + (k / kb) * p.N + n0;
+    if (int4_group_exact(srow, w)) {
+      std::memset(ag, 0, sizeof(float) * stride * MB);
+      for (; k + 8 <= gend; k += 8) q4x_rows_512<MB, 4, BX>(p, ag, stride, m0, n0, nv, last, k);
+      for (; k + 2 <= gend; k += 2) q4x_rows_512<MB, 1, BX>(p, ag, stride, m0, n0, nv, last, k);
+      fold_group_512<MB>(acc, ag, srow, stride, nv, last);
+      continue;
+    }
     auto rows = [&](auto pairs) AVX512BF16 {  // one packed row per pair
       constexpr int P = decltype(pairs)::value;
       q4_rows_512<MB, P, BX>(p, srow, acc, stride, m0, n0, nv, last, k);
@@ -738,36 +841,57 @@ AVX2 void nt_rows_256(const NTP<T>& p, int64_t v0, int64_t v1) {
   });
 }
 
-// int4 on AVX2: 8 columns of a row pair per byte load, nibbles sign-extended with shifts.
+// int4 on AVX2: 8 columns of a row pair per byte load, nibbles sign-extended with shifts. An
+// exact scale group (int4_group_exact) sums x . nibble unscaled into ag and is scaled once; any
+// other group is scaled and rounded to bf16 weight by weight.
 template <int MB>
 AVX2 void q4_unit_256(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0, int64_t w,
                       float* out) {
   alignas(32) static thread_local float acc[6144 + 64 * 4];
+  alignas(32) static thread_local float ag[6144 + 64 * 4];
   const int64_t w8 = w / 8 * 8;
   const int nv = int(w8 / 8);
   std::memset(acc, 0, sizeof(float) * (w8 ? w8 : 8) * MB);
   const int64_t kb = p.K / p.G;
   const uint8_t* wb = reinterpret_cast<const uint8_t*>(p.w);
-  for (int64_t k = k0; k < k1; k += 2) {
-    const uint8_t* wr = wb + (k / 2) * p.N + n0;
+  for (int64_t k = k0; k < k1;) {
+    const int64_t gend = std::min(k1, (k / kb + 1) * kb);
     const uint16_t* sr = p.s + (k / kb) * p.N + n0;
-    __m256 x0[MB], x1[MB];
-    for (int m = 0; m < MB; ++m) {
-      x0[m] = _mm256_set1_ps(p.x[(m0 + m) * p.K + k]);
-      x1[m] = _mm256_set1_ps(p.x[(m0 + m) * p.K + k + 1]);
-    }
-    for (int v = 0; v < nv; ++v) {
-      const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + v * 8)));
-      const __m256 sv = load_bf16x8_256(sr + v * 8);
-      const __m256 lo = round_bf16_256(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28)), sv));
-      const __m256 hi = round_bf16_256(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4)), sv));
+    const bool exact = int4_group_exact(sr, w8);
+    float* dst = exact ? ag : acc;
+    if (exact) std::memset(ag, 0, sizeof(float) * (w8 ? w8 : 8) * MB);
+    for (; k < gend; k += 2) {
+      const uint8_t* wr = wb + (k / 2) * p.N + n0;
+      __m256 x0[MB], x1[MB];
       for (int m = 0; m < MB; ++m) {
-        __m256 a = _mm256_load_ps(acc + m * w8 + v * 8);
-        a = _mm256_fmadd_ps(x0[m], lo, a);
-        a = _mm256_fmadd_ps(x1[m], hi, a);
-        _mm256_store_ps(acc + m * w8 + v * 8, a);
+        x0[m] = _mm256_set1_ps(p.x[(m0 + m) * p.K + k]);
+        x1[m] = _mm256_set1_ps(p.x[(m0 + m) * p.K + k + 1]);
+      }
+      for (int v = 0; v < nv; ++v) {
+        const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + v * 8)));
+        __m256 lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
+        __m256 hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
+        if (!exact) {
+          const __m256 sv = load_bf16x8_256(sr + v * 8);
+          lo = round_bf16_256(_mm256_mul_ps(lo, sv));
+          hi = round_bf16_256(_mm256_mul_ps(hi, sv));
+        }
+        for (int m = 0; m < MB; ++m) {
+          __m256 a = _mm256_load_ps(dst + m * w8 + v * 8);
+          a = _mm256_fmadd_ps(x0[m], lo, a);
+          a = _mm256_fmadd_ps(x1[m], hi, a);
+          _mm256_store_ps(dst + m * w8 + v * 8, a);
+        }
       }
     }
+    if (exact)
+      for (int v = 0; v < nv; ++v) {
+        const __m256 sv = load_bf16x8_256(sr + v * 8);
+        for (int m = 0; m < MB; ++m) {
+          float* a = acc + m * w8 + v * 8;
+          _mm256_store_ps(a, _mm256_fmadd_ps(sv, _mm256_load_ps(ag + m * w8 + v * 8), _mm256_load_ps(a)));
+        }
+      }
   }
   for (int m = 0; m < MB; ++m) std::memcpy(out + (m0 + m) * p.N + n0, acc + m * w8, sizeof(float) * w8);
 }

@@ -5,10 +5,16 @@ packed [..., K/2, N] uint8 with row i holding the value of row 2i in its low nib
 in its high nibble (two's-complement 4 bits; values in -7..7). The model's value of a weight is
 bf16(q * scale): the int x bf16 product rounded to bf16 (int8 values are used exactly).
 
-Clipping search: for every group, each ratio of `CLIP_RATIOS` scales max|w| down before
-choosing the scale; the ratio with the least squared reconstruction error (against the exact
-source values) wins. Ratio 1.0 is plain round-to-nearest, so the search is never worse per
-group; `quantize_int4` reports whether it changed anything (`method`: "clip-search" or "rtn").
+Scales carry `INT4_SCALE_BITS` (5) significant bits, so q * scale is itself a bf16 value for
+every q (|q| <= 8 takes 3 bits more): the rounding never changes a weight, and the CPU kernels sum
+x . q unscaled over a group and scale once, as for int8 (4-bit weights then stream at the memory
+bandwidth, like 8-bit ones; a checkpoint with other scales still works, weight by weight).
+
+Scale choice: round to nearest ("rtn") takes the smallest 5-bit value >= max|w| / 7 (no value
+clipped). The clipping search tries every 5-bit value from there down to `MIN_CLIP_RATIO` of it
+per group and keeps the one with the least squared reconstruction error (against the exact source
+values); rtn is among them, so the search is never worse per group; `quantize_int4` reports
+whether it changed anything (`method`: "clip-search" or "rtn").
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
+from grokctl.checkpoint.native.format import INT4_SCALE_BITS
 from grokctl.errors import UsageError
 from grokctl.quantizers.int8 import dequantize_int8
 
 QMAX = 7
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+MIN_CLIP_RATIO = 0.75
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -83,9 +90,24 @@ def dequantize_int4(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return dequantize_blocks(unpack_int4(packed), scales)
 
 
-def _scales(amax: np.ndarray, ratio: float) -> np.ndarray:
-    """bf16 scales [..., G, N] for max|w| per group clipped to `ratio` of it."""
-    return (np.maximum(amax * np.float32(ratio), np.float32(1e-12)) / np.float32(QMAX)).astype(BF16)
+_DROP = np.uint32(23 - (INT4_SCALE_BITS - 1))  # f32 mantissa bits below a scale's last one
+_STEP = np.int64(1) << np.int64(_DROP)  # one step of the 5-bit grid, in f32 bits
+
+
+def _unclipped(amax: np.ndarray) -> np.ndarray:
+    """The scale [..., G, N] (f32) that clips nothing: max|w| / 7 (1e-12 / 7 for a zero group)."""
+    return (np.maximum(amax, np.float32(1e-12)) / np.float32(QMAX)).astype(np.float32)
+
+
+def _rtn_scales(lim: np.ndarray) -> np.ndarray:
+    """f32 bits (int64) of the smallest 5-bit scale >= `lim` (f32 > 0)."""
+    bits = lim.view(np.uint32).astype(np.int64)
+    return (bits + (_STEP - 1)) & ~(_STEP - 1)
+
+
+def _bf16(bits: np.ndarray) -> np.ndarray:
+    """f32 bits on the 5-bit grid -> bf16 scales (exact: 5 significant bits fit bf16's 8)."""
+    return bits.astype(np.uint32).view(np.float32).astype(BF16)
 
 
 def _codes(wg: np.ndarray, scales: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -113,18 +135,24 @@ def quantize_int4(w: np.ndarray, group: int, clip_search: bool = True) -> Int4We
     w = np.asarray(w, np.float32)
     wg = w.reshape(*lead, k // group, group, n)
     amax = np.abs(wg).max(axis=-2)
-    candidates = [(_scales(amax, 1.0), "rtn")]
+    lim = _unclipped(amax)
+    top = _rtn_scales(lim)
+    candidates = [(_bf16(top), "rtn")]
     if clip_search:
         buf = np.empty_like(wg)
-        best_s = candidates[0][0]
-        best_err = _search_error(wg, best_s, buf)
-        for ratio in CLIP_RATIOS[1:]:
-            s2 = _scales(amax, ratio)
-            e2 = _search_error(wg, s2, buf)
-            better = e2 < best_err
-            best_s = np.where(better, s2, best_s)
-            best_err = np.minimum(e2, best_err)
-        candidates.append((best_s, "clip-search"))
+        floor = lim * np.float32(MIN_CLIP_RATIO)
+        best_bits, best_err = top, _search_error(wg, candidates[0][0], buf)
+        bits = top - _STEP  # one grid step down at a time (f32 bits: across binades too)
+        while True:
+            live = bits.astype(np.uint32).view(np.float32) >= floor
+            if not live.any():
+                break
+            err = np.where(live, _search_error(wg, _bf16(np.where(live, bits, top)), buf), np.inf)
+            better = err < best_err
+            best_bits = np.where(better, bits, best_bits)
+            best_err = np.minimum(err, best_err)
+            bits = bits - _STEP
+        candidates.append((_bf16(best_bits), "clip-search"))
     best: Int4Weight | None = None
     for scales, method in candidates:  # exact errors; the search is kept only if it is better
         q = _codes(wg, scales).astype(np.int8).reshape(w.shape)

@@ -16,7 +16,8 @@ Keys (one per safetensors tensor):
   bits 8: qweight int8 [..., K, N]; bits 4: qweight uint8 [..., K/2, N], packed row i = row 2i in
   the low nibble and row 2i+1 in the high nibble, each a two's-complement 4-bit value;
   scales bf16 [..., G, N], one per column per group of K/G consecutive rows (the contracting axis,
-  -2); value = q * scale (int8: exact; int4: rounded to bf16);
+  -2); value = q * scale (int8: exact; int4: rounded to bf16 — `quantize` writes int4 scales of
+  INT4_SCALE_BITS significant bits, which makes the product exact);
 - the embedding table in int8 per row: `.qweight` int8 [V, D] + `.scales` bf16 [V, 1]
   (quantization.embeddings = "int8"): row v = qweight[v] * scales[v].
 
@@ -48,6 +49,7 @@ MAX_SHARD_BYTES = 5 * 10**9
 EMBEDDINGS = "language_model/in_out_embed/embeddings"
 QWEIGHT, SCALES = ".qweight", ".scales"
 GROUP_AXIS = "contracting (-2)"
+INT4_SCALE_BITS = 5  # significant bits of the int4 scales quantize writes: q * scale exact in bf16
 QUANTIZED_PATTERNS = (
     "multi_head_attention/(query|key|value|linear)/w",
     "moe/(linear|linear_v|linear_1)/w",
