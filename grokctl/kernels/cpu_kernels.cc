@@ -82,6 +82,26 @@ struct NTP {
 };
 using NTProblem = NTP<uint16_t>;
 
+// A GEMV unit's accumulators, per thread: the unit's sums and a scale group's (w columns x MB
+// rows <= 6144, slab_cols, plus padding). The address of a thread_local in a shared library is a
+// __tls_get_addr call, and GCC recomputes it rather than keep it in a register when registers
+// run short — inside the kernels' inner loops, with a vzeroupper and spilled vectors around each
+// call (4 % of an int4 decode step's samples, `perf`). A unit takes the addresses once, through
+// `opaque`, which hides where they came from.
+struct UnitBuffers {
+  alignas(64) float acc[6144 + 64 * 4];
+  alignas(64) float ag[6144 + 64 * 4];
+};
+template <class T>
+inline T* opaque(T* p) {
+  asm("" : "+r"(p));
+  return p;
+}
+inline UnitBuffers& unit_buffers() {
+  static thread_local UnitBuffers buffers;
+  return *opaque(&buffers);
+}
+
 // f(std::integral_constant<int, MB>{}, m0) over rows [0, M) in blocks of 4 and a 1-3 row tail:
 // the register-blocked kernels are templates on the block height.
 template <class F>
@@ -330,8 +350,9 @@ AVX512 void q8_rows_512(const QProblem& p, float* ag, int64_t stride, int64_t m0
 template <int MB>
 AVX512 void q8_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0,
                         int64_t w, float* out) {
-  alignas(64) static thread_local float acc[6144 + 64 * 4];
-  alignas(64) static thread_local float ag[6144 + 64 * 4];
+  UnitBuffers& ub = unit_buffers();
+  float* const acc = ub.acc;
+  float* const ag = ub.ag;
   const int64_t stride = (w + 15) / 16 * 16;
   const int nv = int(stride / 16);
   const __mmask16 last = (w % 16) ? __mmask16((1u << (w % 16)) - 1) : __mmask16(0xffff);
@@ -538,8 +559,9 @@ AVX512BF16 void q4x_rows_512(const QProblem& p, float* ag, int64_t stride, int64
 template <int MB, bool BX>
 AVX512BF16 void q4_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0,
                             int64_t w, float* out) {
-  alignas(64) static thread_local float acc[6144 + 64 * 4];
-  alignas(64) static thread_local float ag[6144 + 64 * 4];
+  UnitBuffers& ub = unit_buffers();
+  float* const acc = ub.acc;
+  float* const ag = ub.ag;
   const int64_t stride = (w + 15) / 16 * 16;
   const int nv = int(stride / 16);
   const __mmask16 last = (w % 16) ? __mmask16((1u << (w % 16)) - 1) : __mmask16(0xffff);
@@ -629,7 +651,8 @@ AVX512BF16 void ntb_rows_512(const NTProblem& p, int64_t v0, int64_t v1) {
 constexpr int64_t kNtBf16Rows = 2;
 
 AVX512BF16 void ntq_rows_bf16(const NTP<int8_t>& p, int64_t v0, int64_t v1) {
-  static thread_local std::vector<uint16_t> buf;
+  static thread_local std::vector<uint16_t> buf_tls;
+  std::vector<uint16_t>& buf = *opaque(&buf_tls);  // (UnitBuffers: why)
   buf.resize(size_t(4 * p.D));
   NTProblem q{p.x, p.xb, buf.data(), p.y, p.M, p.D, p.V};
   const int64_t full = p.D / 32 * 32;
@@ -758,8 +781,10 @@ AVX2 void q_rows_256(const QProblem& p, const float* sc, float (*acc)[kCols], in
 // Full 8-column vectors only: w is a multiple of 8.
 template <int MB>
 AVX2 void q_chunk_256(const QProblem& p, int64_t m0, int64_t n0, int64_t w) {
-  alignas(32) static thread_local float acc[MB][kCols];
-  alignas(32) static thread_local float sc[kCols];
+  alignas(32) static thread_local float acc_tls[MB][kCols];
+  alignas(32) static thread_local float sc_tls[kCols];
+  float(*const acc)[kCols] = opaque(acc_tls);  // (UnitBuffers: why)
+  float* const sc = opaque(sc_tls);
   const int nv = int(w / 8);
   for (int m = 0; m < MB; ++m) std::memset(acc[m], 0, sizeof(float) * nv * 8);
   const int64_t kb = p.K / p.G;
@@ -847,8 +872,9 @@ AVX2 void nt_rows_256(const NTP<T>& p, int64_t v0, int64_t v1) {
 template <int MB>
 AVX2 void q4_unit_256(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0, int64_t w,
                       float* out) {
-  alignas(32) static thread_local float acc[6144 + 64 * 4];
-  alignas(32) static thread_local float ag[6144 + 64 * 4];
+  UnitBuffers& ub = unit_buffers();
+  float* const acc = ub.acc;
+  float* const ag = ub.ag;
   const int64_t w8 = w / 8 * 8;
   const int nv = int(w8 / 8);
   std::memset(acc, 0, sizeof(float) * (w8 ? w8 : 8) * MB);
