@@ -7,7 +7,8 @@
   threaded over row slabs and columns.
 - `qmatmul4(x, packed, scales, expert)`: the same for int4 weights packed two per byte (uint8
   [(E,) K/2, N]: row 2i in the low nibble, 2i+1 in the high), as the native format stores them;
-  each weight is nibble x scale rounded to bf16 (the int4 format's value).
+  each weight is nibble x scale rounded to bf16 (the int4 format's value; with the 5-bit scales
+  `quantize` writes the rounding is a no-op, and such a scale group is summed unscaled).
 - `qmatmul_rows(x, weight, scales, experts)`: row a of x times expert experts[a]'s matrix
   (int8 or packed int4 [E, K(/2), N]): a MoE decode step's assignments in one call, rows that
   chose the same expert sharing one pass over its weights.

@@ -6,7 +6,8 @@
 //   bf16 activations" variant of the reference's `int8 * bf16`), products accumulated in f32.
 //   Weights are streamed once, row by row, and dequantized in registers.
 // grokctl_qmatmul4: the same over packed int4 [(E,) K/2, N]; each weight is round_to_bf16(nibble
-//   * scale) (the native int4 format's value).
+//   * scale) (the native int4 format's value). A scale group whose scales have 5 significant bits
+//   (quantize's) needs no rounding: it is summed unscaled and scaled once (int4_group_exact).
 // grokctl_matmul_nt_bf16:  y[M, V] f32 = x[M, D] bf16 @ table[V, D]^T bf16, f32 accumulation
 //   (the tied unembedding's logits).
 //
