@@ -8,9 +8,16 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import signal  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+# A run started in the background of a non-interactive shell (`make test &`) inherits SIGINT
+# ignored, and so would every CLI a test spawns: the Ctrl-C tests would then wait in vain (seen:
+# five of them failed that way). A child starts with SIGINT's default when this process handles it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GROK_TINY = SHARED / "fixtures" / "grok-tiny"
