@@ -441,10 +441,15 @@ inline uint32_t bf16_pair(const uint16_t* xb) {  // xb[0] low half, xb[1] high h
 }
 
 // int4 (two's-complement nibbles; packed row i = logical rows 2i (low) and 2i+1 (high) of the
-// same column): one byte holds a row pair, so one 16-byte load feeds 32 weights. The nibbles are
-// sign-extended with shifts, scaled, rounded to bf16 by vcvtne2ps2bf16 and interleaved into
-// pairs by one vpermw.
-template <int MB, int P, bool BX>
+// same column): one byte holds a row pair, so one 16-byte load feeds 32 weights, P packed rows a
+// pass, into the accumulators at acc. EXACT (an exact scale group, int4_group_exact): the sums are
+// unscaled, x . nibble — the byte is widened to a 32-bit lane; bf16 activations: the lane's two
+// 16-bit halves (the byte, and the byte >> 4) index (low 5 bits) a 32-entry table of the nibbles'
+// bf16 values, so one vpermw gives 16 columns' row pair already paired as vdpbf16ps takes them;
+// f32 activations: one vpermps per nibble (index = the lane's low 4 bits) and an FMA. Otherwise
+// each weight is nibble x scale: sign-extended with shifts, scaled, rounded to bf16 by
+// vcvtne2ps2bf16 and paired by one vpermw (f32 activations unpack the pair and FMA).
+template <int MB, int P, bool BX, bool EXACT>
 AVX512BF16 void q4_rows_512(const QProblem& p, const uint16_t* srow, float* acc, int64_t acc_stride,
                             int64_t m0, int64_t n0, int nv, __mmask16 last, int64_t k) {
   const uint8_t* wr[P];
@@ -460,6 +465,8 @@ AVX512BF16 void q4_rows_512(const QProblem& p, const uint16_t* srow, float* acc,
       for (int u = 0; u < 2 * P; ++u) xf[m][u] = _mm512_set1_ps(p.x[(m0 + m) * p.K + k + u]);
     }
   }
+  const __m512i tb = _mm512_load_si512(kNibbles.bf16);
+  const __m512 tf = _mm512_load_ps(kNibbles.f32);
   const __m512i hi_mask = _mm512_set1_epi32(int(0xffff0000u));
   // 16-bit positions: low half of lane c <- row k (position c), high half <- row k+1 (16 + c)
   const __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
@@ -467,26 +474,43 @@ AVX512BF16 void q4_rows_512(const QProblem& p, const uint16_t* srow, float* acc,
   auto step = [&](int v, auto masked) AVX512BF16 {
     constexpr bool M_ = decltype(masked)::value;
     const __mmask16 mask = M_ ? last : __mmask16(0xffff);
-    const __m256i sh = M_ ? _mm256_maskz_loadu_epi16(mask, srow + v * 16)
-                          : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(srow + v * 16));
-    const __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(sh), 16));
+    __m512 sv = _mm512_setzero_ps();
+    if constexpr (!EXACT) {
+      const __m256i sh = M_ ? _mm256_maskz_loadu_epi16(mask, srow + v * 16)
+                            : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(srow + v * 16));
+      sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(sh), 16));
+    }
     if ((v & 3) == 0)
       for (int q = 0; q < P; ++q)
         _mm_prefetch(reinterpret_cast<const char*>(wr[q] + P * p.N + v * 16), kPrefetch);
     __m512 a[MB];
     for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(acc + m * acc_stride + v * 16);
     for (int q = 0; q < P; ++q) {
-      const __m512i b = _mm512_cvtepi8_epi32(load16<M_>(wr[q] + v * 16, mask));
-      const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28)), sv);
-      const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4)), sv);
-      const __m512i w = _mm512_permutexvar_epi16(inter, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+      const __m128i raw = load16<M_>(wr[q] + v * 16, mask);
+      __m512i w = _mm512_setzero_si512();  // bf16 pairs (rows k, k+1) of 16 columns
+      if constexpr (EXACT && BX) {
+        const __m512i b = _mm512_cvtepu8_epi32(raw);
+        w = _mm512_permutexvar_epi16(_mm512_or_si512(b, _mm512_slli_epi32(b, 12)), tb);
+      } else if constexpr (!EXACT) {
+        const __m512i b = _mm512_cvtepi8_epi32(raw);
+        const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28)), sv);
+        const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4)), sv);
+        w = _mm512_permutexvar_epi16(inter, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+      }
       if constexpr (BX) {
         for (int m = 0; m < MB; ++m)
           a[m] = _mm512_dpbf16_ps(a[m], reinterpret_cast<__m512bh>(w),
                                   reinterpret_cast<__m512bh>(xp[m][q]));
       } else {
-        const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-        const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(w, hi_mask));
+        __m512 w0, w1;  // rows k and k+1 as f32
+        if constexpr (EXACT) {
+          const __m512i b = _mm512_cvtepu8_epi32(raw);
+          w0 = _mm512_permutexvar_ps(b, tf);
+          w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tf);
+        } else {
+          w0 = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+          w1 = _mm512_castsi512_ps(_mm512_and_si512(w, hi_mask));
+        }
         for (int m = 0; m < MB; ++m) {
           a[m] = _mm512_fmadd_ps(xf[m][2 * q], w0, a[m]);
           a[m] = _mm512_fmadd_ps(xf[m][2 * q + 1], w1, a[m]);
@@ -500,63 +524,9 @@ AVX512BF16 void q4_rows_512(const QProblem& p, const uint16_t* srow, float* acc,
   if (full < nv) step(full, std::true_type{});
 }
 
-// An exact group's packed rows (int4_group_exact): unscaled sums x . nibble into ag. Each byte is
-// widened to a 32-bit lane; bf16 activations: the lane's two 16-bit halves index (low 5 bits)
-// a 32-entry table of the nibbles' bf16 values — low half the byte (low nibble), high half the
-// byte >> 4 — so one vpermw gives the row pair of 16 columns, paired as vdpbf16ps takes them;
-// f32 activations: one vpermps per nibble (index = the lane's low 4 bits) and an FMA.
-template <int MB, int P, bool BX>
-AVX512BF16 void q4x_rows_512(const QProblem& p, float* ag, int64_t stride, int64_t m0, int64_t n0,
-                             int nv, __mmask16 last, int64_t k) {
-  const uint8_t* wr[P];
-  __m512i xp[MB][P];
-  __m512 xf[MB][2 * P];
-  const uint8_t* w8 = reinterpret_cast<const uint8_t*>(p.w);
-  for (int q = 0; q < P; ++q) wr[q] = w8 + (k / 2 + q) * p.N + n0;
-  for (int m = 0; m < MB; ++m) {
-    if constexpr (BX) {
-      for (int q = 0; q < P; ++q)
-        xp[m][q] = _mm512_set1_epi32(int(bf16_pair(p.xb + (m0 + m) * p.K + k + 2 * q)));
-    } else {
-      for (int u = 0; u < 2 * P; ++u) xf[m][u] = _mm512_set1_ps(p.x[(m0 + m) * p.K + k + u]);
-    }
-  }
-  const __m512i tb = _mm512_load_si512(kNibbles.bf16);
-  const __m512 tf = _mm512_load_ps(kNibbles.f32);
-  auto step = [&](int v, auto masked) AVX512BF16 {
-    constexpr bool M_ = decltype(masked)::value;
-    const __mmask16 mask = M_ ? last : __mmask16(0xffff);
-    if ((v & 3) == 0)
-      for (int q = 0; q < P; ++q)
-        _mm_prefetch(reinterpret_cast<const char*>(wr[q] + P * p.N + v * 16), kPrefetch);
-    __m512 a[MB];
-    for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(ag + m * stride + v * 16);
-    for (int q = 0; q < P; ++q) {
-      const __m512i b = _mm512_cvtepu8_epi32(load16<M_>(wr[q] + v * 16, mask));
-      if constexpr (BX) {
-        const __m512i w = _mm512_permutexvar_epi16(_mm512_or_si512(b, _mm512_slli_epi32(b, 12)), tb);
-        for (int m = 0; m < MB; ++m)
-          a[m] = _mm512_dpbf16_ps(a[m], reinterpret_cast<__m512bh>(w),
-                                  reinterpret_cast<__m512bh>(xp[m][q]));
-      } else {
-        const __m512 lo = _mm512_permutexvar_ps(b, tf);
-        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tf);
-        for (int m = 0; m < MB; ++m) {
-          a[m] = _mm512_fmadd_ps(xf[m][2 * q], lo, a[m]);
-          a[m] = _mm512_fmadd_ps(xf[m][2 * q + 1], hi, a[m]);
-        }
-      }
-    }
-    for (int m = 0; m < MB; ++m) _mm512_store_ps(ag + m * stride + v * 16, a[m]);
-  };
-  const int full = last == __mmask16(0xffff) ? nv : nv - 1;
-  for (int v = 0; v < full; ++v) step(v, std::false_type{});
-  if (full < nv) step(full, std::true_type{});
-}
-
 // Rows [m0, m0+MB), weight rows [k0, k1), columns [n0, n0+w): partial sums into out (row stride N).
-// An exact scale group takes q4x_rows_512 and is scaled once; any other group is dequantized
-// weight by weight (q4_rows_512).
+// An exact scale group is summed unscaled into ag and scaled once; any other group is dequantized
+// weight by weight into acc.
 template <int MB, bool BX>
 AVX512BF16 void q4_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0,
                             int64_t w, float* out) {
@@ -571,19 +541,18 @@ AVX512BF16 void q4_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k
   for (int64_t k = k0; k < k1;) {
     const int64_t gend = std::min(k1, (k / kb + 1) * kb);
     const uint16_t* srow = p.s + (k / kb) * p.N + n0;
+    auto rows = [&](auto exact, float* into) AVX512BF16 {  // P = 4 packed rows a pass, then 1
+      constexpr bool E = decltype(exact)::value;
+      for (; k + 8 <= gend; k += 8) q4_rows_512<MB, 4, BX, E>(p, srow, into, stride, m0, n0, nv, last, k);
+      for (; k + 2 <= gend; k += 2) q4_rows_512<MB, 1, BX, E>(p, srow, into, stride, m0, n0, nv, last, k);
+    };
     if (int4_group_exact(srow, w)) {
       std::memset(ag, 0, sizeof(float) * stride * MB);
-      for (; k + 8 <= gend; k += 8) q4x_rows_512<MB, 4, BX>(p, ag, stride, m0, n0, nv, last, k);
-      for (; k + 2 <= gend; k += 2) q4x_rows_512<MB, 1, BX>(p, ag, stride, m0, n0, nv, last, k);
+      rows(std::true_type{}, ag);
       fold_group_512<MB>(acc, ag, srow, stride, nv, last);
-      continue;
+    } else {
+      rows(std::false_type{}, acc);
     }
-    auto rows = [&](auto pairs) AVX512BF16 {  // one packed row per pair
-      constexpr int P = decltype(pairs)::value;
-      q4_rows_512<MB, P, BX>(p, srow, acc, stride, m0, n0, nv, last, k);
-    };
-    for (; k + 8 <= gend; k += 8) rows(std::integral_constant<int, 4>{});
-    for (; k + 2 <= gend; k += 2) rows(std::integral_constant<int, 1>{});
   }
   for (int m = 0; m < MB; ++m)
     for (int v = 0; v < nv; ++v) {
