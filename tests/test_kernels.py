@@ -242,16 +242,22 @@ def test_decode_batches_up_to_kernel_max_m_take_the_kernels() -> None:
             if kernel:  # the rows call the MoE layer makes at this batch
                 rows = jnp.repeat(x, 2, axis=0)
                 assert kernels.QMATMUL_ROWS_TARGET in _program(quant.qmatmul_rows, rows, wide, idx)
-    # a prefill's sorted MoE blocks: the kernel up to BLOCK_KERNEL_MAX_M rows, then XLA's dot
-    block = quant.BLOCK_KERNEL_MAX_M
-    for m, kernel in ((block, True), (block + 1, False)):
-        x = jnp.asarray(rng.standard_normal((m, 64)), jnp.bfloat16)
+    # a prefill's sorted MoE blocks: the kernel up to BLOCK_KERNEL_MAX_M rows (int4:
+    # BLOCK_KERNEL_MAX_M4), then XLA's dot
+    wide4 = _quantized4(rng, 64, 48, 4, e=4, scales="exact")
+    assert quant.BLOCK_KERNEL_MAX_M < quant.BLOCK_KERNEL_MAX_M4 <= top
 
-        def f(x_, w_):  # type: ignore[no-untyped-def]
-            return quant.qmatmul(x_, quant.take_expert(w_, jnp.int32(2)))
+    def f(x_, w_):  # type: ignore[no-untyped-def]
+        return quant.qmatmul(x_, quant.take_expert(w_, jnp.int32(2)))
 
-        with chunked_qmatmul(True):
-            assert (kernels.QMATMUL_TARGET in _program(f, x, wide)) is kernel
+    for ww, block, target in (
+        (wide, quant.BLOCK_KERNEL_MAX_M, kernels.QMATMUL_TARGET),
+        (wide4, quant.BLOCK_KERNEL_MAX_M4, kernels.QMATMUL4_TARGET),
+    ):
+        for m, kernel in ((block, True), (block + 1, False)):
+            x = jnp.asarray(rng.standard_normal((m, 64)), jnp.bfloat16)
+            with chunked_qmatmul(True):
+                assert (target in _program(f, x, ww)) is kernel
 
 
 def test_bf16_table_and_unembed_are_exact() -> None:

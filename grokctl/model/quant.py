@@ -164,6 +164,11 @@ KERNEL_MAX_M = 64
 # `qmatmul_rows`) up to which the kernel runs it: from 32-row blocks (prompts of 65-128 tokens)
 # XLA's dot is 2x faster in the whole prefill (docs/PERFORMANCE.md, "Batched decode").
 BLOCK_KERNEL_MAX_M = 16
+# The same for int4: its kernel's exact path (quantize's 5-bit scales) costs a third of int8's
+# per weight, and 32-row blocks beat XLA's split dots (pp96 +30-40 %, pp128 +30 %; 64-row blocks
+# lost at pp256; old int4 checkpoints: neutral) — docs/PERFORMANCE.md, "int4 at the memory
+# bandwidth".
+BLOCK_KERNEL_MAX_M4 = 32
 CHUNK_ROWS = 128
 _chunked = contextvars.ContextVar("grokctl_chunked_qmatmul", default=False)
 
@@ -349,7 +354,9 @@ def qmatmul(x: jax.Array, w: Any) -> jax.Array:
     """
     xf = _kernel_x(x)
     m = math.prod(x.shape[:-1])
-    top = BLOCK_KERNEL_MAX_M if isinstance(w, ExpertSlice) else KERNEL_MAX_M
+    top = KERNEL_MAX_M
+    if isinstance(w, ExpertSlice):
+        top = BLOCK_KERNEL_MAX_M4 if w.full.bits == 4 else BLOCK_KERNEL_MAX_M
     if _kernel_operand(w) and m <= top and kernels_active():
         from grokctl import kernels
 
