@@ -445,18 +445,21 @@ def test_qmatmul_rows2_is_two_rows_calls_in_one(isa: str, bits: tuple[int, int])
         )
 
 
-def test_native_argmax_matches_jnp_and_sample() -> None:
+def test_native_argmax_matches_jnp_and_sample(isa: str) -> None:
     from grokctl.sampling import first_argmax, sample
 
     rng = np.random.default_rng(6)
-    x = rng.integers(-3, 4, (5, 300)).astype(np.float32)  # ties
+    x = rng.integers(-3, 4, (6, 300)).astype(np.float32)  # ties
     x[1, 40], x[1, 9] = np.nan, np.nan  # the first NaN wins
+    x[2, 197] = np.nan  # a NaN in the last, partial vector below the limit
     x[3, :] = -np.inf
     x[4, 250] = 99.0  # beyond the limit below: never picked
+    x[5, :] = 0.0
+    x[5, :7] = -0.0  # equal zeros: the first
     got = np.asarray(jax.jit(kernels.argmax, static_argnums=1)(jnp.asarray(x), 200))
     masked = np.where(np.arange(300) < 200, x, -np.inf)
     np.testing.assert_array_equal(got, np.asarray(first_argmax(jnp.asarray(masked))))
-    assert got[1] == 9 and got[3] == 0 and got[4] != 250
+    assert got[1] == 9 and got[2] == 197 and got[3] == 0 and got[4] != 250 and got[5] == 0
     # sample(): greedy rows through the kernel, sampled rows unchanged
     temp = jnp.asarray([0.0, 0.0, 0.8, 0.0, 1.0], jnp.float32)
     args = (

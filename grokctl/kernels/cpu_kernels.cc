@@ -331,15 +331,22 @@ AVX512 void q8_rows_512(const QProblem& p, float* ag, int64_t stride, int64_t m0
     if ((v & 3) == 0)  // the next pass's rows, one line each per 64 columns
       for (int u = 0; u < U; ++u)
         _mm_prefetch(reinterpret_cast<const char*>(wr[u] + U * p.N + v * 16), kPrefetch);
-    __m512 a[MB];
-    for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(ag + m * stride + v * 16);
+    // Two chains per row (the pass's first and second half of rows, added at the end): half the
+    // FMA latency chain per step, so more steps' loads are in flight ("Decode, sixth round").
+    constexpr int H = U > 1 ? U / 2 : U;
+    __m512 a[MB], b[MB];
+    for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(ag + m * stride + v * 16), b[m] = _mm512_setzero_ps();
     for (int u = 0; u < U; ++u) {
       const __m128i raw = M_ ? _mm_maskz_loadu_epi8(mask, wr[u] + v * 16)
                              : _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[u] + v * 16));
       const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
-      for (int m = 0; m < MB; ++m) a[m] = _mm512_fmadd_ps(xf[m][u], wf, a[m]);
+      for (int m = 0; m < MB; ++m) {
+        if (u < H) a[m] = _mm512_fmadd_ps(xf[m][u], wf, a[m]);
+        else b[m] = _mm512_fmadd_ps(xf[m][u], wf, b[m]);
+      }
     }
-    for (int m = 0; m < MB; ++m) _mm512_store_ps(ag + m * stride + v * 16, a[m]);
+    for (int m = 0; m < MB; ++m)
+      _mm512_store_ps(ag + m * stride + v * 16, U > 1 ? _mm512_add_ps(a[m], b[m]) : a[m]);
   };
   const int full = last == __mmask16(0xffff) ? nv : nv - 1;
   for (int v = 0; v < full; ++v) step(v, std::false_type{});
@@ -995,6 +1002,7 @@ class Helpers {
       task_ = std::move(task);
       workers_ = n;
       spin_ = n + 1 <= affinity_cpus();
+      n_cpus_ok_.store(spin_, std::memory_order_relaxed);
       gen_.fetch_add(1, std::memory_order_seq_cst);
     }
     if (sleepers_.load(std::memory_order_seq_cst) > 0) gen_.notify_all();
@@ -1002,6 +1010,12 @@ class Helpers {
   }
 
   void release() { busy_.store(false, std::memory_order_release); }
+
+  // How long the holder may spin waiting for its helpers: GROKCTL_CPU_SPIN_US while every
+  // worker has a CPU of its own, else 0 (a spinning waiter would take the CPU a helper needs).
+  std::chrono::microseconds wait_spin() const {
+    return std::chrono::microseconds(n_cpus_ok_.load(std::memory_order_relaxed) ? spin_us_ : 0);
+  }
 
  private:
   Helpers() : pid_(getpid()) {
@@ -1049,6 +1063,7 @@ class Helpers {
   std::shared_ptr<const Task> task_;  // under mu_
   int workers_ = 0;                   // under mu_
   bool spin_ = true;                  // under mu_
+  std::atomic<bool> n_cpus_ok_{true};  // spin_, for the holder's wait
   unsigned threads_ = 0;              // under mu_
 };
 
@@ -1107,15 +1122,31 @@ void parallel_for(ffi::ThreadPool& pool, int64_t units, F&& body) {
   if (!own)
     for (int t = 1; t < threads; ++t) pool.Schedule([work, t] { work(t); });
   work(0);
-  // A short spin (the last units finish within microseconds on an idle machine), then sleep
-  // on the counter (futex): spinning on a loaded machine burns the CPU the helper needs.
-  for (int spins = 0; spins < 256 && st->done.load(std::memory_order_acquire) < units; ++spins) {
+  // Spin while the helpers finish their last units, then sleep on the counter (futex). With a
+  // CPU per worker the spin lasts as long as the helpers' own (a futex wake-up costs 30-100 us
+  // here, a decode step's calls end within ~10 us of each other: "Decode, sixth round"); with
+  // more workers than CPUs, or XLA's pool, a short one: spinning would burn the CPU a helper needs.
+  {
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto limit = own ? helpers.wait_spin() : std::chrono::microseconds(0);
+    for (int spins = 0; st->done.load(std::memory_order_acquire) < units; ++spins) {
+      if (spins >= 256 && spins % 64 == 0 && std::chrono::steady_clock::now() - t0 > limit) break;
 #ifdef GROKCTL_X86
-    _mm_pause();
+      _mm_pause();
 #endif
+    }
   }
   for (int64_t d; (d = st->done.load(std::memory_order_acquire)) < units;) st->done.wait(d);
   if (own) helpers.release();
+}
+
+// A per-thread scratch vector of at least n elements. Never shrinks: a resize that grows value-
+// initializes the new tail, and calls alternating between sizes (a MoE layer's gate/up and down
+// products) paid a 200 KB memset each.
+template <class T>
+inline T* scratch(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
 }
 
 const uint16_t* bf16_bits(ffi::AnyBuffer x) {
@@ -1127,15 +1158,17 @@ const uint16_t* bf16_bits(ffi::AnyBuffer x) {
 const float* as_f32(ffi::AnyBuffer x, std::vector<float>& tmp) {
   if (x.element_type() == ffi::DataType::F32) return x.typed_data<float>();
   const size_t n = x.element_count();
-  tmp.resize(n);
+  float* f = scratch(tmp, n);
   const uint16_t* h = reinterpret_cast<const uint16_t*>(x.untyped_data());
-  for (size_t i = 0; i < n; ++i) tmp[i] = bf16_to_f32(h[i]);
-  return tmp.data();
+  for (size_t i = 0; i < n; ++i) f[i] = bf16_to_f32(h[i]);
+  return f;
 }
 
 // Slabs of weight rows x column chunks over the thread pool, for one or several problems (a MoE
 // step's chosen experts) in one parallel loop; with several slabs each writes its partial sums,
-// added into the problem's y in slab order. block(p, k0, k1, n0, n1, out) computes one unit.
+// added into the problem's y in slab order (so results do not depend on the threads) by
+// whichever worker finishes the problem's last unit, while the others stream on.
+// block(p, k0, k1, n0, n1, out) computes one unit.
 template <class Block>
 void slab_gemv_many(ffi::ThreadPool& pool, const std::vector<QProblem>& ps, Block&& block,
                     bool split_k = true) {
@@ -1145,6 +1178,8 @@ void slab_gemv_many(ffi::ThreadPool& pool, const std::vector<QProblem>& ps, Bloc
   };
   static thread_local std::vector<Plan> plans;
   static thread_local std::vector<float> partial;
+  static thread_local std::unique_ptr<std::atomic<int64_t>[]> left;  // units to go, per problem
+  static thread_local size_t left_n = 0;
   plans.clear();
   const int64_t want = 2 * int64_t(max_threads());  // enough units to balance the threads
   int64_t units = 0, part = 0;
@@ -1165,10 +1200,17 @@ void slab_gemv_many(ffi::ThreadPool& pool, const std::vector<QProblem>& ps, Bloc
     if (pl.slabs > 1) part += pl.slabs * p.M * p.N;
     plans.push_back(pl);
   }
-  partial.resize(size_t(part));
-  for (size_t j = 0; j < ps.size(); ++j)
-    plans[j].out = plans[j].slabs > 1 ? partial.data() + plans[j].part0 : ps[j].y;
+  float* const parts = scratch(partial, size_t(part));
+  if (left_n < ps.size()) {
+    left_n = ps.size();
+    left.reset(new std::atomic<int64_t>[left_n]);
+  }
+  for (size_t j = 0; j < ps.size(); ++j) {
+    plans[j].out = plans[j].slabs > 1 ? parts + plans[j].part0 : ps[j].y;
+    left[j].store(plans[j].slabs * plans[j].chunks, std::memory_order_relaxed);
+  }
   const std::vector<Plan>& pls = plans;
+  std::atomic<int64_t>* const lefts = left.get();
   parallel_for(pool, units, [&](int64_t i) {
     size_t j = 0;
     while (j + 1 < pls.size() && pls[j + 1].unit0 <= i) ++j;
@@ -1178,18 +1220,15 @@ void slab_gemv_many(ffi::ThreadPool& pool, const std::vector<QProblem>& ps, Bloc
     const int64_t k0 = (u / pl.chunks) * pl.rows, k1 = std::min(p.K, k0 + pl.rows);
     const int64_t n0 = (u % pl.chunks) * pl.cols, n1 = std::min(p.N, n0 + pl.cols);
     block(p, k0, k1, n0, n1, pl.slabs > 1 ? pl.out + (u / pl.chunks) * p.M * p.N : pl.out);
-  });
-  for (size_t j = 0; j < ps.size(); ++j) {
-    const Plan& pl = pls[j];
-    if (pl.slabs <= 1) continue;
-    const int64_t total = ps[j].M * ps[j].N;
-    float* y = ps[j].y;
+    if (pl.slabs <= 1 || lefts[j].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    const int64_t total = p.M * p.N;  // the problem's last unit: add its slabs in order
+    float* y = p.y;
     std::memcpy(y, pl.out, sizeof(float) * total);
     for (int64_t sl = 1; sl < pl.slabs; ++sl) {
       const float* src = pl.out + sl * total;
       for (int64_t t = 0; t < total; ++t) y[t] += src[t];
     }
-  }
+  });
 }
 
 // The unit of the int8 (bits 8) or packed int4 (bits 4) GEMV on the best path this CPU has.
@@ -1325,9 +1364,9 @@ ffi::Error rows_impl(ffi::ThreadPool& pool, const char* name, ffi::AnyBuffer x, 
   for (int64_t a = 0; a < A; ++a) order[a] = a;
   auto expert_of = [&](int64_t a) { return std::min<int64_t>(std::max<int64_t>(ids[a], 0), E - 1); };
   std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return expert_of(i) < expert_of(j); });
-  xg.resize(size_t(A * K));
-  yg.resize(size_t(A * (N[0] + N[1])));
-  if (xb) xbg.resize(size_t(A * K));
+  scratch(xg, size_t(A * K));
+  scratch(yg, size_t(A * (N[0] + N[1])));
+  if (xb) scratch(xbg, size_t(A * K));
   for (int64_t r = 0; r < A; ++r) {
     std::memcpy(xg.data() + r * K, xf + order[r] * K, sizeof(float) * K);
     if (xb) std::memcpy(xbg.data() + r * K, xb + order[r] * K, sizeof(uint16_t) * K);
@@ -1380,6 +1419,32 @@ ffi::Error QMatmulRows2Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
   return rows_impl(pool, "grokctl_qmatmul_rows2", x, 2, ws, ss, idx, ys);
 }
 
+#ifdef GROKCTL_X86
+// The first index of r[0, n)'s maximum, the first NaN if any: one pass for the maximum (and any
+// NaN), one for its first index. (The scalar loop's compare-and-branch took 160 us of a 20 ms
+// decode step over 131,072 logits.)
+AVX512 int64_t argmax_512(const float* r, int64_t n) {
+  const int64_t full = n / 16 * 16;
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < full; i += 16) {
+    const __m512 v = _mm512_loadu_ps(r + i);
+    if (const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) return i + __builtin_ctz(nan);
+    top = _mm512_max_ps(top, v);
+  }
+  float m = _mm512_reduce_max_ps(top);
+  for (int64_t i = full; i < n; ++i) {
+    if (r[i] != r[i]) return i;
+    m = std::max(m, r[i]);
+  }
+  const __m512 mv = _mm512_set1_ps(m);
+  for (int64_t i = 0; i < full; i += 16)
+    if (const __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(r + i), mv, _CMP_EQ_OQ)) return i + __builtin_ctz(eq);
+  for (int64_t i = full; i < n; ++i)
+    if (r[i] == m) return i;
+  return 0;  // every entry -inf
+}
+#endif
+
 // idx[B] = the first index of each row's maximum over x[B, V][:, :limit] (f32); a NaN counts as
 // the maximum (the first NaN wins), as jnp.argmax. Greedy decoding's pick from the logits.
 ffi::Error ArgmaxImpl(ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::S32>> idx, int64_t limit) {
@@ -1388,8 +1453,16 @@ ffi::Error ArgmaxImpl(ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::S32>
     return ffi::Error::InvalidArgument("grokctl_argmax: bad shapes");
   const int64_t B = xd[0], V = xd[1];
   const int64_t n = std::max<int64_t>(1, std::min(V, limit));
+  const int level = isa();
   for (int64_t b = 0; b < B; ++b) {
     const float* r = x.typed_data() + b * V;
+#ifdef GROKCTL_X86
+    if (level >= kAvx512) {
+      idx->typed_data()[b] = int32_t(argmax_512(r, n));
+      continue;
+    }
+#endif
+    (void)level;
     int64_t best = 0;
     float top = r[0];
     if (top != top) {  // NaN first
