@@ -226,8 +226,9 @@ class _Run:
 def _payload_fetched(run: _Run, done_at_start: int) -> int:
     """Payload bytes this run received. libtorrent adds its peers' statistics into the torrent's
     counters on its one-second tick, so a transfer that ends between two ticks is not all
-    counted yet: wait (two ticks at most) until the count covers what this run completed."""
-    deadline = time.monotonic() + 2.5
+    counted yet: wait until the count covers what this run completed — two ticks on an idle
+    machine; a loaded one (a test suite on every core) delayed them past 2.5 s, so up to 10 s."""
+    deadline = time.monotonic() + 10.0
     st = run.handle.status()
     while (
         st.total_payload_download < st.total_wanted_done - done_at_start

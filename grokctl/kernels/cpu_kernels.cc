@@ -315,7 +315,8 @@ AVX512 inline void fold_group_512(float* acc, const float* ag, const uint16_t* s
 // products of a bf16 or f32 x and an int8, f32 sums), in a group accumulator; at the group's end
 // the unit's accumulator takes scale_gn * that sum. Per 16 weights: one widening load, one
 // convert, one FMA per row of x, so two cores stream the weights at their read bandwidth
-// (benchmarks/gemv_harness.cc). Eight weight rows per pass, each prefetched one pass ahead.
+// (benchmarks/gemv_harness.cc). Eight weight rows per pass, each prefetched one pass ahead, their
+// products summed in two chains of four (docs/PERFORMANCE.md, "Decode, sixth round").
 template <int MB, int U>
 AVX512 void q8_rows_512(const QProblem& p, float* ag, int64_t stride, int64_t m0, int64_t n0,
                         int nv, __mmask16 last, int64_t k) {
