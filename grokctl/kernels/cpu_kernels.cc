@@ -315,23 +315,24 @@ AVX512 inline void fold_group_512(float* acc, const float* ag, const uint16_t* s
 // products of a bf16 or f32 x and an int8, f32 sums), in a group accumulator; at the group's end
 // the unit's accumulator takes scale_gn * that sum. Per 16 weights: one widening load, one
 // convert, one FMA per row of x, so two cores stream the weights at their read bandwidth
-// (benchmarks/gemv_harness.cc). Eight weight rows per pass, each prefetched one pass ahead, their
-// products summed in two chains of four (docs/PERFORMANCE.md, "Decode, sixth round").
+// (benchmarks/gemv_harness.cc). Eight weight rows per pass, rs rows apart (q8_unit_512), each
+// prefetched a block ahead, their products summed in two chains of four (docs/PERFORMANCE.md,
+// "Decode, sixth round").
 template <int MB, int U>
 AVX512 void q8_rows_512(const QProblem& p, float* ag, int64_t stride, int64_t m0, int64_t n0,
-                        int nv, __mmask16 last, int64_t k) {
+                        int nv, __mmask16 last, int64_t k, int64_t rs) {
   const int8_t* wr[U];
   __m512 xf[MB][U];
   for (int u = 0; u < U; ++u) {
-    wr[u] = p.w + (k + u) * p.N + n0;
-    for (int m = 0; m < MB; ++m) xf[m][u] = _mm512_set1_ps(p.x[(m0 + m) * p.K + k + u]);
+    wr[u] = p.w + (k + u * rs) * p.N + n0;
+    for (int m = 0; m < MB; ++m) xf[m][u] = _mm512_set1_ps(p.x[(m0 + m) * p.K + k + u * rs]);
   }
   auto step = [&](int v, auto masked) AVX512 {
     constexpr bool M_ = decltype(masked)::value;
     const __mmask16 mask = M_ ? last : __mmask16(0xffff);
     if ((v & 3) == 0)  // the next pass's rows, one line each per 64 columns
       for (int u = 0; u < U; ++u)
-        _mm_prefetch(reinterpret_cast<const char*>(wr[u] + U * p.N + v * 16), kPrefetch);
+        _mm_prefetch(reinterpret_cast<const char*>(wr[u] + U * rs * p.N + v * 16), kPrefetch);
     // Two chains per row (the pass's first and second half of rows, added at the end): half the
     // FMA latency chain per step, so more steps' loads are in flight ("Decode, sixth round").
     constexpr int H = U > 1 ? U / 2 : U;
@@ -367,12 +368,20 @@ AVX512 void q8_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, i
   const __mmask16 last = (w % 16) ? __mmask16((1u << (w % 16)) - 1) : __mmask16(0xffff);
   std::memset(acc, 0, sizeof(float) * stride * MB);
   const int64_t kb = p.K / p.G;
+  // A pass's 8 rows lie in 8 different 4 KB pages: rows k + j + rs u of a block of 8 rs, pass j
+  // = 0 .. rs-1, so that each page is read front to back by one stream over rs passes. The L2
+  // streamer follows one stream per page; 8 rows of 1 KB read side by side put 4 streams in a
+  // page, and the matrices of 1,024 columns ran at 75-80 % of the read rate ("Decode, sixth
+  // round").
+  const int64_t rs = p.N < 4096 ? (4096 + p.N - 1) / p.N : 1;
   for (int64_t k = k0; k < k1;) {
     const int64_t gend = std::min(k1, (k / kb + 1) * kb);
     const uint16_t* srow = p.s + (k / kb) * p.N + n0;
     std::memset(ag, 0, sizeof(float) * stride * MB);
-    for (; k + 8 <= gend; k += 8) q8_rows_512<MB, 8>(p, ag, stride, m0, n0, nv, last, k);
-    for (; k < gend; ++k) q8_rows_512<MB, 1>(p, ag, stride, m0, n0, nv, last, k);
+    for (; k + 8 * rs <= gend; k += 8 * rs)
+      for (int64_t j = 0; j < rs; ++j) q8_rows_512<MB, 8>(p, ag, stride, m0, n0, nv, last, k + j, rs);
+    for (; k + 8 <= gend; k += 8) q8_rows_512<MB, 8>(p, ag, stride, m0, n0, nv, last, k, 1);
+    for (; k < gend; ++k) q8_rows_512<MB, 1>(p, ag, stride, m0, n0, nv, last, k, 1);
     fold_group_512<MB>(acc, ag, srow, stride, nv, last);
   }
   for (int m = 0; m < MB; ++m)
@@ -671,7 +680,7 @@ AVX512BF16 void ntq_rows_bf16(const NTP<int8_t>& p, int64_t v0, int64_t v1) {
 // double rounding where remainders exist), where the f32 paths round at every addition.
 #define AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 template <int R>
-AVX512VNNI void ntq_block_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t m, int64_t v) {
+AVX512VNNI void ntq_block_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t m, int64_t v, int64_t rs) {
   __m512i acc[R][kPlanes];
   for (int r = 0; r < R; ++r)
     for (int k = 0; k < kPlanes; ++k) acc[r][k] = _mm512_setzero_si512();
@@ -683,7 +692,7 @@ AVX512VNNI void ntq_block_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t 
     __m512i dv[kPlanes];
     for (int k = 0; k < kPlanes; ++k) dv[k] = _mm512_loadu_si512(dm + k * xp.Dp + d);
     for (int r = 0; r < R; ++r) {
-      const int8_t* tr = p.t + (v + r) * p.D + d;
+      const int8_t* tr = p.t + (v + r * rs) * p.D + d;
       _mm_prefetch(reinterpret_cast<const char*>(tr + kTablePrefetchRows * p.D), kPrefetch);
       const __m512i t = M_ ? _mm512_maskz_loadu_epi8(mask, tr) : _mm512_loadu_si512(tr);
       const __m512i u = _mm512_xor_si512(t, flip);  // t + 128 as unsigned bytes
@@ -706,16 +715,24 @@ AVX512VNNI void ntq_block_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t 
     const int64_t total = _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi)) - *bias;
     double t = double(total);  // units of 2^(e-6) 128^-3; exact (< 2^53)
     if (!rest.empty()) {
-      const int8_t* row = p.t + (v + r) * p.D;
+      const int8_t* row = p.t + (v + r * rs) * p.D;
       for (const auto& [i, rem] : rest) t += double(rem) * double(row[i]) / 128.0;
     }
-    p.y[m * p.V + v + r] = float(std::ldexp(t, xp.exps[size_t(m)] - 6 - 7 * (kPlanes - 1)));
+    p.y[m * p.V + v + r * rs] = float(std::ldexp(t, xp.exps[size_t(m)] - 6 - 7 * (kPlanes - 1)));
   }
 }
 
+// Blocks of 4 rows rs apart (rows v + j + rs r, j = 0 .. rs-1, of a block of 4 rs), so that each
+// 4 KB page of the table is read front to back by one stream, as the int8 GEMV does (each logit
+// is exact: the order changes nothing); the rows past the last whole block 4 at a time.
 AVX512VNNI void ntq_rows_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t v0, int64_t v1) {
-  table_blocks(v0, v1, [&](auto rb, int64_t v) AVX512VNNI {
-    for (int64_t m = 0; m < p.M; ++m) ntq_block_vnni<decltype(rb)::value>(p, xp, m, v);
+  const int64_t rs = p.D < 4096 ? (4096 + p.D - 1) / p.D : 1;
+  int64_t v = v0;
+  for (; v + 4 * rs <= v1; v += 4 * rs)
+    for (int64_t j = 0; j < rs; ++j)
+      for (int64_t m = 0; m < p.M; ++m) ntq_block_vnni<4>(p, xp, m, v + j, rs);
+  table_blocks(v, v1, [&](auto rb, int64_t v) AVX512VNNI {
+    for (int64_t m = 0; m < p.M; ++m) ntq_block_vnni<decltype(rb)::value>(p, xp, m, v, 1);
   });
 }
 
