@@ -143,6 +143,13 @@ constexpr int64_t kNtRowChunk = 64;
 inline int64_t slab_rows(int64_t K) { return std::max<int64_t>(256, ((K + 15) / 16 + 7) / 8 * 8); }
 inline int64_t slab_cols(int64_t M) { return std::max<int64_t>(64, (6144 / std::max<int64_t>(M, 1)) / 64 * 64); }
 
+// Rows of `bytes` per 4 KB page. The L2 hardware prefetcher follows one stream per page; rows of
+// 1-2 KB read side by side (a GEMV pass's 8 rows, a logits block's 4) put 2-4 streams in a page
+// and the weights or the table streamed at 75-85 % of the read rate. The kernels take such rows
+// `page_rows` apart instead, so that each page is read front to back, pass after pass, by one
+// stream (docs/PERFORMANCE.md, "Decode, sixth round").
+inline int64_t page_rows(int64_t bytes) { return bytes < 4096 ? (4096 + bytes - 1) / bytes : 1; }
+
 
 // ---------------------------------------------------------------- scalar (any CPU, tails)
 void q_cols_scalar(const QProblem& p, int64_t n0, int64_t n1) {
@@ -368,12 +375,9 @@ AVX512 void q8_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, i
   const __mmask16 last = (w % 16) ? __mmask16((1u << (w % 16)) - 1) : __mmask16(0xffff);
   std::memset(acc, 0, sizeof(float) * stride * MB);
   const int64_t kb = p.K / p.G;
-  // A pass's 8 rows lie in 8 different 4 KB pages: rows k + j + rs u of a block of 8 rs, pass j
-  // = 0 .. rs-1, so that each page is read front to back by one stream over rs passes. The L2
-  // streamer follows one stream per page; 8 rows of 1 KB read side by side put 4 streams in a
-  // page, and the matrices of 1,024 columns ran at 75-80 % of the read rate ("Decode, sixth
-  // round").
-  const int64_t rs = p.N < 4096 ? (4096 + p.N - 1) / p.N : 1;
+  // A pass's 8 rows in 8 different pages (page_rows): rows k + j + rs u of a block of 8 rs,
+  // pass j = 0 .. rs-1; the group's rows past the last whole block 8 at a time.
+  const int64_t rs = page_rows(p.N);
   for (int64_t k = k0; k < k1;) {
     const int64_t gend = std::min(k1, (k / kb + 1) * kb);
     const uint16_t* srow = p.s + (k / kb) * p.N + n0;
@@ -592,7 +596,7 @@ AVX512BF16 void q4_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t 
 // table at batch 1 takes the VNNI or f32 path: widening it to bf16 for one row cost more than the
 // FMAs it saved; a batch widens each block once for all its rows, ntq_rows_bf16 below.)
 template <int MB, int R, bool PF = true>
-AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v) {
+AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v, int64_t rs = 1) {  // rows v + r rs
   __m512 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -606,8 +610,8 @@ AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v) {
       xv[m] = M_ ? _mm512_maskz_loadu_epi16(mask, xr) : _mm512_loadu_si512(xr);
     }
     for (int r = 0; r < R; ++r) {
-      const uint16_t* tr = p.t + (v + r) * p.D + d;
-      // the next block's line at this offset (the block after these R rows, same stream)
+      const uint16_t* tr = p.t + (v + r * rs) * p.D + d;
+      // the line kTablePrefetchRows rows on at this offset (a later block's, same stream)
       if (PF && (d * 2) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(tr + kTablePrefetchRows * p.D), kPrefetch);
       const __m512i t = M_ ? _mm512_maskz_loadu_epi16(mask, tr) : _mm512_loadu_si512(tr);
       for (int m = 0; m < MB; ++m)
@@ -619,12 +623,20 @@ AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v) {
   for (int64_t d = 0; d < full; d += 32) step(d, std::false_type{});
   if (full < p.D) step(full, std::true_type{});
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r] = _mm512_reduce_add_ps(acc[r][m]);
+    for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r * rs] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-// Table rows outer: a block of table rows stays in L1 while every row of x takes it.
+// Table rows outer: a block of table rows stays in L1 while every row of x takes it. Blocks of 4
+// rows one page apart (rows v + j + rs r of a block of 4 rs; each logit's sum is the same).
 AVX512BF16 void ntb_rows_512(const NTProblem& p, int64_t v0, int64_t v1) {
-  table_blocks(v0, v1, [&](auto rb, int64_t v) AVX512BF16 {
+  const int64_t rs = page_rows(2 * p.D);
+  int64_t v = v0;
+  for (; v + 4 * rs <= v1; v += 4 * rs)
+    for (int64_t j = 0; j < rs; ++j)
+      row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 {
+        ntb_block_512<decltype(mb)::value, 4>(p, m0, v + j, rs);
+      });
+  table_blocks(v, v1, [&](auto rb, int64_t v) AVX512BF16 {
     row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 {
       ntb_block_512<decltype(mb)::value, decltype(rb)::value>(p, m0, v);
     });
@@ -722,11 +734,11 @@ AVX512VNNI void ntq_block_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t 
   }
 }
 
-// Blocks of 4 rows rs apart (rows v + j + rs r, j = 0 .. rs-1, of a block of 4 rs), so that each
-// 4 KB page of the table is read front to back by one stream, as the int8 GEMV does (each logit
-// is exact: the order changes nothing); the rows past the last whole block 4 at a time.
+// Blocks of 4 rows one page apart (page_rows: rows v + j + rs r, j = 0 .. rs-1, of a block of
+// 4 rs; each logit is exact, the order changes nothing); the rows past the last whole block 4 at
+// a time.
 AVX512VNNI void ntq_rows_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t v0, int64_t v1) {
-  const int64_t rs = p.D < 4096 ? (4096 + p.D - 1) / p.D : 1;
+  const int64_t rs = page_rows(p.D);
   int64_t v = v0;
   for (; v + 4 * rs <= v1; v += 4 * rs)
     for (int64_t j = 0; j < rs; ++j)
