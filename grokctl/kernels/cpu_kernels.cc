@@ -411,7 +411,7 @@ AVX512 inline __m512 table16_512(const int8_t* ptr, __mmask16 mask) {
 // Logits, R table rows x MB rows of x: per 16 table elements one widening load, one convert
 // (int8), one FMA per row of x; each row's next block prefetched (the same stream, R rows on).
 template <class T, int MB, int R>
-AVX512 void nt_block_512(const NTP<T>& p, int64_t m0, int64_t v) {
+AVX512 void nt_block_512(const NTP<T>& p, int64_t m0, int64_t v, int64_t rs) {  // rows v + r rs
   __m512 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -421,7 +421,7 @@ AVX512 void nt_block_512(const NTP<T>& p, int64_t m0, int64_t v) {
     __m512 xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, p.x + (m0 + m) * p.D + d);
     for (int r = 0; r < R; ++r) {
-      const T* tr = p.t + (v + r) * p.D + d;
+      const T* tr = p.t + (v + r * rs) * p.D + d;
       if ((d * int64_t(sizeof(T))) % 64 == 0)
         _mm_prefetch(reinterpret_cast<const char*>(tr + kTablePrefetchRows * p.D), kPrefetch);
       const __m512 t = table16_512(tr, mask);
@@ -429,14 +429,19 @@ AVX512 void nt_block_512(const NTP<T>& p, int64_t m0, int64_t v) {
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r] = _mm512_reduce_add_ps(acc[r][m]);
+    for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r * rs] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
+// Blocks of 4 table rows one page apart (page_rows; each logit's sum unchanged), then 4 at a time.
 template <class T>
 AVX512 void nt_rows_512(const NTP<T>& p, int64_t v0, int64_t v1) {
+  const int64_t rs = page_rows(int64_t(sizeof(T)) * p.D);
   row_blocks(p.M, [&](auto mb, int64_t m0) AVX512 {
-    table_blocks(v0, v1, [&](auto rb, int64_t v) AVX512 {
-      nt_block_512<T, decltype(mb)::value, decltype(rb)::value>(p, m0, v);
+    int64_t v = v0;
+    for (; v + 4 * rs <= v1; v += 4 * rs)
+      for (int64_t j = 0; j < rs; ++j) nt_block_512<T, decltype(mb)::value, 4>(p, m0, v + j, rs);
+    table_blocks(v, v1, [&](auto rb, int64_t v) AVX512 {
+      nt_block_512<T, decltype(mb)::value, decltype(rb)::value>(p, m0, v, 1);
     });
   });
 }
@@ -472,18 +477,19 @@ inline uint32_t bf16_pair(const uint16_t* xb) {  // xb[0] low half, xb[1] high h
 // vcvtne2ps2bf16 and paired by one vpermw (f32 activations unpack the pair and FMA).
 template <int MB, int P, bool BX, bool EXACT>
 AVX512BF16 void q4_rows_512(const QProblem& p, const uint16_t* srow, float* acc, int64_t acc_stride,
-                            int64_t m0, int64_t n0, int nv, __mmask16 last, int64_t k) {
+                            int64_t m0, int64_t n0, int nv, __mmask16 last, int64_t k, int64_t rs) {
   const uint8_t* wr[P];
   __m512i xp[MB][P];
   __m512 xf[MB][2 * P];
   const uint8_t* w8 = reinterpret_cast<const uint8_t*>(p.w);
-  for (int q = 0; q < P; ++q) wr[q] = w8 + (k / 2 + q) * p.N + n0;
+  for (int q = 0; q < P; ++q) wr[q] = w8 + (k / 2 + q * rs) * p.N + n0;  // packed rows rs apart
   for (int m = 0; m < MB; ++m) {
     if constexpr (BX) {
       for (int q = 0; q < P; ++q)
-        xp[m][q] = _mm512_set1_epi32(int(bf16_pair(p.xb + (m0 + m) * p.K + k + 2 * q)));
+        xp[m][q] = _mm512_set1_epi32(int(bf16_pair(p.xb + (m0 + m) * p.K + k + 2 * q * rs)));
     } else {
-      for (int u = 0; u < 2 * P; ++u) xf[m][u] = _mm512_set1_ps(p.x[(m0 + m) * p.K + k + u]);
+      for (int u = 0; u < 2 * P; ++u)
+        xf[m][u] = _mm512_set1_ps(p.x[(m0 + m) * p.K + k + 2 * (u / 2) * rs + u % 2]);
     }
   }
   const __m512i tb = _mm512_load_si512(kNibbles.bf16);
@@ -503,7 +509,7 @@ AVX512BF16 void q4_rows_512(const QProblem& p, const uint16_t* srow, float* acc,
     }
     if ((v & 3) == 0)
       for (int q = 0; q < P; ++q)
-        _mm_prefetch(reinterpret_cast<const char*>(wr[q] + P * p.N + v * 16), kPrefetch);
+        _mm_prefetch(reinterpret_cast<const char*>(wr[q] + P * rs * p.N + v * 16), kPrefetch);
     __m512 a[MB];
     for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(acc + m * acc_stride + v * 16);
     for (int q = 0; q < P; ++q) {
@@ -564,8 +570,12 @@ AVX512BF16 void q4_unit_512(const QProblem& p, int64_t m0, int64_t k0, int64_t k
     const uint16_t* srow = p.s + (k / kb) * p.N + n0;
     auto rows = [&](auto exact, float* into) AVX512BF16 {  // P = 4 packed rows a pass, then 1
       constexpr bool E = decltype(exact)::value;
-      for (; k + 8 <= gend; k += 8) q4_rows_512<MB, 4, BX, E>(p, srow, into, stride, m0, n0, nv, last, k);
-      for (; k + 2 <= gend; k += 2) q4_rows_512<MB, 1, BX, E>(p, srow, into, stride, m0, n0, nv, last, k);
+      const int64_t rs = page_rows(p.N);  // packed rows one page apart (q8_unit_512)
+      for (; k + 8 * rs <= gend; k += 8 * rs)
+        for (int64_t j = 0; j < rs; ++j)
+          q4_rows_512<MB, 4, BX, E>(p, srow, into, stride, m0, n0, nv, last, k + 2 * j, rs);
+      for (; k + 8 <= gend; k += 8) q4_rows_512<MB, 4, BX, E>(p, srow, into, stride, m0, n0, nv, last, k, 1);
+      for (; k + 2 <= gend; k += 2) q4_rows_512<MB, 1, BX, E>(p, srow, into, stride, m0, n0, nv, last, k, 1);
     };
     if (int4_group_exact(srow, w)) {
       std::memset(ag, 0, sizeof(float) * stride * MB);
@@ -766,12 +776,12 @@ AVX2 inline __m256 round_bf16_256(__m256 wf) {
 
 template <int MB, int U>
 AVX2 void q_rows_256(const QProblem& p, const float* sc, float (*acc)[kCols], int64_t m0,
-                     int64_t n0, int nv, int64_t k) {
+                     int64_t n0, int nv, int64_t k, int64_t rs) {
   const int8_t* wr[U];
   __m256 xb[MB][U];
   for (int u = 0; u < U; ++u) {
-    wr[u] = p.w + (k + u) * p.N + n0;
-    for (int m = 0; m < MB; ++m) xb[m][u] = _mm256_set1_ps(p.x[(m0 + m) * p.K + k + u]);
+    wr[u] = p.w + (k + u * rs) * p.N + n0;
+    for (int m = 0; m < MB; ++m) xb[m][u] = _mm256_set1_ps(p.x[(m0 + m) * p.K + k + u * rs]);
   }
   for (int v = 0; v < nv; ++v) {
     const __m256 s = _mm256_load_ps(sc + v * 8);
@@ -803,9 +813,11 @@ AVX2 void q_chunk_256(const QProblem& p, int64_t m0, int64_t n0, int64_t w) {
                       _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
     }
     int64_t k = g * kb;
-    const int64_t kend = k + kb;
-    for (; k + 4 <= kend; k += 4) q_rows_256<MB, 4>(p, sc, acc, m0, n0, nv, k);
-    for (; k < kend; ++k) q_rows_256<MB, 1>(p, sc, acc, m0, n0, nv, k);
+    const int64_t kend = k + kb, rs = page_rows(p.N);  // rows one page apart (q8_unit_512)
+    for (; k + 4 * rs <= kend; k += 4 * rs)
+      for (int64_t j = 0; j < rs; ++j) q_rows_256<MB, 4>(p, sc, acc, m0, n0, nv, k + j, rs);
+    for (; k + 4 <= kend; k += 4) q_rows_256<MB, 4>(p, sc, acc, m0, n0, nv, k, 1);
+    for (; k < kend; ++k) q_rows_256<MB, 1>(p, sc, acc, m0, n0, nv, k, 1);
   }
   for (int m = 0; m < MB; ++m)
     std::memcpy(p.y + (m0 + m) * p.N + n0, acc[m], sizeof(float) * nv * 8);
@@ -841,7 +853,7 @@ AVX2 inline __m256 load_table8_256(const T* ptr) {  // 8 table elements as f32
 }
 
 template <class T, int MB, int R>
-AVX2 void nt_block_256(const NTP<T>& p, int64_t m0, int64_t v) {
+AVX2 void nt_block_256(const NTP<T>& p, int64_t m0, int64_t v, int64_t rs) {  // rows v + r rs
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -850,7 +862,7 @@ AVX2 void nt_block_256(const NTP<T>& p, int64_t m0, int64_t v) {
     __m256 xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(p.x + (m0 + m) * p.D + d);
     for (int r = 0; r < R; ++r) {
-      const __m256 t = load_table8_256(p.t + (v + r) * p.D + d);
+      const __m256 t = load_table8_256(p.t + (v + r * rs) * p.D + d);
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(xv[m], t, acc[r][m]);
     }
   }
@@ -858,17 +870,22 @@ AVX2 void nt_block_256(const NTP<T>& p, int64_t m0, int64_t v) {
     for (int m = 0; m < MB; ++m) {
       float s = hsum256(acc[r][m]);
       const float* xm = p.x + (m0 + m) * p.D;
-      const T* tr = p.t + (v + r) * p.D;
+      const T* tr = p.t + (v + r * rs) * p.D;
       for (int64_t d = d8; d < p.D; ++d) s += xm[d] * table_f32(tr[d]);
-      p.y[(m0 + m) * p.V + v + r] = s;
+      p.y[(m0 + m) * p.V + v + r * rs] = s;
     }
 }
 
+// Blocks of 4 table rows one page apart (page_rows; each logit's sum unchanged), then 4 at a time.
 template <class T>
 AVX2 void nt_rows_256(const NTP<T>& p, int64_t v0, int64_t v1) {
+  const int64_t rs = page_rows(int64_t(sizeof(T)) * p.D);
   row_blocks(p.M, [&](auto mb, int64_t m0) AVX2 {
-    table_blocks(v0, v1, [&](auto rb, int64_t v) AVX2 {
-      nt_block_256<T, decltype(mb)::value, decltype(rb)::value>(p, m0, v);
+    int64_t v = v0;
+    for (; v + 4 * rs <= v1; v += 4 * rs)
+      for (int64_t j = 0; j < rs; ++j) nt_block_256<T, decltype(mb)::value, 4>(p, m0, v + j, rs);
+    table_blocks(v, v1, [&](auto rb, int64_t v) AVX2 {
+      nt_block_256<T, decltype(mb)::value, decltype(rb)::value>(p, m0, v, 1);
     });
   });
 }
