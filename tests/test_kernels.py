@@ -69,6 +69,8 @@ def _check(got: jax.Array, x: jax.Array, wd: jax.Array) -> None:
         (3, 4104, 33, 6),  # 16 slabs of 264 rows + tail
         (32, 600, 130, 3),  # a decode step at batch 32: eight 4-row blocks, several slabs
         (64, 96, 70, 2),  # batch 64, KERNEL_MAX_M
+        (1, 256, 1024, 2),  # rows of 1 KB: passes over rows a page apart (page_rows), 4 a block
+        (3, 320, 640, 1),  # 7 rows a page: 5 blocks of 56 rows, then 40 rows 8 at a time
     ],
 )
 @pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
@@ -113,6 +115,8 @@ def _quantized4(
         (9, 96, 300, 1),
         (2, 600, 50, 3),
         (1, 4104, 24, 6),
+        (1, 256, 1024, 2),  # packed rows of 1 KB taken a page apart (page_rows)
+        (2, 512, 512, 2),  # 8 packed rows a page: one block of 64 rows a pass set
     ],
 )
 @pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
