@@ -117,12 +117,16 @@ inline void row_blocks(int64_t M, F&& f) {
   }
 }
 
-// f(std::integral_constant<int, R>{}, v) over table rows [v0, v1): 4 at a time, then singly.
+// f(std::integral_constant<int, R>{}, v, rs) over table rows [v0, v1), each call taking rows
+// v + r rs, r < R: blocks of 4 rows rs apart (rows v + j + rs r of a block of 4 rs, j < rs: with
+// rs = page_rows, one page apart), then the rest 4 at a time, then singly (rs = 1).
 template <class F>
-inline void table_blocks(int64_t v0, int64_t v1, F&& f) {
+inline void table_blocks(int64_t v0, int64_t v1, int64_t rs, F&& f) {
   int64_t v = v0;
-  for (; v + 4 <= v1; v += 4) f(std::integral_constant<int, 4>{}, v);
-  for (; v < v1; ++v) f(std::integral_constant<int, 1>{}, v);
+  for (; v + 4 * rs <= v1; v += 4 * rs)
+    for (int64_t j = 0; j < rs; ++j) f(std::integral_constant<int, 4>{}, v + j, rs);
+  for (; v + 4 <= v1; v += 4) f(std::integral_constant<int, 4>{}, v, int64_t(1));
+  for (; v < v1; ++v) f(std::integral_constant<int, 1>{}, v, int64_t(1));
 }
 
 // Widest column chunk of the int8 GEMV (its f32 accumulators live in L1): each weight row is
@@ -432,16 +436,12 @@ AVX512 void nt_block_512(const NTP<T>& p, int64_t m0, int64_t v, int64_t rs) {  
     for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r * rs] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-// Blocks of 4 table rows one page apart (page_rows; each logit's sum unchanged), then 4 at a time.
+// Table rows in blocks one page apart (page_rows; each logit's sum unchanged).
 template <class T>
 AVX512 void nt_rows_512(const NTP<T>& p, int64_t v0, int64_t v1) {
-  const int64_t rs = page_rows(int64_t(sizeof(T)) * p.D);
   row_blocks(p.M, [&](auto mb, int64_t m0) AVX512 {
-    int64_t v = v0;
-    for (; v + 4 * rs <= v1; v += 4 * rs)
-      for (int64_t j = 0; j < rs; ++j) nt_block_512<T, decltype(mb)::value, 4>(p, m0, v + j, rs);
-    table_blocks(v, v1, [&](auto rb, int64_t v) AVX512 {
-      nt_block_512<T, decltype(mb)::value, decltype(rb)::value>(p, m0, v, 1);
+    table_blocks(v0, v1, page_rows(int64_t(sizeof(T)) * p.D), [&](auto rb, int64_t v, int64_t rs) AVX512 {
+      nt_block_512<T, decltype(mb)::value, decltype(rb)::value>(p, m0, v, rs);
     });
   });
 }
@@ -636,19 +636,12 @@ AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v, int64_t
     for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.V + v + r * rs] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-// Table rows outer: a block of table rows stays in L1 while every row of x takes it. Blocks of 4
-// rows one page apart (rows v + j + rs r of a block of 4 rs; each logit's sum is the same).
+// Table rows outer: a block of table rows stays in L1 while every row of x takes it. Blocks one
+// page apart (page_rows; each logit's sum is the same).
 AVX512BF16 void ntb_rows_512(const NTProblem& p, int64_t v0, int64_t v1) {
-  const int64_t rs = page_rows(2 * p.D);
-  int64_t v = v0;
-  for (; v + 4 * rs <= v1; v += 4 * rs)
-    for (int64_t j = 0; j < rs; ++j)
-      row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 {
-        ntb_block_512<decltype(mb)::value, 4>(p, m0, v + j, rs);
-      });
-  table_blocks(v, v1, [&](auto rb, int64_t v) AVX512BF16 {
+  table_blocks(v0, v1, page_rows(2 * p.D), [&](auto rb, int64_t v, int64_t rs) AVX512BF16 {
     row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 {
-      ntb_block_512<decltype(mb)::value, decltype(rb)::value>(p, m0, v);
+      ntb_block_512<decltype(mb)::value, decltype(rb)::value>(p, m0, v, rs);
     });
   });
 }
@@ -679,7 +672,7 @@ AVX512BF16 void ntq_rows_bf16(const NTP<int8_t>& p, int64_t v0, int64_t v1) {
       }
     }
   };
-  table_blocks(v0, v1, [&](auto rb, int64_t v) AVX512BF16 {
+  table_blocks(v0, v1, 1, [&](auto rb, int64_t v, int64_t) AVX512BF16 {  // (widen reads row by row)
     widen(v, decltype(rb)::value);
     q.y = p.y + v;  // the buffer's row r is table row v + r
     row_blocks(p.M, [&](auto mb, int64_t m0) AVX512BF16 {
@@ -744,17 +737,10 @@ AVX512VNNI void ntq_block_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t 
   }
 }
 
-// Blocks of 4 rows one page apart (page_rows: rows v + j + rs r, j = 0 .. rs-1, of a block of
-// 4 rs; each logit is exact, the order changes nothing); the rows past the last whole block 4 at
-// a time.
+// Table rows in blocks one page apart (page_rows; each logit is exact, the order changes nothing).
 AVX512VNNI void ntq_rows_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t v0, int64_t v1) {
-  const int64_t rs = page_rows(p.D);
-  int64_t v = v0;
-  for (; v + 4 * rs <= v1; v += 4 * rs)
-    for (int64_t j = 0; j < rs; ++j)
-      for (int64_t m = 0; m < p.M; ++m) ntq_block_vnni<4>(p, xp, m, v + j, rs);
-  table_blocks(v, v1, [&](auto rb, int64_t v) AVX512VNNI {
-    for (int64_t m = 0; m < p.M; ++m) ntq_block_vnni<decltype(rb)::value>(p, xp, m, v, 1);
+  table_blocks(v0, v1, page_rows(p.D), [&](auto rb, int64_t v, int64_t rs) AVX512VNNI {
+    for (int64_t m = 0; m < p.M; ++m) ntq_block_vnni<decltype(rb)::value>(p, xp, m, v, rs);
   });
 }
 
@@ -876,16 +862,12 @@ AVX2 void nt_block_256(const NTP<T>& p, int64_t m0, int64_t v, int64_t rs) {  //
     }
 }
 
-// Blocks of 4 table rows one page apart (page_rows; each logit's sum unchanged), then 4 at a time.
+// Table rows in blocks one page apart (page_rows; each logit's sum unchanged).
 template <class T>
 AVX2 void nt_rows_256(const NTP<T>& p, int64_t v0, int64_t v1) {
-  const int64_t rs = page_rows(int64_t(sizeof(T)) * p.D);
   row_blocks(p.M, [&](auto mb, int64_t m0) AVX2 {
-    int64_t v = v0;
-    for (; v + 4 * rs <= v1; v += 4 * rs)
-      for (int64_t j = 0; j < rs; ++j) nt_block_256<T, decltype(mb)::value, 4>(p, m0, v + j, rs);
-    table_blocks(v, v1, [&](auto rb, int64_t v) AVX2 {
-      nt_block_256<T, decltype(mb)::value, decltype(rb)::value>(p, m0, v, 1);
+    table_blocks(v0, v1, page_rows(int64_t(sizeof(T)) * p.D), [&](auto rb, int64_t v, int64_t rs) AVX2 {
+      nt_block_256<T, decltype(mb)::value, decltype(rb)::value>(p, m0, v, rs);
     });
   });
 }
@@ -1048,8 +1030,7 @@ class Helpers {
       }
       task_ = std::move(task);
       workers_ = n;
-      spin_ = n + 1 <= affinity_cpus();
-      n_cpus_ok_.store(spin_, std::memory_order_relaxed);
+      spin_.store(n + 1 <= affinity_cpus(), std::memory_order_relaxed);
       gen_.fetch_add(1, std::memory_order_seq_cst);
     }
     if (sleepers_.load(std::memory_order_seq_cst) > 0) gen_.notify_all();
@@ -1061,7 +1042,7 @@ class Helpers {
   // How long the holder may spin waiting for its helpers: GROKCTL_CPU_SPIN_US while every
   // worker has a CPU of its own, else 0 (a spinning waiter would take the CPU a helper needs).
   std::chrono::microseconds wait_spin() const {
-    return std::chrono::microseconds(n_cpus_ok_.load(std::memory_order_relaxed) ? spin_us_ : 0);
+    return std::chrono::microseconds(spin_.load(std::memory_order_relaxed) ? spin_us_ : 0);
   }
 
  private:
@@ -1095,7 +1076,7 @@ class Helpers {
         seen = gen_.load(std::memory_order_relaxed);
         task = task_;
         workers = workers_;
-        spin = spin_;
+        spin = spin_.load(std::memory_order_relaxed);
       }
       if (task && self <= workers) (*task)(self);
     }
@@ -1109,8 +1090,7 @@ class Helpers {
   std::atomic<int> sleepers_{0};
   std::shared_ptr<const Task> task_;  // under mu_
   int workers_ = 0;                   // under mu_
-  bool spin_ = true;                  // under mu_
-  std::atomic<bool> n_cpus_ok_{true};  // spin_, for the holder's wait
+  std::atomic<bool> spin_{true};      // set under mu_; read by the holder's wait too
   unsigned threads_ = 0;              // under mu_
 };
 
