@@ -98,6 +98,7 @@ class GrokModel:
         repeat_penalty: float = default("repeat_penalty"),
         repeat_last_n: int = default("repeat_last_n"),
         logprobs: int = default("logprobs"),
+        decode_steps: int = default("decode_steps"),
     ) -> list[Completion]:
         """Generate for one or several prompts (text, or lists of token ids), as one batch.
 
@@ -127,6 +128,7 @@ class GrokModel:
             repeat_penalty=repeat_penalty,
             repeat_last_n=repeat_last_n,
             logprobs=logprobs,
+            decode_steps=decode_steps,
         )
         decode = self.tokenizer.decode if self.tokenizer else None
         limit = self.tokenizer.vocab_size if self.tokenizer else None

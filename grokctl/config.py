@@ -432,6 +432,7 @@ SETTINGS: dict[str, Setting] = {
     "repeat_penalty": Setting(float, 1.0, lo=0, lo_open=True, commands=_GEN),
     "repeat_last_n": Setting(int, 64, lo=0, commands=_GEN),
     "logprobs": Setting(int, 0, lo=0, hi=20, commands=_GEN),
+    "decode_steps": Setting(int, 4, lo=1, hi=64, commands=_GEN),
     "stop": Setting(str, (), many=True, commands=_GEN),
     "stream": Setting(bool, None, commands=_GEN),
     "coordinator": Setting(str, None, commands=_GEN),

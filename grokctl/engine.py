@@ -33,7 +33,7 @@ from grokctl.model.cache import KVCache, cache_shapes
 from grokctl.model.moe import RouterStats
 from grokctl.model.quant import bf16_tables, chunked_qmatmul, cpu_kernels_enabled
 from grokctl.model.transformer import ForwardOptions, ForwardOut, transformed
-from grokctl.sampling import sample
+from grokctl.sampling import RowSampling, sample
 
 MIN_BUCKET = 16
 
@@ -95,6 +95,11 @@ class Engine:
             out_shardings=shd.replicated(mesh),
         )
         self._native_argmax = cpu_kernels_enabled(self.chunked_qmatmul)
+        self._decode_steps_jit = jax.jit(
+            self._decode_steps_impl,
+            static_argnames=("k", "vocab_limit"),
+            donate_argnums=(2,),  # the cache
+        )
         self._gather = jax.jit(lambda x: x, out_shardings=shd.replicated(mesh))
         self._decode_count_jit = jax.jit(_decode_count_step)
 
@@ -357,33 +362,95 @@ class Engine:
             x = self._gather(x)
         return np.asarray(x)
 
-    def sample(
-        self,
-        logits: jax.Array,
-        row_seeds: np.ndarray,
-        step: int,
-        temperature: np.ndarray,
-        top_p: np.ndarray,
-        top_k: np.ndarray,
-        vocab_limit: int,
-    ) -> jax.Array:
+    def sample(self, logits: jax.Array, rows: RowSampling, step: int) -> jax.Array:
+        """One token per row [B] (replicated) from logits [B, V], the key of `step`."""
         # numpy arguments (not single-device arrays): identical on every process, they enter
         # the program replicated, as a multi-process jit requires.
         args = (
             logits,
-            np.asarray(row_seeds, np.int32),
+            rows.seeds,
             np.asarray(step, np.int32),
-            np.asarray(temperature, np.float32),
-            np.asarray(top_p, np.float32),
-            np.asarray(top_k, np.int32),
+            rows.temperature,
+            rows.top_p,
+            rows.top_k,
         )
         return self._run(
             "sample",
             self._sample,
             args,
-            vocab_limit=int(vocab_limit),
+            vocab_limit=rows.vocab_limit,
             native_argmax=self._native_argmax,
         )  # type: ignore[no-any-return]
+
+    # --- several decode steps in one program -------------------------------------------------
+    def _decode_steps_impl(
+        self,
+        params: Any,
+        tokens: jax.Array,  # [B]: fed to the first step
+        cache: KVCache,
+        ones: jax.Array,  # [B] int32 ones
+        seeds: jax.Array,
+        step: jax.Array,  # the first step's sampling key
+        temperature: jax.Array,
+        top_p: jax.Array,
+        top_k: jax.Array,
+        n: jax.Array,  # steps to run, 1..k
+        *,
+        k: int,
+        vocab_limit: int,
+    ) -> tuple[jax.Array, jax.Array, KVCache]:
+        rep = shd.replicated(self.mesh)
+
+        def one(i: jax.Array, carry: tuple[jax.Array, KVCache, jax.Array]) -> Any:
+            tok, cache, toks = carry
+            out = self._forward_impl(params, tok, cache, ones, ones, all_logits=True, first=True)
+            new = sample(
+                out.logits, seeds, step + i, temperature, top_p, top_k, vocab_limit,
+                native_argmax=self._native_argmax,
+            )  # fmt: skip
+            new = jax.lax.with_sharding_constraint(new, rep)
+            return new, out.cache, toks.at[i].set(new)
+
+        toks = jax.lax.with_sharding_constraint(jnp.zeros((k, tokens.shape[0]), jnp.int32), rep)
+        last, cache, toks = jax.lax.fori_loop(0, n, one, (tokens, cache, toks))
+        return toks, last, cache
+
+    def decode_steps(
+        self,
+        tokens: np.ndarray | jax.Array,
+        cache: KVCache,
+        rows: RowSampling,
+        step: int,
+        n: int,
+        k: int,
+    ) -> tuple[jax.Array, jax.Array, KVCache]:
+        """`n` decode steps (1 <= n <= k) in one program, each feeding the token it samples
+        (the key of `step`, `step + 1`, ...) to the next: (tokens [k, B] replicated, of which the
+        first n rows are the steps' tokens, the last of them [B], cache). The same tokens as n
+        `decode` + `sample` calls, for one dispatch instead of 2n: the host's cost of a call
+        (~1 ms for bench-l2's 176 arguments, paid on the CPUs that compute; docs/PERFORMANCE.md)
+        is shared by n tokens. One program per k, whatever n; no routing collection."""
+        if not 1 <= n <= k:
+            raise ValueError(f"decode_steps: n must be in 1..{k}, got {n}")
+        if self._routing_acc is not None:
+            raise RuntimeError("decode_steps does not count routing: decode one step at a time")
+        toks = tokens if isinstance(tokens, jax.Array) else self.put_tokens(np.asarray(tokens))
+        args = (
+            self.params,
+            toks,
+            cache,
+            self._ones(toks.shape[0]),
+            rows.seeds,
+            np.asarray(step, np.int32),
+            rows.temperature,
+            rows.top_p,
+            rows.top_k,
+            np.asarray(n, np.int32),
+        )
+        return self._run(  # type: ignore[no-any-return]
+            "decode-steps", self._decode_steps_jit, args, skip=1, k=k,
+            vocab_limit=rows.vocab_limit,
+        )  # fmt: skip
 
 
 def _decode_count_step(

@@ -6,6 +6,7 @@ padded to a bucket), and a prompt's tokens do not depend on the batch it runs in
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections import Counter
@@ -18,7 +19,7 @@ import numpy as np
 from grokctl.config import SETTINGS, ModelConfig, default
 from grokctl.engine import Engine, bucket
 from grokctl.errors import UsageError
-from grokctl.sampling import adjust_logits, row_seed, top_logprobs
+from grokctl.sampling import RowSampling, adjust_logits, row_seed, top_logprobs
 
 FINISH_EOS = "eos"
 FINISH_STOP = "stop"
@@ -42,11 +43,12 @@ class SamplingParams:
     repeat_penalty: float = default("repeat_penalty")
     repeat_last_n: int = default("repeat_last_n")
     logprobs: int = default("logprobs")
+    decode_steps: int = default("decode_steps")  # per device call; the tokens do not change
 
     def validate(self) -> SamplingParams:
         for name in (
             "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
-            "repeat_last_n", "logprobs",
+            "repeat_last_n", "logprobs", "decode_steps",
         ):  # fmt: skip
             value = getattr(self, name)
             if (problem := SETTINGS[name].problem(value)) is not None:
@@ -201,13 +203,9 @@ class _Batch:
     tokens: np.ndarray  # [b, T bucket] int32
     lengths: np.ndarray  # [b] prompt lengths (1 for padding rows)
     cache_len: int
-    seeds: np.ndarray  # [b] one per row (see `row_seed`)
-    temperature: np.ndarray
-    top_p: np.ndarray
-    top_k: np.ndarray
+    sampling: RowSampling
     repeat_penalty: np.ndarray
     min_p: np.ndarray
-    vocab_limit: int
 
     @classmethod
     def of(
@@ -241,13 +239,15 @@ class _Batch:
             tokens=tokens,
             lengths=lengths,
             cache_len=bucket(longest + params.max_tokens, cfg.sequence_len),
-            seeds=np.array(seeds),
-            temperature=full(params.temperature, np.float32),
-            top_p=full(params.top_p, np.float32),
-            top_k=full(params.top_k, np.int32),
+            sampling=RowSampling.of(
+                seeds,
+                params.temperature,
+                params.top_p,
+                params.top_k,
+                vocab_limit=min(vocab_limit or cfg.vocab_size, cfg.vocab_size),
+            ),
             repeat_penalty=full(params.repeat_penalty, np.float32),
             min_p=full(params.min_p, np.float32),
-            vocab_limit=min(vocab_limit or cfg.vocab_size, cfg.vocab_size),
         )
 
 
@@ -259,10 +259,7 @@ def _pick(engine: Engine, batch: _Batch, rows: _Rows, logits: jax.Array, step: i
         adjusted = engine._run(
             "adjust", _adjust, (logits, window, batch.repeat_penalty, batch.min_p)
         )
-    return engine.sample(
-        adjusted, batch.seeds, step, batch.temperature, batch.top_p, batch.top_k,
-        batch.vocab_limit,
-    )  # fmt: skip
+    return engine.sample(adjusted, batch.sampling, step)
 
 
 def _record(
@@ -275,7 +272,7 @@ def _record(
     if rows.logprobs is not None:
         lp = engine._run(
             "logprobs", _top_logprobs, (logits, tok), n=params.logprobs,
-            vocab_limit=batch.vocab_limit,
+            vocab_limit=batch.sampling.vocab_limit,
         )  # fmt: skip
         chosen, ids, top = (engine.fetch(x) for x in lp)
         for i in range(rows.n):
@@ -301,6 +298,17 @@ class _Timing:
     steps: int = 0  # decode steps run
 
 
+@dataclasses.dataclass
+class _Call:
+    """One dispatched decode call: `n` steps whose tokens are `tokens` ([n or more, B], on the
+    device), the last of them `last` [B]; `logits` [B, V] of a one-step call."""
+
+    n: int
+    tokens: jax.Array
+    last: jax.Array
+    logits: jax.Array | None = None
+
+
 def _decode_loop(
     engine: Engine,
     batch: _Batch,
@@ -308,25 +316,41 @@ def _decode_loop(
     decode_text: Decoder | None,
     on_token: OnToken | None,
 ) -> _Timing:
-    """Prefill, then one decode step at a time until every row has finished (or the cache is
-    full, or Ctrl-C); compile time is measured apart from prefill and decode time.
+    """Prefill, then decode until every row has finished (or the cache is full, or Ctrl-C);
+    compile time is measured apart from prefill and decode time.
 
-    Decode steps are pipelined: step s+1 (fed step s's token on the device) is dispatched
-    before step s's token is fetched, so the host's work per step (the dispatch, the token's
-    trip to the host, on_token) overlaps the device's instead of idling it. When a row then
-    turns out to have finished (EOS, a stop string) the step already dispatched is discarded:
-    the same tokens as one step at a time, never waited for. Not pipelined: repeat penalty /
-    min-p (their window needs step s's token on the host) and routing collections (the extra
-    step would count)."""
+    When sampling needs nothing from the host (no repeat penalty / min-p window, no logprobs, no
+    routing collection) a device call runs up to `decode_steps` steps (`Engine.decode_steps`:
+    each step samples on the device and feeds its token to the next) and the host receives the
+    tokens in groups; otherwise each call is one decode step and one sampler call. Calls are
+    pipelined: call c+1, fed call c's last token on the device, is dispatched before call c's
+    tokens are fetched, so the host's work (the dispatch, the tokens' trip, on_token) overlaps
+    the device's. No call runs past what a row can still take (max tokens, its context, the
+    cache); tokens computed past a row's end (EOS, a stop string) are discarded: the same tokens
+    as one step at a time. Not pipelined: repeat penalty / min-p (their window needs the last
+    token on the host) and routing collections (an extra step would count)."""
     timing = _Timing()
     compile0 = compile1 = engine.compile_seconds
-    pipelined = not rows.params.adjusts_logits and not engine.collecting_routing
-    longest = int(batch.lengths.max())
+    cfg, params = engine.cfg, rows.params
+    plain = not params.adjusts_logits and not engine.collecting_routing
+    per_call = params.decode_steps if plain and rows.logprobs is None else 1
+    depth = 2 if plain else 1  # calls in flight, counting the one waited for
+    cache_room = batch.cache_len - int(batch.lengths.max()) - 1  # decode steps the cache holds
 
-    def step(tok: jax.Array, cache: Any, index: int) -> tuple[tuple[jax.Array, jax.Array], Any]:
-        """Dispatch decode step `index` fed `tok`: ((logits, its sampled token), cache)."""
+    def call(tok: jax.Array, cache: Any, first: int, n: int) -> tuple[_Call, Any]:
+        """Dispatch decode steps first..first+n-1 (their sampling keys), fed `tok`."""
+        if per_call > 1:
+            toks, last, cache = engine.decode_steps(tok, cache, batch.sampling, first, n, per_call)
+            return _Call(n, toks, last), cache
         logits, cache = engine.decode(tok, cache)
-        return (logits, _pick(engine, batch, rows, logits, index)), cache
+        picked = _pick(engine, batch, rows, logits, first)
+        return _Call(1, picked, picked, logits), cache
+
+    def received(c: _Call) -> np.ndarray:
+        """The call's tokens [n, B] on the host (waits for them; records logprobs)."""
+        if c.logits is not None:
+            return _record(engine, batch, rows, c.logits, c.tokens)[None]
+        return engine.fetch(c.tokens)[: c.n]
 
     t0 = time.perf_counter()
     try:
@@ -337,25 +361,28 @@ def _decode_loop(
         timing.prefill_s = time.perf_counter() - t0 - (engine.compile_seconds - compile0)
         compile1 = engine.compile_seconds
         t1 = time.perf_counter()
-        ahead: tuple[jax.Array, jax.Array] | None = None  # (logits, token) of a dispatched step
-        while True:
-            _accept(rows, host_tok, batch.lengths, engine.cfg, decode_text, on_token)
-            if rows.done:
+        _accept(rows, host_tok, batch.lengths, cfg, decode_text, on_token)
+        flight: collections.deque[_Call] = collections.deque()
+        dispatched = 0  # decode steps
+        while not rows.done:
+            ahead = sum(c.n for c in flight)
+            while len(flight) < depth:
+                n = min(per_call, _room(rows, batch.lengths, cfg) - ahead, cache_room - dispatched)
+                if n <= 0:
+                    break
+                c, cache = call(tok, cache, dispatched + 1, n)
+                flight.append(c)
+                tok, dispatched, ahead = c.last, dispatched + n, ahead + n
+            if not flight:  # rows left, no step left: the cache is full for the longest
+                rows.finish = [f or FINISH_CONTEXT for f in rows.finish]
                 break
-            if longest + timing.steps + 1 >= batch.cache_len:
-                rows.finish = [f or FINISH_CONTEXT for f in rows.finish]  # full for the longest
-                break
-            timing.steps += 1
-            if ahead is None:
-                ahead, cache = step(tok, cache, timing.steps)
-            (logits, tok), ahead = ahead, None
-            if (
-                pipelined
-                and longest + timing.steps + 1 < batch.cache_len
-                and not _all_finish_next(rows, batch.lengths, engine.cfg)
-            ):
-                ahead, cache = step(tok, cache, timing.steps + 1)
-            host_tok = _record(engine, batch, rows, logits, tok)
+            c = flight.popleft()
+            host = received(c)
+            timing.steps += c.n
+            for step_tokens in host:
+                _accept(rows, step_tokens, batch.lengths, cfg, decode_text, on_token)
+                if rows.done:
+                    break
         timing.decode_s = time.perf_counter() - t1 - (engine.compile_seconds - compile1)
     except KeyboardInterrupt:
         rows.interrupt()
@@ -363,13 +390,17 @@ def _decode_loop(
     return timing
 
 
-def _all_finish_next(rows: _Rows, lengths: np.ndarray, cfg: ModelConfig) -> bool:
-    """Whether the next token finishes every unfinished row whatever it is (max tokens or the
-    context reached): then no further step is dispatched ahead."""
-    return all(
-        _out_of_room(rows, i, len(rows.out[i]) + 1, lengths, cfg) is not None
-        for i in range(rows.n)
-        if rows.finish[i] is None
+def _room(rows: _Rows, lengths: np.ndarray, cfg: ModelConfig) -> int:
+    """The most tokens an unfinished row can still take (max tokens, its context): decode steps
+    still worth dispatching."""
+    limit = rows.params.max_tokens
+    return max(
+        (
+            min(limit, cfg.sequence_len - int(lengths[i])) - len(rows.out[i])
+            for i in range(rows.n)
+            if rows.finish[i] is None
+        ),
+        default=0,
     )
 
 

@@ -5,10 +5,13 @@ Shapes: B batch, V vocab. Per-row settings so one batch can mix greedy and sampl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = -jnp.inf
 
@@ -21,6 +24,39 @@ def first_argmax(logits: jax.Array) -> jax.Array:
     top = jnp.max(logits, axis=-1, keepdims=True)
     hit = (logits == top) | jnp.isnan(logits)
     return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSampling:
+    """One batch's per-row sampling settings as host arrays (the same on every process, so they
+    enter a program replicated), and the vocabulary limit: the arguments of `sample` that do not
+    change from step to step."""
+
+    seeds: np.ndarray  # [B] int32, one per row (see `row_seed`)
+    temperature: np.ndarray  # [B] f32, 0 = greedy
+    top_p: np.ndarray  # [B] f32 in (0, 1]
+    top_k: np.ndarray  # [B] int32, 0 = off
+    vocab_limit: int
+
+    @classmethod
+    def of(
+        cls,
+        seeds: Sequence[int] | np.ndarray,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        *,
+        vocab_limit: int,
+    ) -> RowSampling:
+        """Every row with the same settings, each with its own seed."""
+        b = len(seeds)
+        return cls(
+            seeds=np.asarray(seeds, np.int32),
+            temperature=np.full(b, temperature, np.float32),
+            top_p=np.full(b, top_p, np.float32),
+            top_k=np.full(b, top_k, np.int32),
+            vocab_limit=int(vocab_limit),
+        )
 
 
 def sample(

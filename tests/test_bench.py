@@ -208,20 +208,23 @@ def test_runner_reuses_its_programs_across_runs(grok_tiny: Path) -> None:
     assert first.compile_s > 0 and len(first.token_s) == 2 * 3 and len(first.tok_s) == 2
 
 
-def test_pipelined_tg_feeds_what_one_step_at_a_time_samples(grok_tiny: Path) -> None:
-    """tg dispatches step s+1 before fetching step s's token: the tokens it feeds are those a
-    step-at-a-time loop from the same cache samples, and it times one interval per step."""
+@pytest.mark.parametrize("k", [1, 4])
+def test_pipelined_tg_feeds_what_one_step_at_a_time_samples(grok_tiny: Path, k: int) -> None:
+    """tg dispatches call c+1 (k decode steps) before fetching call c's tokens: the tokens it
+    feeds are those a step-at-a-time loop from the same cache samples, and it times one interval
+    per step (6 steps: calls of 4 and 2 at k = 4)."""
     import grokctl
 
     model = grokctl.load_model(grok_tiny, mesh="2x4")
     eng = model.engine
-    runner = bench.Runner(eng, seed=5)
+    runner = bench.Runner(eng, seed=5, decode_steps=k)
     case = bench.Case("tg", 6, 3, 2, "sparse")
     cache = runner._fill(eng, case)
     times, fed = runner._tg(eng, case, runner._copy(cache), 6)
     assert fed.shape == (2, 6) and len(times) == 6 and all(t > 0 for t in times)
+    assert (times[0] == times[3]) == (k == 4)  # one call's time shared by its steps
     tok, cache = fed[:, 0], runner._copy(cache)
     for step in range(1, 6):
         logits, cache = eng.decode(tok, cache)
-        tok = eng.fetch(runner._sample(eng, logits, step - 1))
+        tok = eng.fetch(eng.sample(logits, runner._rows(2), step - 1))
         np.testing.assert_array_equal(tok, fed[:, step])

@@ -56,3 +56,48 @@ def test_pipelined_decode_equals_one_step_at_a_time(grok_tiny: Path, mesh: str) 
     assert pipelined[0].token_ids == free[0].token_ids[:3]
     assert pipelined[0].finish_reason == "eos"
     assert pipelined[1].token_ids == free[1].token_ids
+
+
+@pytest.mark.parametrize(("mesh", "k"), [("1x1", 3), ("2x4", 4)])
+def test_decode_steps_per_call_give_the_tokens_of_one_step_at_a_time(
+    grok_tiny: Path, mesh: str, k: int
+) -> None:
+    """`decode_steps` steps in one program (each step samples on the device and feeds its token
+    to the next): the same tokens and finish reasons as one step at a time, for sampled rows of
+    different lengths, a row ending at an EOS inside a call (the steps after it discarded), 9
+    tokens (calls of k steps and a shorter last one), and a row whose context fills mid-call."""
+    devices = jax.devices()[:1] if mesh == "1x1" else jax.devices()
+    engine = grokctl.load_model(grok_tiny, mesh=make_mesh(mesh, devices)).engine
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 512, n).tolist() for n in (5, 19)]
+    params = SamplingParams(
+        max_tokens=9, temperature=0.9, top_k=40, seed=3, stop_at_eos=False, decode_steps=k
+    )
+
+    def one(params: SamplingParams) -> SamplingParams:
+        return dataclasses.replace(params, decode_steps=1)
+
+    before = engine.compile_count
+    burst = generate(engine, prompts, params)
+    assert engine.compile_count - before >= 1  # the k-step program ran
+    assert _content(burst) == _content(generate(engine, prompts, one(params)))
+    assert _content(burst) == _content(_run(engine, prompts, params, sequential=True))
+    assert all(len(c.token_ids) == 9 for c in burst)
+
+    # The second prompt's 5th token (inside the second call) made the EOS.
+    eos = burst[1].token_ids[4]
+    assert eos not in burst[1].token_ids[:4] and eos not in burst[0].token_ids
+    engine.cfg = dataclasses.replace(engine.cfg, eos_token=eos)
+    params = dataclasses.replace(params, stop_at_eos=True)
+    ended = generate(engine, prompts, params)
+    assert _content(ended) == _content(generate(engine, prompts, one(params)))
+    assert ended[1].token_ids == burst[1].token_ids[:4] and ended[1].finish_reason == "eos"
+    assert ended[0].token_ids == burst[0].token_ids
+
+    # A prompt 6 tokens short of the context: it takes 6 tokens (finish "context").
+    ctx = engine.cfg.sequence_len
+    prompts = [rng.integers(3, 512, ctx - 6).tolist(), prompts[0]]
+    params = dataclasses.replace(params, stop_at_eos=False)
+    full = generate(engine, prompts, params)
+    assert _content(full) == _content(generate(engine, prompts, one(params)))
+    assert len(full[0].token_ids) == 6 and full[0].finish_reason == "context"

@@ -124,9 +124,10 @@ def run_bench(
         "mem_bw_gb_s": bw["gb_s"],
         "mem_bw_method": bw["method"],
         "matmul_peak_flop_s": hw.matmul_peak(engine.mesh),
+        "decode_steps": spec.decode_steps,
     }
     tensors = costmodel.roofline_tensor_bytes(index)
-    runner = Runner(engine, seed, routing=bool(dirs))
+    runner = Runner(engine, seed, routing=bool(dirs), decode_steps=spec.decode_steps)
     records = []
     sums: dict[str, routing.RoutingStats] = {}
     for i, case in enumerate(cases):

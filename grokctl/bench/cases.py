@@ -1,8 +1,9 @@
 """Benchmark cases in llama-bench's vocabulary, and the runner that times them on an engine.
 
 A case is `pp<P>` (a prompt of P tokens, timed to the first sampled token on the host) or
-`tg<N>` (N decode steps, pipelined as `generate` runs them, each timed from the previous
-token's arrival on the host to its own), after a context of
+`tg<N>` (N decode steps run as `generate` runs them: `decode_steps` steps per device call,
+calls pipelined; a call's time, from the previous call's tokens reaching the host to its own,
+shared equally by its steps), after a context of
 `depth` tokens already in the KV cache, for `batch` rows and one MoE kernel. Every combination
 of the given lists is a case. The depth is filled once per case, untimed; each repetition
 starts from a copy of that cache. One untimed warm-up run per case compiles and warms the
@@ -20,6 +21,7 @@ Shapes: B batch, P prompt tokens, N generated tokens, d depth, S cache length, V
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 import statistics
@@ -32,10 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from grokctl import hw, routing
-from grokctl.config import ModelConfig
+from grokctl.config import ModelConfig, default
 from grokctl.engine import Engine, bucket
 from grokctl.errors import UsageError
 from grokctl.model.cache import KVCache
+from grokctl.sampling import RowSampling
 
 MOE_KERNELS = ("sparse", "dense")
 TG_WARMUP_STEPS = 2
@@ -74,6 +77,7 @@ class BenchSpec:
     batches: tuple[int, ...] = (1,)
     moes: tuple[str, ...] = ("sparse",)
     reps: int = 5
+    decode_steps: int = default("decode_steps")  # tg: decode steps per device call
 
 
 def parse_list(text: str | int, flag: str, minimum: int = 0) -> tuple[int, ...]:
@@ -167,8 +171,10 @@ class Runner:
         engine: Engine,
         seed: int = 0,
         routing: bool = False,
+        decode_steps: int = default("decode_steps"),
     ):
         self.base = engine
+        self.decode_steps = decode_steps
         self.cfg = engine.cfg
         self.engines: dict[str, Engine] = {engine.opts.moe_kernel: engine}
         self.rng = np.random.default_rng(seed)
@@ -185,13 +191,9 @@ class Runner:
     def _tokens(self, batch: int, n: int) -> np.ndarray:
         return self.rng.integers(3, self.cfg.vocab_size, (batch, n)).astype(np.int32)
 
-    def _sample(self, eng: Engine, logits: jax.Array, step: int) -> jax.Array:
-        b = logits.shape[0]
-        zeros, ones = np.zeros(b, np.float32), np.ones(b, np.float32)
-        seeds = np.arange(b, dtype=np.int32)
-        return eng.sample(
-            logits, seeds, step, zeros, ones, np.zeros(b, np.int32), self.cfg.vocab_size
-        )
+    def _rows(self, batch: int) -> RowSampling:
+        """Greedy rows (bench's tokens are random; sampling settings do not change the cost)."""
+        return RowSampling.of(np.arange(batch), vocab_limit=self.cfg.vocab_size)
 
     def _sample_rss(self) -> None:
         self.host_rss_peak = max(self.host_rss_peak, hw.host_rss())
@@ -212,33 +214,41 @@ class Runner:
         lengths = np.full(case.batch, case.tokens, np.int32)
         start = time.perf_counter()
         logits, cache = eng.prefill(prompt, lengths, cache)
-        eng.fetch(self._sample(eng, logits, 0))
+        eng.fetch(eng.sample(logits, self._rows(case.batch), 0))
         return time.perf_counter() - start, prompt
 
     def _tg(
         self, eng: Engine, case: Case, cache: KVCache, steps: int
     ) -> tuple[list[float], np.ndarray]:
-        """(seconds of each step: from the previous step's token reaching the host (the first
-        from the start) to this one's; the tokens [B, steps] fed to decode: the random first
-        one, then each sampled token fed back; the last sampled one is never fed). Pipelined as
-        `generate` runs: step s+1 is dispatched, fed step s's token on the device, before step
-        s's token is fetched."""
+        """(seconds of each step, the tokens [B, steps] fed to decode: the random first one,
+        then each sampled token fed back; the last sampled one is never fed). Run as `generate`
+        runs it: `decode_steps` steps per device call (`Engine.decode_steps`; one `decode` and
+        one `sample` call at 1), call c+1 dispatched, fed call c's last token on the device,
+        before call c's tokens are fetched. A call's time, from the previous call's tokens
+        reaching the host (the first from the start) to its own, is shared by its steps."""
+        rows, k = self._rows(case.batch), self.decode_steps
         tok: Any = self._tokens(case.batch, 1)[:, 0]
         fed = [tok]
-        times = []
+        times: list[float] = []
+        flight: collections.deque[tuple[int, jax.Array]] = collections.deque()
+        dispatched = 0
         last = time.perf_counter()
-        logits, cache = eng.decode(tok, cache)
-        tok = self._sample(eng, logits, 0)
-        for step in range(steps):
-            current = tok
-            if step + 1 < steps:
-                logits, cache = eng.decode(current, cache)
-                tok = self._sample(eng, logits, step + 1)
-            host = eng.fetch(current)
+        while dispatched < steps or flight:
+            while len(flight) < 2 and dispatched < steps:
+                n = min(k, steps - dispatched)
+                if k > 1:
+                    toks, tok, cache = eng.decode_steps(tok, cache, rows, dispatched, n, k)
+                else:
+                    logits, cache = eng.decode(tok, cache)
+                    toks = tok = eng.sample(logits, rows, dispatched)
+                flight.append((n, toks))
+                dispatched += n
+            n, toks = flight.popleft()
+            host = eng.fetch(toks).reshape(-1, case.batch)[:n]
             now = time.perf_counter()
-            times.append(now - last)
+            times.extend([(now - last) / n] * n)
             last = now
-            fed.append(host)
+            fed.extend(host)
         return times, np.stack(fed[:steps], axis=1).astype(np.int32)
 
     def _routing_pass(

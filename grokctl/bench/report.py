@@ -80,6 +80,7 @@ def record(
         "batch": c.batch,
         "moe": c.moe,
         "reps": len(result.tok_s),
+        "decode_steps": env["decode_steps"] if c.kind == "tg" else None,
         "tok_s_mean": round(mean, 4),
         "tok_s_sd": round(result.sd, 4),
         "tok_s": [round(x, 4) for x in result.tok_s],

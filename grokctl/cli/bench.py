@@ -10,7 +10,7 @@ import typer
 
 from grokctl.cli import options
 from grokctl.cli.output import err, info
-from grokctl.config import Settings
+from grokctl.config import Settings, default
 from grokctl.errors import UsageError
 
 
@@ -43,6 +43,15 @@ def bench(
     moe: Annotated[
         str, typer.Option("--moe", help="MoE kernel(s): sparse, dense or sparse,dense.")
     ] = "sparse",
+    decode_steps: Annotated[
+        int,
+        typer.Option(
+            "--decode-steps",
+            min=1,
+            max=64,
+            help="tg: decode steps per device call, as generate's --decode-steps.",
+        ),
+    ] = default("decode_steps"),
     output: Annotated[
         str, typer.Option("-o", "--output", help="Output format: md, json, jsonl or csv.")
     ] = "md",
@@ -104,6 +113,7 @@ def bench(
         batches=lib.parse_list(batches, "-b", minimum=1),
         moes=lib.parse_moe(moe),
         reps=rep_list[0],
+        decode_steps=decode_steps,
     )
     for path, flag in ((save, "--save"), (plot_path, "--plot")):
         if path is not None:

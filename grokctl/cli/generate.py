@@ -115,6 +115,16 @@ def generate(
             panel=None,
         ),
     ] = None,
+    decode_steps: Annotated[
+        Optional[int],
+        _opt(
+            "decode_steps",
+            "--decode-steps",
+            help="Decode steps per device call: the host's cost of a call is shared by this "
+            "many tokens, which then arrive together (the tokens are the same for any value).",
+            panel=None,
+        ),
+    ] = None,
     stream: Annotated[
         Optional[bool],
         typer.Option(
@@ -148,7 +158,7 @@ def generate(
         s, options.checkpoint(s, directory, checkpoint), tokenizer, json_out, stream,
         routing_report, preset, mesh, moe, layout,
         SamplingArgs(max_tokens, temperature, top_p, top_k, seed, stop, min_p, repeat_penalty,
-                     repeat_last_n, logprobs),
+                     repeat_last_n, logprobs, decode_steps),
     )  # fmt: skip
     texts, id_prompts = gather_prompts(prompt, prompts_file, token_ids)
     if run.params.logprobs and not json_out:
@@ -189,6 +199,7 @@ class SamplingArgs:
     repeat_penalty: float | None
     repeat_last_n: int | None
     logprobs: int | None
+    decode_steps: int | None
 
 
 @dataclasses.dataclass(frozen=True)
