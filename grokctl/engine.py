@@ -181,22 +181,31 @@ class Engine:
 
     def lower(self, kind: str, batch: int, length: int, tokens: int = 1) -> Any:
         """The forward program, lowered from shapes alone (jax.stages.Lowered): kind "prefill"
-        (`tokens` prompt positions [B, T], last logits) or "decode" (one token, [B, 1] logits),
-        for `batch` rows and a cache of `length` positions. The same program `prefill`/`decode`
-        run; `.as_text()`, `.compile()`, `.compile().memory_analysis()` inspect it."""
-        if kind not in ("prefill", "decode"):
-            raise ValueError(f"unknown program kind {kind!r}: prefill or decode")
-        t = 1 if kind == "decode" else tokens
+        (`tokens` prompt positions [B, T], last logits), "decode" (one token, [B, 1] logits) or
+        "decode_steps" (`Engine.decode_steps` with k = `tokens`, greedy rows over the whole
+        vocabulary), for `batch` rows and a cache of `length` positions. The same program
+        `prefill`/`decode`/`decode_steps` run; `.as_text()`, `.compile()`,
+        `.compile().memory_analysis()` inspect it."""
+        if kind not in ("prefill", "decode", "decode_steps"):
+            raise ValueError(f"unknown program kind {kind!r}: prefill, decode or decode_steps")
 
-        def sds(shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+        def sds(shape: tuple[int, ...], dtype: Any = jnp.int32) -> jax.ShapeDtypeStruct:
             spec = self._spec(shape, shd.TOKENS[: len(shape)])
-            return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=spec)
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=spec)
 
         rows = sds((batch,))
         cache = self.abstract_cache(batch, length)
+        if kind == "decode_steps":
+            sampling = RowSampling.of(np.zeros(batch), vocab_limit=self.cfg.vocab_size)
+            scalar = np.int32(1)
+            return self._decode_steps_jit.lower(
+                self.params, rows, cache, rows, sampling.seeds, scalar, sampling.temperature,
+                sampling.top_p, sampling.top_k, scalar, k=tokens,
+                vocab_limit=sampling.vocab_limit,
+            )  # fmt: skip
         return self._forward_jit.lower(
             self.params,
-            sds((batch,)) if kind == "decode" else sds((batch, t)),
+            rows if kind == "decode" else sds((batch, tokens)),
             cache,
             rows,
             rows,

@@ -269,8 +269,9 @@ def test_bf16_table_and_unembed_are_exact() -> None:
     table = jnp.asarray(rng.standard_normal((300, 64)), jnp.float32)
     params = {quant.EMBEDDINGS[0]: {quant.EMBEDDINGS[1]: table}, "other": {"w": table}}
     cast = quant.bf16_tables(params)
-    t16 = cast[quant.EMBEDDINGS[0]][quant.EMBEDDINGS[1]]
-    assert t16.dtype == jnp.bfloat16 and cast["other"]["w"].dtype == jnp.float32
+    t16 = cast[quant.EMBEDDINGS[0]][quant.EMBEDDINGS[1]]  # bf16 bits
+    assert t16.dtype == quant.BF16_BITS and cast["other"]["w"].dtype == jnp.float32
+    np.testing.assert_array_equal(quant.from_bits(t16), table.astype(jnp.bfloat16))
     assert quant.bf16_tables(cast)[quant.EMBEDDINGS[0]][quant.EMBEDDINGS[1]] is t16
     h = jnp.asarray(rng.standard_normal((2, 1, 64)), jnp.bfloat16)
     with chunked_qmatmul(False):
@@ -278,6 +279,8 @@ def test_bf16_table_and_unembed_are_exact() -> None:
     with chunked_qmatmul(True):
         assert kernels.MATMUL_NT_TARGET in _program(quant.unembed, h, t16)
         got = _jit(quant.unembed)(h, t16)
+    with chunked_qmatmul(False):  # XLA's path over the bits: the same rounding points
+        np.testing.assert_array_equal(_jit(quant.unembed)(h, t16), ref)
     assert got.dtype == jnp.bfloat16 and got.shape == (2, 1, 300)
     # bf16-rounded results: equal, or one bf16 ulp apart where f32 sums straddle a rounding edge
     diff = np.abs(np.asarray(got, np.float32) - np.asarray(ref, np.float32))
@@ -366,7 +369,7 @@ def test_engine_with_kernels_on_a_config_file_checkpoint(
     dtype_on, on = run()
     monkeypatch.setenv("GROKCTL_CPU_KERNELS", "0")
     dtype_off, off = run()
-    assert (dtype_on, dtype_off) == ("bfloat16", "float32")
+    assert (dtype_on, dtype_off) == ("uint16", "float32")  # bf16 bits with the kernels
     scale = float(np.max(np.abs(off)))
     assert np.max(np.abs(on - off)) <= 2e-2 * scale, (np.max(np.abs(on - off)), scale)
     assert np.mean(np.argmax(on, -1) == np.argmax(off, -1)) >= 0.75
@@ -544,7 +547,7 @@ def test_attend_kernel_matches_reference(isa: str, b, t, h, g, s, k, qdtype) -> 
     """The native attention against float64 math with the same rounding points, and against
     the XLA form; pad keys, causal masks and a fully masked row (uniform weights)."""
     from grokctl.model.attention import attend_xla
-    from grokctl.model.cache import to_bits
+    from grokctl.model.quant import to_bits
 
     rng = np.random.default_rng(s + t)
     q = jnp.asarray(rng.standard_normal((b, t, h, k)) * 2, qdtype)
@@ -685,3 +688,28 @@ def test_int8_table_logits_on_vnni_are_correctly_rounded(isa: str) -> None:
     bad = xb.at[0, 5].set(jnp.inf).at[1, 9].set(jnp.nan)
     assert np.isnan(np.asarray(nt(bad, table))[1]).all()
     assert np.isnan(np.asarray(nt(bad[1:2], table))).all()
+
+
+def test_decode_steps_loop_hoists_nothing_the_size_of_the_table(grok_tiny: Path) -> None:
+    """XLA moves loop-invariant work out of `Engine.decode_steps`' loop, to run once per call:
+    nothing outside the loop may produce an array the size of the embedding table (XLA:CPU
+    widened a bf16 table's gather to f32, a whole-table conversion each call: 3x slower steps on
+    bench-l2; the engine's table is now held as bf16 bits)."""
+    import re
+
+    import grokctl
+    from grokctl.model.sharding import make_mesh
+
+    eng = grokctl.load_model(grok_tiny, mesh=make_mesh("1x1", jax.devices()[:1])).engine
+    v, d = eng.cfg.vocab_size, eng.cfg.emb_size
+    text = eng.compiled("decode_steps", 1, 32, tokens=4).as_text()
+    assert " while(" in text
+    entry = text[text.index("\nENTRY") :].splitlines()[1:]
+    made = [
+        line
+        for line in entry
+        if re.search(rf"= \w+\[{v},{d}\]", line)
+        and "parameter(" not in line
+        and "get-tuple-element(" not in line
+    ]
+    assert not made, made

@@ -261,7 +261,7 @@ def argmax(x: jax.Array, limit: int) -> jax.Array:
 
 
 def matmul_nt_bf16(x: jax.Array, table: jax.Array) -> jax.Array:
-    """x [M, D] (f32 or bf16) @ table[V, D]^T (bf16) -> f32 [M, V]."""
+    """x [M, D] (f32 or bf16) @ table[V, D]^T (bf16, or its bits as uint16) -> f32 [M, V]."""
     return _call(MATMUL_NT_TARGET, (x.shape[0], table.shape[0]), x, table)  # type: ignore[no-any-return]
 
 

@@ -9,7 +9,7 @@
 //   * scale) (the native int4 format's value). A scale group whose scales have 5 significant bits
 //   (quantize's) needs no rounding: it is summed unscaled and scaled once (int4_group_exact).
 // grokctl_matmul_nt_bf16:  y[M, V] f32 = x[M, D] bf16 @ table[V, D]^T bf16, f32 accumulation
-//   (the tied unembedding's logits).
+//   (the tied unembedding's logits); the table may be given as its bit patterns (uint16).
 //
 // ISA: AVX-512 (F/BW/VL) and AVX2+FMA variants compiled with target attributes and chosen at run
 // time with __builtin_cpu_supports, plus a portable scalar path; a library never executes an
@@ -1729,7 +1729,10 @@ ffi::Error matmul_nt(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
   const auto td = t.dimensions();
   if (x.element_type() != ffi::DataType::F32 && x.element_type() != ffi::DataType::BF16)
     return ffi::Error::InvalidArgument(std::string(name) + ": x must be f32 or bf16");
-  if (t.element_type() != table_type || xd.size() != 2 || td.size() != 2 || xd[1] != td[1])
+  // a bf16 table may come as its bit patterns (uint16: the engine's table, quant.bf16_tables)
+  const bool bits = table_type == ffi::DataType::BF16 && t.element_type() == ffi::DataType::U16;
+  if ((t.element_type() != table_type && !bits) || xd.size() != 2 || td.size() != 2 ||
+      xd[1] != td[1])
     return ffi::Error::InvalidArgument(std::string(name) + ": bad table or shapes");
   static thread_local std::vector<float> xtmp;
   const NTP<T> p{as_f32(x, xtmp), bf16_bits(x), reinterpret_cast<const T*>(t.untyped_data()),

@@ -11,9 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from grokctl.config import ModelConfig
-from grokctl.model.cache import from_bits, to_bits
 from grokctl.model.layers import BF16, F32, linear, linears, round_bf16
-from grokctl.model.quant import kernels_active
+from grokctl.model.quant import from_bits, kernels_active, to_bits
 
 MASKED = -1e30  # the reference's mask value (not -inf: a fully masked row goes uniform)
 # Up to this many new tokens (decode, speculative steps) the native CPU kernel computes the

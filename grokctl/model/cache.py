@@ -17,18 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from grokctl.config import ModelConfig
+from grokctl.model.quant import BF16_BITS
 
-CACHE_DTYPE = jnp.uint16  # bf16 bit patterns
-
-
-def to_bits(x: jax.Array) -> jax.Array:
-    """bf16 values -> the cache's uint16 bit patterns (free: a bitcast)."""
-    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), CACHE_DTYPE)
-
-
-def from_bits(x: jax.Array) -> jax.Array:
-    """The cache's uint16 bit patterns -> bf16 values (free: a bitcast)."""
-    return jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+CACHE_DTYPE = BF16_BITS  # bf16 bit patterns (quant.to_bits / from_bits)
 
 
 @dataclasses.dataclass

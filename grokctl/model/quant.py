@@ -22,6 +22,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+BF16_BITS = jnp.uint16  # bf16 values held as their bit patterns (the KV cache, `bf16_tables`)
+
+
+def to_bits(x: jax.Array) -> jax.Array:
+    """bf16 values -> their uint16 bit patterns (free: a bitcast)."""
+    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), BF16_BITS)
+
+
+def from_bits(x: jax.Array) -> jax.Array:
+    """uint16 bit patterns -> the bf16 values (free: a bitcast)."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+
 
 @jax.tree_util.register_pytree_node_class
 class QuantizedWeight:
@@ -270,6 +282,13 @@ def unembed(h: jax.Array, table: Any) -> jax.Array:
     a bf16 or int8 table, one pass over the table for any number of rows (the kernels block the
     rows, and XLA's dot would first convert the whole table); otherwise XLA's dot."""
     hb = h.astype(jnp.bfloat16)
+    if not isinstance(table, QuantizedWeight) and table.dtype == BF16_BITS:  # `bf16_tables`
+        if kernels_active():  # the kernel reads the bits as bf16
+            from grokctl import kernels
+
+            y = kernels.matmul_nt_bf16(hb.reshape(-1, hb.shape[-1]), table)
+            return y.reshape(*h.shape[:-1], table.shape[0]).astype(jnp.bfloat16)
+        table = from_bits(table)
     if isinstance(table, QuantizedWeight):  # int8 per row [V, D] + scales [V, 1]: (h . W^T) * s^T
         if kernels_active():
             from grokctl import kernels
@@ -291,15 +310,19 @@ EMBEDDINGS = ("language_model/in_out_embed", "embeddings")
 
 
 def bf16_tables(params: Any) -> Any:
-    """Params with the embedding table held in bf16: exact, as every use of it (the lookup and
-    the logits) rounds it to bf16 first; halves the bytes the logits stream per token."""
+    """Params with the embedding table held in bf16, as its bit patterns (uint16, `BF16_BITS`):
+    exact, as every use of it (the lookup and the logits) rounds it to bf16 first; halves the
+    bytes the logits stream per token. Bits, as the KV cache: XLA:CPU widens a bf16 gather's
+    operand to f32, and a loop around the decode step (`Engine.decode_steps`) hoists that
+    conversion of the whole table out of the loop, to run once per call (512 MB written for
+    bench-l2's table: steps 3x slower); a uint16 gather is a plain copy of the rows."""
     scope, name = EMBEDDINGS
     if not isinstance(params, dict) or scope not in params or name not in params[scope]:
         return params
     table = params[scope][name]
-    if isinstance(table, QuantizedWeight) or table.dtype == jnp.bfloat16:
-        return params  # an int8-per-row table (native format) or bf16 already
-    cast = jax.jit(lambda a: a.astype(jnp.bfloat16), out_shardings=table.sharding)
+    if isinstance(table, QuantizedWeight) or table.dtype == BF16_BITS:
+        return params  # an int8-per-row table (native format) or bits already
+    cast = jax.jit(to_bits, out_shardings=table.sharding)
     out = dict(params)
     out[scope] = {**params[scope], name: cast(table)}
     return out

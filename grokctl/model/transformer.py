@@ -26,7 +26,7 @@ from grokctl.model.attention import attention
 from grokctl.model.cache import KVCache
 from grokctl.model.layers import BF16, param, rms_norm, rms_norm_apply
 from grokctl.model.moe import RouterStats, moe_layer, router_stats
-from grokctl.model.quant import QuantizedWeight
+from grokctl.model.quant import BF16_BITS, QuantizedWeight, from_bits
 from grokctl.model.quant import unembed as unembed_table
 
 
@@ -112,10 +112,13 @@ def forward(
 
 
 def embed(embeddings: Any, tokens: jax.Array) -> jax.Array:
-    """Rows of the tied table [V, D] (f32, bf16, or int8 per row: row * scale) as bf16."""
+    """Rows of the tied table [V, D] (f32, bf16, bf16 bits, or int8 per row: row * scale) as
+    bf16."""
     if isinstance(embeddings, QuantizedWeight):  # weight int8 [V, D], scales [V, 1]
         rows = jnp.take(embeddings.weight, tokens, axis=0).astype(BF16)  # [B, T, D]
         return rows * jnp.take(embeddings.scales, tokens, axis=0).astype(BF16)  # x [B, T, 1]
+    if embeddings.dtype == BF16_BITS:  # the engine's bf16 table as bits (quant.bf16_tables)
+        return from_bits(jnp.take(embeddings, tokens, axis=0))
     return jnp.take(embeddings, tokens, axis=0).astype(BF16)
 
 
