@@ -412,7 +412,11 @@ class Engine:
 
         def one(i: jax.Array, carry: tuple[jax.Array, KVCache, jax.Array]) -> Any:
             tok, cache, toks = carry
-            out = self._forward_impl(params, tok, cache, ones, ones, all_logits=True, first=True)
+            # Tied to the step index, the weights look loop-variant: XLA would otherwise move
+            # work on them out of the loop (XLA's paths dequantize weights in the step; on
+            # XLA:CPU a bf16 gather widens its table) and run it for every weight at once.
+            inside, _ = jax.lax.optimization_barrier((params, i))
+            out = self._forward_impl(inside, tok, cache, ones, ones, all_logits=True, first=True)
             new = sample(
                 out.logits, seeds, step + i, temperature, top_p, top_k, vocab_limit,
                 native_argmax=self._native_argmax,

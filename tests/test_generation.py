@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from pathlib import Path
 
 import jax
@@ -101,3 +103,28 @@ def test_decode_steps_per_call_give_the_tokens_of_one_step_at_a_time(
     full = generate(engine, prompts, params)
     assert _content(full) == _content(generate(engine, prompts, one(params)))
     assert len(full[0].token_ids) == 6 and full[0].finish_reason == "context"
+
+
+@pytest.mark.parametrize(("mesh", "native"), [("1x1", True), ("1x1", False), ("2x4", False)])
+def test_decode_steps_loop_hoists_no_weight_work(
+    grok_tiny: Path, mesh: str, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """XLA moves loop-invariant work out of a loop, to run once per call: a weight's
+    dequantization, or XLA:CPU's widening of a bf16 table gathered inside (3x slower steps on
+    bench-l2 when it happened), would be materialised for every weight at once. With the native
+    kernels and on XLA's paths (no kernels, a mesh), nothing bigger than a few rows is computed
+    outside `Engine.decode_steps`' loop."""
+    if not native:
+        monkeypatch.setenv("GROKCTL_CPU_KERNELS", "0")
+    devices = jax.devices()[:1] if mesh == "1x1" else jax.devices()
+    eng = grokctl.load_model(grok_tiny, mesh=make_mesh(mesh, devices)).engine
+    text = eng.compiled("decode_steps", eng.padded_batch(1), 32, tokens=4).as_text()
+    assert " while(" in text
+    entry = text[text.index("\nENTRY") :].splitlines()[1:]
+    made = []
+    for line in entry:
+        m = re.search(r"= \w+\[([0-9,]+)\]", line)
+        if m and "parameter(" not in line and "get-tuple-element(" not in line:
+            if math.prod(int(n) for n in m.group(1).split(",")) >= 4096:
+                made.append(line.strip()[:160])
+    assert not made, made

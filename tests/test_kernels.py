@@ -689,27 +689,3 @@ def test_int8_table_logits_on_vnni_are_correctly_rounded(isa: str) -> None:
     assert np.isnan(np.asarray(nt(bad, table))[1]).all()
     assert np.isnan(np.asarray(nt(bad[1:2], table))).all()
 
-
-def test_decode_steps_loop_hoists_nothing_the_size_of_the_table(grok_tiny: Path) -> None:
-    """XLA moves loop-invariant work out of `Engine.decode_steps`' loop, to run once per call:
-    nothing outside the loop may produce an array the size of the embedding table (XLA:CPU
-    widened a bf16 table's gather to f32, a whole-table conversion each call: 3x slower steps on
-    bench-l2; the engine's table is now held as bf16 bits)."""
-    import re
-
-    import grokctl
-    from grokctl.model.sharding import make_mesh
-
-    eng = grokctl.load_model(grok_tiny, mesh=make_mesh("1x1", jax.devices()[:1])).engine
-    v, d = eng.cfg.vocab_size, eng.cfg.emb_size
-    text = eng.compiled("decode_steps", 1, 32, tokens=4).as_text()
-    assert " while(" in text
-    entry = text[text.index("\nENTRY") :].splitlines()[1:]
-    made = [
-        line
-        for line in entry
-        if re.search(rf"= \w+\[{v},{d}\]", line)
-        and "parameter(" not in line
-        and "get-tuple-element(" not in line
-    ]
-    assert not made, made
