@@ -688,4 +688,3 @@ def test_int8_table_logits_on_vnni_are_correctly_rounded(isa: str) -> None:
     bad = xb.at[0, 5].set(jnp.inf).at[1, 9].set(jnp.nan)
     assert np.isnan(np.asarray(nt(bad, table))[1]).all()
     assert np.isnan(np.asarray(nt(bad[1:2], table))).all()
-
