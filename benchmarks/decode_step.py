@@ -1,23 +1,28 @@
-"""One decode step at batch 1, timed the way `generate` runs it (pipelined: step s+1 dispatched
-before step s's token is fetched): wall ms per step (p50 and mean) and the host thread's CPU ms
-per step, a few series in one process. For the knobs of the native kernels' threads:
+"""Decode at batch 1, timed the way `generate` runs it: K decode steps per device call
+(`Engine.decode_steps`; K = 1: one `decode` and one `sample` call a step), call c+1 dispatched
+before call c's tokens are fetched. Per series and K: wall ms per step (p50 of the calls' per-
+token times, and the mean) and the host thread's CPU ms per step; the K values alternate inside
+each series, in one process. For the knobs of the native kernels' threads:
 
-    PYTHONPATH=. python benchmarks/decode_step.py CKPT [--steps 64] [--series 3]
+    PYTHONPATH=. python benchmarks/decode_step.py CKPT [--steps 64] [--series 3] [--decode-steps 1,4]
     GROKCTL_CPU_SPIN_US=0 PYTHONPATH=. python benchmarks/decode_step.py CKPT
 
-docs/PERFORMANCE.md, "Decode, fifth round".
+docs/PERFORMANCE.md, "Decode, fifth round" and "seventh round".
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 
 import grokctl
+from grokctl.sampling import RowSampling
 
 
 def main() -> None:
@@ -25,38 +30,50 @@ def main() -> None:
     ap.add_argument("checkpoint")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--series", type=int, default=3)
+    ap.add_argument("--decode-steps", default="1", help="K values, comma list (alternated)")
     a = ap.parse_args()
+    ks = [int(k) for k in a.decode_steps.split(",")]
     eng = grokctl.load_model(a.checkpoint).engine
-    zeros, ones, seeds = np.zeros(1, np.float32), np.ones(1, np.float32), np.zeros(1, np.int32)
+    rows = RowSampling.of([0], vocab_limit=eng.cfg.vocab_size)
 
-    def series(steps: int) -> tuple[list[float], float]:
+    def series(steps: int, k: int) -> tuple[list[float], float]:
         cache = eng.new_cache(1, min(1024, eng.cfg.sequence_len))
-        logits, cache = eng.decode(np.array([5], np.int32), cache)
-        tok = eng.sample(logits, seeds, 0, zeros, ones, seeds, eng.cfg.vocab_size)
-        walls, cpu0, last = [], time.thread_time(), time.perf_counter()
-        for step in range(steps):
-            current = tok
-            if step + 1 < steps:
-                logits, cache = eng.decode(current, cache)
-                tok = eng.sample(logits, seeds, step + 1, zeros, ones, seeds, eng.cfg.vocab_size)
-            eng.fetch(current)
+        tok: Any = np.array([5], np.int32)
+        flight: collections.deque[tuple[int, Any]] = collections.deque()
+        per_token, done, cpu0, last = [], 0, time.thread_time(), time.perf_counter()
+        while done < steps or flight:
+            while len(flight) < 2 and done < steps:
+                n = min(k, steps - done)
+                if k > 1:
+                    toks, tok, cache = eng.decode_steps(tok, cache, rows, done, n, k)
+                else:
+                    logits, cache = eng.decode(tok, cache)
+                    toks = tok = eng.sample(logits, rows, done)
+                flight.append((n, toks))
+                done += n
+            n, toks = flight.popleft()
+            eng.fetch(toks)
             now = time.perf_counter()
-            walls.append(now - last)
+            per_token += [(now - last) / n] * n
             last = now
-        return walls, (time.thread_time() - cpu0) / steps
+        return per_token, (time.thread_time() - cpu0) / steps
 
-    series(8)  # compiles and warms
+    for k in ks:
+        series(8, k)  # compiles and warms
     for _ in range(a.series):
-        walls, cpu = series(a.steps)
-        print(
-            json.dumps(
-                {
-                    "step_ms_p50": round(statistics.median(walls) * 1e3, 2),
-                    "step_ms_mean": round(statistics.mean(walls) * 1e3, 2),
-                    "host_cpu_ms_per_step": round(cpu * 1e3, 3),
-                }
+        for k in ks:
+            walls, cpu = series(a.steps, k)
+            print(
+                json.dumps(
+                    {
+                        "decode_steps": k,
+                        "step_ms_p50": round(statistics.median(walls) * 1e3, 2),
+                        "step_ms_mean": round(statistics.mean(walls) * 1e3, 2),
+                        "host_cpu_ms_per_step": round(cpu * 1e3, 3),
+                    }
+                ),
+                flush=True,
             )
-        )
 
 
 if __name__ == "__main__":
