@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 8, item 4: `grokctl bench` on a real-width Grok-1 slice (emb 6144, 48 q / 8 kv heads,
-# ffn 32768, 8 experts top-2, vocab 131072) on one GPU, int8 and int4, batch 1 and 8, in one
-# device call; the figures go to docs/PERFORMANCE.md ("GPU").
+# ffn 32768, 8 experts top-2, vocab 131072) on one GPU, int8 and int4, batch 1 and 8, and int8
+# at one decode step per call against the default 4, in one device call; the figures go to
+# docs/PERFORMANCE.md ("GPU").
 #
 # The device image has JAX with CUDA but not dm-haiku (nor its dependency jmp): carry them as
 # wheels (.library/device/README.md). Once, here, in the repository root:
@@ -43,4 +44,6 @@ for precision in int8 int4; do
   # shellcheck disable=SC2086  # CASES is a list of flags
   g bench "$WORK/$PRESET-$precision" $CASES --save "$OUT/bench-$precision.json" | tee "$OUT/bench-$precision.md"
 done
+step "bench int8 at one decode step per call (the default runs 4: --decode-steps)"
+g bench "$WORK/$PRESET-int8" -p 0 -n 64 -b 1 -r 3 --decode-steps 1 --save "$OUT/bench-int8-k1.json" | tee "$OUT/bench-int8-k1.md"
 step "done"
