@@ -720,6 +720,8 @@ AVX512VNNI void ntq_block_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t 
   // sum_k 128^(3-k) S_k in 64-bit lanes (|.| < 2^46: exact), less 128 sum_k 128^(3-k) sum_i dk_i
   const int64_t* bias = xp.bias.data() + m;
   const auto& rest = xp.rest[size_t(m)];
+  // a power of two: the product is ldexp's value, exactly (t < 2^53, a normal double)
+  const double unit = std::ldexp(1.0, xp.exps[size_t(m)] - 6 - 7 * (kPlanes - 1));
   for (int r = 0; r < R; ++r) {
     __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
     for (int k = 0; k < kPlanes; ++k) {
@@ -733,7 +735,7 @@ AVX512VNNI void ntq_block_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t 
       const int8_t* row = p.t + (v + r * rs) * p.D;
       for (const auto& [i, rem] : rest) t += double(rem) * double(row[i]) / 128.0;
     }
-    p.y[m * p.V + v + r * rs] = float(std::ldexp(t, xp.exps[size_t(m)] - 6 - 7 * (kPlanes - 1)));
+    p.y[m * p.V + v + r * rs] = float(t * unit);
   }
 }
 
