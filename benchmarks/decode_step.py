@@ -13,15 +13,14 @@ docs/PERFORMANCE.md, "Decode, fifth round" and "seventh round".
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import statistics
 import time
-from typing import Any
 
 import numpy as np
 
 import grokctl
+from grokctl.bench.cases import timed_decode
 from grokctl.sampling import RowSampling
 
 
@@ -38,25 +37,9 @@ def main() -> None:
 
     def series(steps: int, k: int) -> tuple[list[float], float]:
         cache = eng.new_cache(1, min(1024, eng.cfg.sequence_len))
-        tok: Any = np.array([5], np.int32)
-        flight: collections.deque[tuple[int, Any]] = collections.deque()
-        per_token, done, cpu0, last = [], 0, time.thread_time(), time.perf_counter()
-        while done < steps or flight:
-            while len(flight) < 2 and done < steps:
-                n = min(k, steps - done)
-                if k > 1:
-                    toks, tok, cache = eng.decode_steps(tok, cache, rows, done, n, k)
-                else:
-                    logits, cache = eng.decode(tok, cache)
-                    toks = tok = eng.sample(logits, rows, done)
-                flight.append((n, toks))
-                done += n
-            n, toks = flight.popleft()
-            eng.fetch(toks)
-            now = time.perf_counter()
-            per_token += [(now - last) / n] * n
-            last = now
-        return per_token, (time.thread_time() - cpu0) / steps
+        cpu0 = time.thread_time()
+        per_step, _ = timed_decode(eng, np.array([5], np.int32), cache, rows, steps, k)
+        return per_step, (time.thread_time() - cpu0) / steps
 
     for k in ks:
         series(8, k)  # compiles and warms

@@ -126,6 +126,39 @@ def plan_cases(spec: BenchSpec, cfg: ModelConfig, data_axis: int) -> list[Case]:
     return cases
 
 
+def timed_decode(
+    eng: Engine, tok: Any, cache: KVCache, rows: RowSampling, steps: int, k: int
+) -> tuple[list[float], list[np.ndarray]]:
+    """`steps` decode steps fed `tok` [B], run as `generate` runs them: k steps per device call
+    (`Engine.decode_steps`; one `decode` and one `sample` call at k = 1), call c+1 dispatched,
+    fed call c's last token on the device, before call c's tokens are fetched. Returns the
+    seconds of each step (a call's time, from the previous call's tokens reaching the host —
+    the first: from the start — to its own, shared equally by its steps) and each step's
+    sampled tokens [B] on the host."""
+    times: list[float] = []
+    sampled: list[np.ndarray] = []
+    flight: collections.deque[tuple[int, jax.Array]] = collections.deque()
+    dispatched = 0
+    last = time.perf_counter()
+    while dispatched < steps or flight:
+        while len(flight) < 2 and dispatched < steps:
+            n = min(k, steps - dispatched)
+            if k > 1:
+                toks, tok, cache = eng.decode_steps(tok, cache, rows, dispatched, n, k)
+            else:
+                logits, cache = eng.decode(tok, cache)
+                toks = tok = eng.sample(logits, rows, dispatched)
+            flight.append((n, toks))
+            dispatched += n
+        n, toks = flight.popleft()
+        host = eng.fetch(toks).reshape(-1, rows.seeds.shape[0])[:n]
+        now = time.perf_counter()
+        times.extend([(now - last) / n] * n)
+        last = now
+        sampled.extend(host)
+    return times, sampled
+
+
 def _pct(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
@@ -221,35 +254,13 @@ class Runner:
         self, eng: Engine, case: Case, cache: KVCache, steps: int
     ) -> tuple[list[float], np.ndarray]:
         """(seconds of each step, the tokens [B, steps] fed to decode: the random first one,
-        then each sampled token fed back; the last sampled one is never fed). Run as `generate`
-        runs it: `decode_steps` steps per device call (`Engine.decode_steps`; one `decode` and
-        one `sample` call at 1), call c+1 dispatched, fed call c's last token on the device,
-        before call c's tokens are fetched. A call's time, from the previous call's tokens
-        reaching the host (the first from the start) to its own, is shared by its steps."""
-        rows, k = self._rows(case.batch), self.decode_steps
-        tok: Any = self._tokens(case.batch, 1)[:, 0]
-        fed = [tok]
-        times: list[float] = []
-        flight: collections.deque[tuple[int, jax.Array]] = collections.deque()
-        dispatched = 0
-        last = time.perf_counter()
-        while dispatched < steps or flight:
-            while len(flight) < 2 and dispatched < steps:
-                n = min(k, steps - dispatched)
-                if k > 1:
-                    toks, tok, cache = eng.decode_steps(tok, cache, rows, dispatched, n, k)
-                else:
-                    logits, cache = eng.decode(tok, cache)
-                    toks = tok = eng.sample(logits, rows, dispatched)
-                flight.append((n, toks))
-                dispatched += n
-            n, toks = flight.popleft()
-            host = eng.fetch(toks).reshape(-1, case.batch)[:n]
-            now = time.perf_counter()
-            times.extend([(now - last) / n] * n)
-            last = now
-            fed.extend(host)
-        return times, np.stack(fed[:steps], axis=1).astype(np.int32)
+        then each sampled token fed back; the last sampled one is never fed); see
+        `timed_decode`."""
+        tok = self._tokens(case.batch, 1)[:, 0]
+        times, sampled = timed_decode(
+            eng, tok, cache, self._rows(case.batch), steps, self.decode_steps
+        )
+        return times, np.stack([tok, *sampled][:steps], axis=1).astype(np.int32)
 
     def _routing_pass(
         self, eng: Engine, case: Case, filled: KVCache, fed: list[np.ndarray]
