@@ -300,8 +300,9 @@ class _Timing:
 
 @dataclasses.dataclass
 class _Call:
-    """One dispatched decode call: `n` steps whose tokens are `tokens` ([n or more, B], on the
-    device), the last of them `last` [B]; `logits` [B, V] of a one-step call."""
+    """One dispatched decode call of `n` steps, on the device: their tokens (`tokens`: [k, B],
+    the first n rows, from `Engine.decode_steps`; [B] from a one-step call), the last of them
+    `last` [B], and a one-step call's `logits` [B, V] (for logprobs)."""
 
     n: int
     tokens: jax.Array
