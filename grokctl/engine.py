@@ -189,9 +189,9 @@ class Engine:
         if kind not in ("prefill", "decode", "decode_steps"):
             raise ValueError(f"unknown program kind {kind!r}: prefill, decode or decode_steps")
 
-        def sds(shape: tuple[int, ...], dtype: Any = jnp.int32) -> jax.ShapeDtypeStruct:
+        def sds(shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
             spec = self._spec(shape, shd.TOKENS[: len(shape)])
-            return jax.ShapeDtypeStruct(shape, dtype, sharding=spec)
+            return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=spec)
 
         rows = sds((batch,))
         cache = self.abstract_cache(batch, length)

@@ -282,13 +282,6 @@ def unembed(h: jax.Array, table: Any) -> jax.Array:
     a bf16 or int8 table, one pass over the table for any number of rows (the kernels block the
     rows, and XLA's dot would first convert the whole table); otherwise XLA's dot."""
     hb = h.astype(jnp.bfloat16)
-    if not isinstance(table, QuantizedWeight) and table.dtype == BF16_BITS:  # `bf16_tables`
-        if kernels_active():  # the kernel reads the bits as bf16
-            from grokctl import kernels
-
-            y = kernels.matmul_nt_bf16(hb.reshape(-1, hb.shape[-1]), table)
-            return y.reshape(*h.shape[:-1], table.shape[0]).astype(jnp.bfloat16)
-        table = from_bits(table)
     if isinstance(table, QuantizedWeight):  # int8 per row [V, D] + scales [V, 1]: (h . W^T) * s^T
         if kernels_active():
             from grokctl import kernels
@@ -298,11 +291,13 @@ def unembed(h: jax.Array, table: Any) -> jax.Array:
         else:
             acc = qmatmul(hb, table.weight.T)  # f32 [..., V]
         return (acc * table.scales[:, 0].astype(jnp.float32)).astype(jnp.bfloat16)
-    if table.dtype == jnp.bfloat16 and kernels_active():
+    if table.dtype in (jnp.bfloat16, BF16_BITS) and kernels_active():  # the kernel reads bits
         from grokctl import kernels
 
         y = kernels.matmul_nt_bf16(hb.reshape(-1, hb.shape[-1]), table)
         return y.reshape(*h.shape[:-1], table.shape[0]).astype(jnp.bfloat16)
+    if table.dtype == BF16_BITS:  # `bf16_tables` without the kernels: XLA's dot on the values
+        table = from_bits(table)
     return qmatmul(hb, table.T).astype(jnp.bfloat16)
 
 
