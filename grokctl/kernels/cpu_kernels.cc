@@ -129,10 +129,6 @@ inline void table_blocks(int64_t v0, int64_t v1, int64_t rs, F&& f) {
   for (; v < v1; ++v) f(std::integral_constant<int, 1>{}, v, int64_t(1));
 }
 
-// Widest column chunk of the int8 GEMV (its f32 accumulators live in L1): each weight row is
-// read as one contiguous run of up to kCols bytes, long enough for the hardware prefetchers
-// (256-byte runs at a row stride of N bytes defeated them: 1.5x more CPU time per byte).
-constexpr int64_t kCols = 2048;
 // Rows of the table per NT work unit, and rows of x per pass over a unit (the logits of a long
 // prompt: x in L2-sized chunks, each unit's table rows read once from memory).
 constexpr int64_t kTableRows = 256;
@@ -156,20 +152,25 @@ inline int64_t page_rows(int64_t bytes) { return bytes < 4096 ? (4096 + bytes - 
 
 
 // ---------------------------------------------------------------- scalar (any CPU, tails)
-void q_cols_scalar(const QProblem& p, int64_t n0, int64_t n1) {
+// int8 weight rows [k0, k1) x columns [n0, n1): partial sums into out (row stride N), in the
+// vector paths' form: a scale group's rows summed unscaled, then scaled once.
+void q8_block_scalar(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
   const int64_t kb = p.K / p.G;
-  std::vector<float> acc(n1 - n0);
+  std::vector<float> acc(n1 - n0), ag(n1 - n0);
   for (int64_t m = 0; m < p.M; ++m) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     const float* xm = p.x + m * p.K;
-    for (int64_t k = 0; k < p.K; ++k) {
-      const int8_t* wr = p.w + k * p.N;
+    for (int64_t k = k0; k < k1;) {
+      const int64_t gend = std::min(k1, (k / kb + 1) * kb);
       const uint16_t* sr = p.s + (k / kb) * p.N;
-      const float xv = xm[k];
-      for (int64_t n = n0; n < n1; ++n)
-        acc[n - n0] += xv * (float(wr[n]) * bf16_to_f32(sr[n]));  // exact in f32
+      std::fill(ag.begin(), ag.end(), 0.0f);
+      for (; k < gend; ++k) {
+        const int8_t* wr = p.w + k * p.N;
+        for (int64_t n = n0; n < n1; ++n) ag[n - n0] += xm[k] * float(wr[n]);
+      }
+      for (int64_t n = n0; n < n1; ++n) acc[n - n0] += bf16_to_f32(sr[n]) * ag[n - n0];
     }
-    std::copy(acc.begin(), acc.end(), p.y + m * p.N + n0);
+    std::copy(acc.begin(), acc.end(), out + m * p.N + n0);
   }
 }
 
@@ -749,11 +750,6 @@ AVX512VNNI void ntq_rows_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t v
 // ---------------------------------------------------------------- AVX2 + FMA
 #define AVX2 __attribute__((target("avx2,fma")))
 
-AVX2 inline __m256 dequant8_256(const int8_t* ptr, __m256 s) {  // exact
-  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ptr));
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), s);
-}
-
 AVX2 inline __m256 round_bf16_256(__m256 wf) {
   __m256i b = _mm256_castps_si256(wf);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
@@ -762,68 +758,87 @@ AVX2 inline __m256 round_bf16_256(__m256 wf) {
   return _mm256_castsi256_ps(b);
 }
 
-template <int MB, int U>
-AVX2 void q_rows_256(const QProblem& p, const float* sc, float (*acc)[kCols], int64_t m0,
-                     int64_t n0, int nv, int64_t k, int64_t rs) {
-  const int8_t* wr[U];
-  __m256 xb[MB][U];
-  for (int u = 0; u < U; ++u) {
-    wr[u] = p.w + (k + u * rs) * p.N + n0;
-    for (int m = 0; m < MB; ++m) xb[m][u] = _mm256_set1_ps(p.x[(m0 + m) * p.K + k + u * rs]);
-  }
-  for (int v = 0; v < nv; ++v) {
-    const __m256 s = _mm256_load_ps(sc + v * 8);
-    __m256 a[MB];
-    for (int m = 0; m < MB; ++m) a[m] = _mm256_load_ps(acc[m] + v * 8);
-    for (int u = 0; u < U; ++u) {
-      const __m256 wf = dequant8_256(wr[u] + v * 8, s);
-      for (int m = 0; m < MB; ++m) a[m] = _mm256_fmadd_ps(xb[m][u], wf, a[m]);
-    }
-    for (int m = 0; m < MB; ++m) _mm256_store_ps(acc[m] + v * 8, a[m]);
-  }
-}
-
-// Full 8-column vectors only: w is a multiple of 8.
-template <int MB>
-AVX2 void q_chunk_256(const QProblem& p, int64_t m0, int64_t n0, int64_t w) {
-  alignas(32) static thread_local float acc_tls[MB][kCols];
-  alignas(32) static thread_local float sc_tls[kCols];
-  float(*const acc)[kCols] = opaque(acc_tls);  // (UnitBuffers: why)
-  float* const sc = opaque(sc_tls);
-  const int nv = int(w / 8);
-  for (int m = 0; m < MB; ++m) std::memset(acc[m], 0, sizeof(float) * nv * 8);
-  const int64_t kb = p.K / p.G;
-  for (int64_t g = 0; g < p.G; ++g) {
-    for (int v = 0; v < nv; ++v) {
-      const __m128i h =
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.s + g * p.N + n0 + v * 8));
-      _mm256_store_ps(sc + v * 8,
-                      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
-    }
-    int64_t k = g * kb;
-    const int64_t kend = k + kb, rs = page_rows(p.N);  // rows one page apart (q8_unit_512)
-    for (; k + 4 * rs <= kend; k += 4 * rs)
-      for (int64_t j = 0; j < rs; ++j) q_rows_256<MB, 4>(p, sc, acc, m0, n0, nv, k + j, rs);
-    for (; k + 4 <= kend; k += 4) q_rows_256<MB, 4>(p, sc, acc, m0, n0, nv, k, 1);
-    for (; k < kend; ++k) q_rows_256<MB, 1>(p, sc, acc, m0, n0, nv, k, 1);
-  }
-  for (int m = 0; m < MB; ++m)
-    std::memcpy(p.y + (m0 + m) * p.N + n0, acc[m], sizeof(float) * nv * 8);
-}
-
-AVX2 void q_cols_256(const QProblem& p, int64_t n0, int64_t n1) {
-  const int64_t w = (n1 - n0) / 8 * 8;
-  if (w > 0) {
-    row_blocks(p.M, [&](auto mb, int64_t m0) AVX2 {
-      q_chunk_256<decltype(mb)::value>(p, m0, n0, w);
-    });
-  }
-  if (n0 + w < n1) q_cols_scalar(p, n0 + w, n1);
-}
-
 AVX2 inline __m256 load_bf16x8_256(const uint16_t* ptr) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// acc[m] += scale_n * ag[m] over a unit's columns: a scale group's unscaled sums into the unit's.
+template <int MB>
+AVX2 inline void fold_group_256(float* acc, const float* ag, const uint16_t* srow, int64_t stride, int nv) {
+  for (int v = 0; v < nv; ++v) {
+    const __m256 sv = load_bf16x8_256(srow + v * 8);
+    for (int m = 0; m < MB; ++m) {
+      float* a = acc + m * stride + v * 8;
+      _mm256_store_ps(a, _mm256_fmadd_ps(sv, _mm256_load_ps(ag + m * stride + v * 8), _mm256_load_ps(a)));
+    }
+  }
+}
+
+// The int8 GEMV on AVX2, in q8_rows_512's form with 8-column vectors: a pass's U rows (rs rows
+// apart) summed unscaled into the group accumulator in two chains, the next pass's rows prefetched
+// a line per 64 columns. Same additions in the same order as the AVX-512 path.
+template <int MB, int U>
+AVX2 void q8_rows_256(const QProblem& p, float* ag, int64_t stride, int64_t m0, int64_t n0, int nv,
+                      int64_t k, int64_t rs) {
+  const int8_t* wr[U];
+  __m256 xf[MB][U];
+  for (int u = 0; u < U; ++u) {
+    wr[u] = p.w + (k + u * rs) * p.N + n0;
+    for (int m = 0; m < MB; ++m) xf[m][u] = _mm256_set1_ps(p.x[(m0 + m) * p.K + k + u * rs]);
+  }
+  constexpr int H = U > 1 ? U / 2 : U;
+  for (int v = 0; v < nv; ++v) {
+    if ((v & 7) == 0)
+      for (int u = 0; u < U; ++u)
+        _mm_prefetch(reinterpret_cast<const char*>(wr[u] + U * rs * p.N + v * 8), kPrefetch);
+    __m256 a[MB], b[MB];
+    for (int m = 0; m < MB; ++m) a[m] = _mm256_load_ps(ag + m * stride + v * 8), b[m] = _mm256_setzero_ps();
+    for (int u = 0; u < U; ++u) {
+      const __m256 wf = _mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr[u] + v * 8))));
+      for (int m = 0; m < MB; ++m) {
+        if (u < H) a[m] = _mm256_fmadd_ps(xf[m][u], wf, a[m]);
+        else b[m] = _mm256_fmadd_ps(xf[m][u], wf, b[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m)
+      _mm256_store_ps(ag + m * stride + v * 8, U > 1 ? _mm256_add_ps(a[m], b[m]) : a[m]);
+  }
+}
+
+// Rows [m0, m0+MB), weight rows [k0, k1), columns [n0, n0+w), w a multiple of 8 (<= slab_cols(M)):
+// partial sums into out (row stride N). q8_unit_512's passes.
+template <int MB>
+AVX2 void q8_unit_256(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0, int64_t w,
+                      float* out) {
+  UnitBuffers& ub = unit_buffers();
+  float* const acc = ub.acc;
+  float* const ag = ub.ag;
+  const int nv = int(w / 8);
+  std::memset(acc, 0, sizeof(float) * w * MB);
+  const int64_t kb = p.K / p.G, rs = page_rows(p.N);
+  for (int64_t k = k0; k < k1;) {
+    const int64_t gend = std::min(k1, (k / kb + 1) * kb);
+    const uint16_t* srow = p.s + (k / kb) * p.N + n0;
+    std::memset(ag, 0, sizeof(float) * w * MB);
+    for (; k + 8 * rs <= gend; k += 8 * rs)
+      for (int64_t j = 0; j < rs; ++j) q8_rows_256<MB, 8>(p, ag, w, m0, n0, nv, k + j, rs);
+    for (; k + 8 <= gend; k += 8) q8_rows_256<MB, 8>(p, ag, w, m0, n0, nv, k, 1);
+    for (; k < gend; ++k) q8_rows_256<MB, 1>(p, ag, w, m0, n0, nv, k, 1);
+    fold_group_256<MB>(acc, ag, srow, w, nv);
+  }
+  for (int m = 0; m < MB; ++m) std::memcpy(out + (m0 + m) * p.N + n0, acc + m * w, sizeof(float) * w);
+}
+
+AVX2 void q8_block_256(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
+  const int64_t w = n1 - n0, w8 = w / 8 * 8;
+  if (w8 > 0) {
+    row_blocks(p.M, [&](auto mb, int64_t m0) AVX2 {
+      q8_unit_256<decltype(mb)::value>(p, m0, k0, k1, n0, w8, out);
+    });
+  }
+  if (w8 < w) q8_block_scalar(p, k0, k1, n0 + w8, n1, out);
 }
 
 AVX2 inline float hsum256(__m256 v) {
@@ -918,14 +933,7 @@ AVX2 void q4_unit_256(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int
         }
       }
     }
-    if (exact)
-      for (int v = 0; v < nv; ++v) {
-        const __m256 sv = load_bf16x8_256(sr + v * 8);
-        for (int m = 0; m < MB; ++m) {
-          float* a = acc + m * w8 + v * 8;
-          _mm256_store_ps(a, _mm256_fmadd_ps(sv, _mm256_load_ps(ag + m * w8 + v * 8), _mm256_load_ps(a)));
-        }
-      }
+    if (exact) fold_group_256<MB>(acc, ag, sr, w8, nv);
   }
   for (int m = 0; m < MB; ++m) std::memcpy(out + (m0 + m) * p.N + n0, acc + m * w8, sizeof(float) * w8);
 }
@@ -1199,8 +1207,7 @@ const float* as_f32(ffi::AnyBuffer x, std::vector<float>& tmp) {
 // whichever worker finishes the problem's last unit, while the others stream on.
 // block(p, k0, k1, n0, n1, out) computes one unit.
 template <class Block>
-void slab_gemv_many(ffi::ThreadPool& pool, const std::vector<QProblem>& ps, Block&& block,
-                    bool split_k = true) {
+void slab_gemv_many(ffi::ThreadPool& pool, const std::vector<QProblem>& ps, Block&& block) {
   struct Plan {
     int64_t rows, slabs, chunks, cols, unit0, part0;
     float* out;  // the problem's y, or its slabs' partial sums
@@ -1214,10 +1221,9 @@ void slab_gemv_many(ffi::ThreadPool& pool, const std::vector<QProblem>& ps, Bloc
   int64_t units = 0, part = 0;
   for (const QProblem& p : ps) {
     Plan pl;
-    pl.rows = split_k ? slab_rows(p.K) : p.K;
+    pl.rows = slab_rows(p.K);
     pl.slabs = (p.K + pl.rows - 1) / pl.rows;
-    // (the column paths used without split_k keep kCols accumulators per row)
-    const int64_t max_cols = split_k ? slab_cols(p.M) : std::min(kCols, slab_cols(p.M));
+    const int64_t max_cols = slab_cols(p.M);
     pl.chunks = (p.N + max_cols - 1) / max_cols;
     const int64_t per = (want + int64_t(ps.size()) - 1) / int64_t(ps.size());
     if (pl.slabs * pl.chunks < per) pl.chunks = std::min((per + pl.slabs - 1) / pl.slabs, (p.N + 63) / 64);
@@ -1267,12 +1273,11 @@ void gemv_unit(int level, int bits, const QProblem& p, int64_t k0, int64_t k1, i
   if (bits == 8 && level >= kAvx512) return q8_block_512(p, k0, k1, n0, n1, out);
   if (bits == 4 && level >= kAvx512Bf16)
     return p.xb ? q4_block_512<true>(p, k0, k1, n0, n1, out) : q4_block_512<false>(p, k0, k1, n0, n1, out);
+  if (bits == 8 && level >= kAvx2) return q8_block_256(p, k0, k1, n0, n1, out);
   if (bits == 4 && level >= kAvx2) return q4_block_256(p, k0, k1, n0, n1, out);
-  // int8 without AVX-512: the column paths, which take all K rows (split_k = false)
-  if (bits == 8 && level == kAvx2) return q_cols_256(p, n0, n1);
 #endif
   (void)level;
-  if (bits == 8) return q_cols_scalar(p, n0, n1);
+  if (bits == 8) return q8_block_scalar(p, k0, k1, n0, n1, out);
   q4_block_scalar(p, k0, k1, n0, n1, out);
 }
 
@@ -1315,25 +1320,8 @@ ffi::Error qmatmul_impl(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer 
              G};
   p.bits = bits;
   const int level = isa();
-  if (bits == 4 || level >= kAvx512) {  // row slabs x column chunks
-    slab_gemv_many(pool, {p}, [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
-      gemv_unit(level, bits, q, k0, k1, n0, n1, out);
-    });
-    return ffi::Error::Success();
-  }
-  // int8 without AVX-512: the column paths, as few, wide chunks as give every thread the same
-  // share.
-  const int64_t threads = std::max(1, max_threads());
-  const int64_t per_thread = (N + threads - 1) / threads;
-  const int64_t rounds = (per_thread + kCols - 1) / kCols;
-  const int64_t width = std::min(kCols, ((per_thread + rounds - 1) / rounds + 63) / 64 * 64);
-  const int64_t units = (N + width - 1) / width;
-  parallel_for(pool, units, [&](int64_t i) {
-    const int64_t n0 = i * width, n1 = std::min(N, n0 + width);
-#ifdef GROKCTL_X86
-    if (level == kAvx2) return q_cols_256(p, n0, n1);
-#endif
-    q_cols_scalar(p, n0, n1);
+  slab_gemv_many(pool, {p}, [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
+    gemv_unit(level, bits, q, k0, k1, n0, n1, out);
   });
   return ffi::Error::Success();
 }
@@ -1365,7 +1353,6 @@ ffi::Error rows_impl(ffi::ThreadPool& pool, const char* name, ffi::AnyBuffer x, 
   const int level = isa();
   int bits[2] = {0, 0};
   int64_t E = -1, N[2] = {0, 0}, G[2] = {0, 0};
-  bool split_k = true;
   for (int j = 0; j < nmat; ++j) {
     const auto wd = ws[j]->dimensions();
     const auto sd = ss[j]->dimensions();
@@ -1380,7 +1367,6 @@ ffi::Error rows_impl(ffi::ThreadPool& pool, const char* name, ffi::AnyBuffer x, 
         (bits[j] == 4 && (K / G[j]) % 2) || (E >= 0 && wd[0] != E))
       return bad("shape mismatch");
     E = wd[0];
-    split_k = split_k && (bits[j] == 4 || level >= kAvx512);
   }
   static thread_local std::vector<float> xtmp, xg, yg;
   static thread_local std::vector<uint16_t> xbg;
@@ -1421,8 +1407,7 @@ ffi::Error rows_impl(ffi::ThreadPool& pool, const char* name, ffi::AnyBuffer x, 
       pool, ps,
       [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
         gemv_unit(level, q.bits, q, k0, k1, n0, n1, out);
-      },
-      split_k);
+      });
   for (int j = 0; j < nmat; ++j) {
     const float* yj = yg.data() + A * (j ? N[0] : 0);
     for (int64_t r = 0; r < A; ++r)
@@ -1534,7 +1519,6 @@ ffi::Error QMatmul3Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   ffi::AnyBuffer* ss[3] = {&s0, &s1, &s2};
   float* ys[3] = {y0->typed_data(), y1->typed_data(), y2->typed_data()};
   const int level = isa();
-  bool any8 = false;
   for (int j = 0; j < 3; ++j) {
     const auto wd = ws[j]->dimensions();
     const auto sd = ss[j]->dimensions();
@@ -1546,19 +1530,16 @@ ffi::Error QMatmul3Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
     if (wd[0] != (bits == 8 ? K : K / 2) || sd[1] != N || G <= 0 || K % G != 0 ||
         (bits == 4 && (K / G) % 2))
       return ffi::Error::InvalidArgument("grokctl_qmatmul3: shape mismatch");
-    any8 = any8 || bits == 8;
     QProblem q{xf, xb, reinterpret_cast<const int8_t*>(ws[j]->untyped_data()),
                reinterpret_cast<const uint16_t*>(ss[j]->untyped_data()), ys[j], M, K, N, G};
     q.bits = bits;
     ps.push_back(q);
   }
-  const bool split_k = !any8 || level >= kAvx512;
   slab_gemv_many(
       pool, ps,
       [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
         gemv_unit(level, q.bits, q, k0, k1, n0, n1, out);
-      },
-      split_k);
+      });
   return ffi::Error::Success();
 }
 
