@@ -2,7 +2,8 @@
 // scale groups), DRAM-resident (copies rotated, ~200 MB), 1 and 2 threads, against a plain
 // streaming read of the same bytes (the ceiling): int8 (bf16 x), then packed int4 with exact
 // scales (5 significant bits, what `quantize` writes: bf16 x and f32 x) and with any bf16 scales
-// (the weight-by-weight path). docs/PERFORMANCE.md.
+// (the weight-by-weight path); the AVX2 paths too ("avx2" lines: the only ones on a CPU without
+// AVX-512). docs/PERFORMANCE.md.
 //
 //   g++ -O3 -std=c++20 -pthread -isystem $(python -c "import jax; print(jax.ffi.include_dir())") \
 //       benchmarks/gemv_harness.cc -o /tmp/gemv_harness && /tmp/gemv_harness
@@ -34,7 +35,8 @@ double best_seconds(int threads, int64_t copies, size_t matrix_bytes, const uint
 }  // namespace
 
 int main() {
-  if (!harness::has_avx512()) return 0;
+  if (!harness::has_avx2()) return 0;
+  const int level = isa();
   std::vector<float> x(M * K, 1.0f), y(4 * M * N);
   std::vector<uint16_t> xb(M * K, 0x3f80), exact(G * N, 0x3c00), any(G * N, 0x3c01);
   std::atomic<long> sink{0};
@@ -46,13 +48,20 @@ int main() {
     const size_t slab = bytes / 4;
     struct Kind {
       const char* name;
-      int what;  // 0 plain read; 1 bf16 x, exact scales; 2 f32 x, exact; 3 bf16 x, any scales
+      int what;  // 0 plain read; 1 bf16 x, exact scales; 2 f32 x, exact; 3 bf16 x, any scales; 4 AVX2, bf16 x, exact
+      int level;  // the ISA level it needs
     };
-    const std::vector<Kind> kinds = bits == 8 ? std::vector<Kind>{{"plain read", 0}, {"int8 GEMV", 1}}
-                                              : std::vector<Kind>{{"plain read", 0},
-                                                                  {"int4 exact", 1},
-                                                                  {"int4 exact f32x", 2},
-                                                                  {"int4 any scale", 3}};
+    const std::vector<Kind> all = bits == 8 ? std::vector<Kind>{{"plain read", 0, kAvx2},
+                                                                {"int8 GEMV", 1, kAvx512},
+                                                                {"int8 GEMV avx2", 4, kAvx2}}
+                                            : std::vector<Kind>{{"plain read", 0, kAvx2},
+                                                                {"int4 exact", 1, kAvx512Bf16},
+                                                                {"int4 exact f32x", 2, kAvx512Bf16},
+                                                                {"int4 any scale", 3, kAvx512Bf16},
+                                                                {"int4 exact avx2", 4, kAvx2}};
+    std::vector<Kind> kinds;
+    for (const Kind& kind : all)
+      if (level >= kind.level) kinds.push_back(kind);
     for (const Kind& kind : kinds)
       for (int threads : {1, 2}) {
         const double s = best_seconds(threads, copies, bytes, w.data(), [&](const uint8_t* wm, int u) {
@@ -62,7 +71,9 @@ int main() {
           }
           QProblem p{x.data(), kind.what == 2 ? nullptr : xb.data(), reinterpret_cast<const int8_t*>(wm),
                      kind.what == 3 ? any.data() : exact.data(), y.data(), M, K, N, G, bits};
-          if (bits == 8) q8_block_512(p, u * 256, u * 256 + 256, 0, N, y.data() + u * N);
+          if (kind.what == 4 && bits == 8) q8_block_256(p, u * 256, u * 256 + 256, 0, N, y.data() + u * N);
+          else if (kind.what == 4) q4_block_256(p, u * 256, u * 256 + 256, 0, N, y.data() + u * N);
+          else if (bits == 8) q8_block_512(p, u * 256, u * 256 + 256, 0, N, y.data() + u * N);
           else if (p.xb) q4_block_512<true>(p, u * 256, u * 256 + 256, 0, N, y.data() + u * N);
           else q4_block_512<false>(p, u * 256, u * 256 + 256, 0, N, y.data() + u * N);
         });

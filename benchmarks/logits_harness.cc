@@ -1,7 +1,8 @@
 // The logits kernels alone, outside XLA: [1, 1024] bf16 activations x an int8 table
 // [131072, 1024] (134 MB), 1 and 2 threads (each thread a contiguous range of rows, as the
 // kernel's workers run), against a plain streaming read of the same bytes: the f32 path (widen,
-// convert, FMA) and, on a CPU with AVX-512 VNNI, the integer path (digit planes + vpdpbusd).
+// convert, FMA; AVX-512 and AVX2) and, on a CPU with AVX-512 VNNI, the integer path (digit
+// planes + vpdpbusd).
 // Four tables are read in rotation (536 MB: past the caches of the machines seen so far, one of
 // which had a 480 MB L3), median of 12 passes. docs/PERFORMANCE.md, "Decode, fourth round" and
 // "Decode, fifth round". The kernels' prefetch hint is a compile flag: add
@@ -15,7 +16,7 @@
 #include <sys/mman.h>
 
 int main() {
-  if (!harness::has_avx512()) return 0;
+  if (!harness::has_avx2()) return 0;
   const int64_t V = 131072, D = 1024, tables = 4;
   const size_t bytes = size_t(V * D);
   std::vector<int8_t*> ts;
@@ -33,11 +34,13 @@ int main() {
   }
   XPlanes planes;
   make_planes(xb.data(), 1, D, planes);
-  const bool vnni = isa() >= kAvx512Vnni;
-  const char* names[] = {"plain read", "f32 logits", "vnni logits"};
+  const int level = isa();
+  const char* names[] = {"plain read", "f32 logits", "vnni logits", "f32 avx2"};
+  const int needs[] = {kAvx2, kAvx512, kAvx512Vnni, kAvx2};
   std::atomic<long> sink{0};
   for (int threads : {1, 2})
-    for (int kind = 0; kind < (vnni ? 3 : 2); ++kind) {
+    for (int kind = 0; kind < 4; ++kind) {
+      if (level < needs[kind]) continue;
       std::vector<double> secs;
       for (int rep = 0; rep < 12; ++rep) {
         const int8_t* t = ts[size_t(rep % tables)];
@@ -53,7 +56,8 @@ int main() {
               for (int64_t u = v0; u < v1; u += kTableRows) {
                 const int64_t u1 = std::min(v1, u + kTableRows);
                 if (kind == 1) nt_rows_512(p, u, u1);
-                else ntq_rows_vnni(p, planes, u, u1);
+                else if (kind == 2) ntq_rows_vnni(p, planes, u, u1);
+                else nt_rows_256(p, u, u1);
               }
             }
           });

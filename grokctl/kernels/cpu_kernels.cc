@@ -889,53 +889,77 @@ AVX2 void nt_rows_256(const NTP<T>& p, int64_t v0, int64_t v1) {
   });
 }
 
-// int4 on AVX2: 8 columns of a row pair per byte load, nibbles sign-extended with shifts. An
-// exact scale group (int4_group_exact) sums x . nibble unscaled into ag and is scaled once; any
-// other group is scaled and rounded to bf16 weight by weight.
+// int4 on AVX2: 8 columns of a row pair per byte load, nibbles sign-extended with shifts. P packed
+// rows a pass (rs apart, as q4_rows_512), their sums in registers, in two chains; an exact scale
+// group (int4_group_exact) sums x . nibble unscaled into ag, scaled once at the group's end; any
+// other group is scaled and rounded to bf16 weight by weight, into acc.
+template <int MB, int P, bool EXACT>
+AVX2 void q4_rows_256(const QProblem& p, const uint16_t* srow, float* acc, int64_t stride, int64_t m0,
+                      int64_t n0, int nv, int64_t k, int64_t rs) {
+  const uint8_t* wr[P];
+  __m256 xf[MB][2 * P];
+  const uint8_t* w8 = reinterpret_cast<const uint8_t*>(p.w);
+  for (int q = 0; q < P; ++q) wr[q] = w8 + (k / 2 + q * rs) * p.N + n0;
+  for (int m = 0; m < MB; ++m)
+    for (int u = 0; u < 2 * P; ++u) xf[m][u] = _mm256_set1_ps(p.x[(m0 + m) * p.K + k + 2 * (u / 2) * rs + u % 2]);
+  constexpr int H = P > 1 ? P / 2 : P;
+  for (int v = 0; v < nv; ++v) {
+    __m256 sv = _mm256_setzero_ps();
+    if constexpr (!EXACT) sv = load_bf16x8_256(srow + v * 8);
+    if ((v & 7) == 0)
+      for (int q = 0; q < P; ++q)
+        _mm_prefetch(reinterpret_cast<const char*>(wr[q] + P * rs * p.N + v * 8), kPrefetch);
+    __m256 a[MB], b[MB];
+    for (int m = 0; m < MB; ++m) a[m] = _mm256_load_ps(acc + m * stride + v * 8), b[m] = _mm256_setzero_ps();
+    for (int q = 0; q < P; ++q) {
+      const __m256i raw = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr[q] + v * 8)));
+      __m256 lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(raw, 28), 28));
+      __m256 hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(raw, 4));
+      if constexpr (!EXACT) {
+        lo = round_bf16_256(_mm256_mul_ps(lo, sv));
+        hi = round_bf16_256(_mm256_mul_ps(hi, sv));
+      }
+      for (int m = 0; m < MB; ++m) {
+        if (q < H) a[m] = _mm256_fmadd_ps(xf[m][2 * q + 1], hi, _mm256_fmadd_ps(xf[m][2 * q], lo, a[m]));
+        else b[m] = _mm256_fmadd_ps(xf[m][2 * q + 1], hi, _mm256_fmadd_ps(xf[m][2 * q], lo, b[m]));
+      }
+    }
+    for (int m = 0; m < MB; ++m)
+      _mm256_store_ps(acc + m * stride + v * 8, P > 1 ? _mm256_add_ps(a[m], b[m]) : a[m]);
+  }
+}
+
+// Rows [m0, m0+MB), weight rows [k0, k1), columns [n0, n0+w), w a multiple of 8: partial sums into
+// out (row stride N). q4_unit_512's passes.
 template <int MB>
 AVX2 void q4_unit_256(const QProblem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0, int64_t w,
                       float* out) {
   UnitBuffers& ub = unit_buffers();
   float* const acc = ub.acc;
   float* const ag = ub.ag;
-  const int64_t w8 = w / 8 * 8;
-  const int nv = int(w8 / 8);
-  std::memset(acc, 0, sizeof(float) * (w8 ? w8 : 8) * MB);
-  const int64_t kb = p.K / p.G;
-  const uint8_t* wb = reinterpret_cast<const uint8_t*>(p.w);
+  const int nv = int(w / 8);
+  std::memset(acc, 0, sizeof(float) * w * MB);
+  const int64_t kb = p.K / p.G;  // even (checked by the caller)
   for (int64_t k = k0; k < k1;) {
     const int64_t gend = std::min(k1, (k / kb + 1) * kb);
-    const uint16_t* sr = p.s + (k / kb) * p.N + n0;
-    const bool exact = int4_group_exact(sr, w8);
-    float* dst = exact ? ag : acc;
-    if (exact) std::memset(ag, 0, sizeof(float) * (w8 ? w8 : 8) * MB);
-    for (; k < gend; k += 2) {
-      const uint8_t* wr = wb + (k / 2) * p.N + n0;
-      __m256 x0[MB], x1[MB];
-      for (int m = 0; m < MB; ++m) {
-        x0[m] = _mm256_set1_ps(p.x[(m0 + m) * p.K + k]);
-        x1[m] = _mm256_set1_ps(p.x[(m0 + m) * p.K + k + 1]);
-      }
-      for (int v = 0; v < nv; ++v) {
-        const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + v * 8)));
-        __m256 lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
-        __m256 hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
-        if (!exact) {
-          const __m256 sv = load_bf16x8_256(sr + v * 8);
-          lo = round_bf16_256(_mm256_mul_ps(lo, sv));
-          hi = round_bf16_256(_mm256_mul_ps(hi, sv));
-        }
-        for (int m = 0; m < MB; ++m) {
-          __m256 a = _mm256_load_ps(dst + m * w8 + v * 8);
-          a = _mm256_fmadd_ps(x0[m], lo, a);
-          a = _mm256_fmadd_ps(x1[m], hi, a);
-          _mm256_store_ps(dst + m * w8 + v * 8, a);
-        }
-      }
+    const uint16_t* srow = p.s + (k / kb) * p.N + n0;
+    auto rows = [&](auto exact, float* into) AVX2 {  // P = 4 packed rows a pass, then 1
+      constexpr bool E = decltype(exact)::value;
+      const int64_t rs = page_rows(p.N);
+      for (; k + 8 * rs <= gend; k += 8 * rs)
+        for (int64_t j = 0; j < rs; ++j) q4_rows_256<MB, 4, E>(p, srow, into, w, m0, n0, nv, k + 2 * j, rs);
+      for (; k + 8 <= gend; k += 8) q4_rows_256<MB, 4, E>(p, srow, into, w, m0, n0, nv, k, 1);
+      for (; k + 2 <= gend; k += 2) q4_rows_256<MB, 1, E>(p, srow, into, w, m0, n0, nv, k, 1);
+    };
+    if (int4_group_exact(srow, w)) {
+      std::memset(ag, 0, sizeof(float) * w * MB);
+      rows(std::true_type{}, ag);
+      fold_group_256<MB>(acc, ag, srow, w, nv);
+    } else {
+      rows(std::false_type{}, acc);
     }
-    if (exact) fold_group_256<MB>(acc, ag, sr, w8, nv);
   }
-  for (int m = 0; m < MB; ++m) std::memcpy(out + (m0 + m) * p.N + n0, acc + m * w8, sizeof(float) * w8);
+  for (int m = 0; m < MB; ++m) std::memcpy(out + (m0 + m) * p.N + n0, acc + m * w, sizeof(float) * w);
 }
 
 AVX2 void q4_block_256(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
