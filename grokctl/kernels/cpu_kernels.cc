@@ -865,7 +865,10 @@ AVX2 void nt_block_256(const NTP<T>& p, int64_t m0, int64_t v, int64_t rs) {  //
     __m256 xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(p.x + (m0 + m) * p.D + d);
     for (int r = 0; r < R; ++r) {
-      const __m256 t = load_table8_256(p.t + (v + r * rs) * p.D + d);
+      const T* tr = p.t + (v + r * rs) * p.D + d;
+      if ((d * int64_t(sizeof(T))) % 64 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(tr + kTablePrefetchRows * p.D), kPrefetch);
+      const __m256 t = load_table8_256(tr);
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(xv[m], t, acc[r][m]);
     }
   }
