@@ -499,7 +499,7 @@ def test_qmatmul3_three_products_in_one_call(isa: str, mix: str, xdtype) -> None
         ]
     elif mix == "mixed":
         ws = [_quantized(rng, k, 50, 2), _quantized4(rng, k, 33, 6), _quantized(rng, k, 16, 1)]
-    else:  # the first: 96 rows in 32 groups, 3 rows each (odd): no row pairs, column paths
+    else:  # the first: 96 rows in 32 groups, 3 rows each (odd): no whole 8-row pass, single rows
         ws = [_quantized(rng, k, 40, 32), _quantized4(rng, k, 24, 4), _quantized(rng, k, 8, 2)]
     x = jnp.asarray(rng.standard_normal((3, k)), xdtype)
     got = jax.jit(kernels.qmatmul3)(x, *((w.weight, w.scales) for w in ws))
