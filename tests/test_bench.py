@@ -62,6 +62,8 @@ def test_records_carry_every_documented_field(run: tuple[list[dict], Path]) -> N
         assert set(r["versions"]) >= {"jax", "jaxlib", "dm-haiku", "numpy"}
         assert r["commit"] and r["hardware"]["cores_logical"] >= 1
         assert r["mem_bw_gb_s"] > 0 and r["matmul_peak_flop_s"]["float32"] > 0
+        assert len(r["mem_bw_probes_gb_s"]) == 2  # before and after the cases: the best counts
+        assert r["mem_bw_gb_s"] == max(r["mem_bw_probes_gb_s"])
     pp, tg = records
     assert (pp["test"], pp["n_prompt"], tg["test"], tg["n_gen"]) == ("pp16", 16, "tg4", 4)
     assert pp["ttft_ms"] is not None and pp["token_ms"] is None and pp["weight_gb_s"] is None

@@ -94,6 +94,7 @@ def record(
         "kv_bytes_per_step": kv_step,
         "weight_gb_s": None if weight_gb_s is None else round(weight_gb_s, 6),
         "mem_bw_gb_s": round(bw, 3),
+        "mem_bw_probes_gb_s": [round(x, 3) for x in env["mem_bw_probes_gb_s"]],
         "mem_bw_method": env["mem_bw_method"],
         "roofline_pct": None if weight_gb_s is None else round(100 * weight_gb_s / bw, 4),
         "flops_per_token": flops_token,
@@ -207,13 +208,16 @@ def to_markdown(records: Sequence[dict[str, Any]]) -> str:
         compile_s = sum(x["compile_s"] for x in records)
         rss = max(x["host_rss_peak_bytes"] for x in records)
         dev = [x["device_mem_peak_bytes"] for x in records if x["device_mem_peak_bytes"]]
+        probes = r.get("mem_bw_probes_gb_s") or []
+        best_of = "best of {} before / {} after the cases; ".format(*(f"{x:.1f}" for x in probes))
         out += [
             "",
             f"build: {r['commit']} · jax {r['versions']['jax']} · {r['device_kind']} "
             f"x{r['device_count']} · {r['hardware']['cpu_model']} "
             f"({r['hardware']['cores_usable']} cores, {'/'.join(r['hardware']['cpu_flags'][:4])}...)",
             f"load {r['load_s']:.2f} s ({r['load_gb_s']:.2f} GB/s) · compile {compile_s:.1f} s "
-            f"(apart) · memory bandwidth {r['mem_bw_gb_s']:.1f} GB/s ({r['mem_bw_method']}) · "
+            f"(apart) · memory bandwidth {r['mem_bw_gb_s']:.1f} GB/s "
+            f"({best_of if len(probes) == 2 else ''}{r['mem_bw_method']}) · "
             f"matmul peak {peaks} · peak RSS {rss / 2**30:.2f} GiB"
             + (f" · device peak {max(dev) / 2**30:.2f} GiB" if dev else ""),
         ]
