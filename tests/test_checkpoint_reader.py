@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -215,3 +216,10 @@ def test_random_weights_drawn_a_matrix_at_a_time_equal_the_whole_tensor_draw(
     dump_tensor(tmp_path / "t", got)
     assert (tmp_path / "t").read_bytes() == dumps_tensor(ReleaseQuantWeight(*want))
     assert [p.name for p in tmp_path.iterdir()] == ["t"]  # no temporary left behind
+    # the embedding table, drawn in row chunks (more rows than a chunk: 8192)
+    table = next(s for s in param_specs(cfg) if s.leaf == "embeddings")
+    table = dataclasses.replace(table, shape=(9000, table.shape[1]))
+    got_table = random_param(table, cfg, drawn)
+    want_table = (rng.standard_normal(table.shape) / np.sqrt(cfg.emb_size)).astype(np.float32)
+    np.testing.assert_array_equal(got_table, want_table)
+    np.testing.assert_array_equal(drawn.standard_normal(4), rng.standard_normal(4))

@@ -79,33 +79,41 @@ def random_param(spec: ParamSpec, cfg: ModelConfig, rng: np.random.Generator) ->
         # embedding, dominate the residual stream (else tied embeddings echo the last token).
         centre = 4.0 if spec.module.endswith(("rms_norm_1", "rms_norm_3")) else 1.0
         return (centre + 0.1 * rng.standard_normal(spec.shape)).astype(np.float32)
-    if spec.leaf == "embeddings":
-        return (rng.standard_normal(spec.shape) / np.sqrt(cfg.emb_size)).astype(np.float32)
+    if spec.leaf == "embeddings":  # drawn in row chunks: the same values, no 6 GB of float64
+        table = np.empty(spec.shape, np.float32)
+        for r in range(0, spec.shape[0], 8192):
+            rows = rng.standard_normal((min(8192, spec.shape[0] - r), *spec.shape[1:]))
+            table[r : r + len(rows)] = rows / np.sqrt(cfg.emb_size)
+        return table
     fan_in = spec.shape[-2]
     if spec.name.endswith("router/w"):
         w = rng.standard_normal(spec.shape, dtype=np.float32) / np.sqrt(fan_in)
         return (w * 4.0).astype(np.float32)  # peaked routing, like a trained router
     # One [K, N] matrix at a time, the draws in order (the same values as the whole tensor
-    # drawn at once) and each matrix scaled and quantized on a worker thread (numpy releases
-    # the GIL): a real-width expert tensor would otherwise pass through 13 GB of float64 on one
-    # core (3 minutes a layer on a 2-core machine).
+    # drawn at once) and each matrix scaled and quantized in place on a worker thread (numpy
+    # releases the GIL), the draws reusing `workers` buffers: a real-width expert tensor would
+    # otherwise pass through 13 GB of float64 on one core (3 minutes a layer on a 2-core
+    # machine), and every fresh 0.8 GB buffer costs its page faults again.
     *lead, k, n = spec.shape
     q = np.empty(spec.shape, np.int8)
     scales: list[Any] = [None] * math.prod(lead)
     index = list(np.ndindex(*lead))
+    workers = max(1, min(4, os.cpu_count() or 1))
+    buffers = [np.empty((k, n), np.float32) for _ in range(min(workers, len(index)))]
 
     def quantize(j: int, w: np.ndarray) -> None:
-        part = quantize_int8(w / np.sqrt(fan_in), spec.scale_blocks)
+        np.divide(w, np.sqrt(fan_in), out=w)  # the same f32 values as w / sqrt(fan_in)
+        part = quantize_int8(w, spec.scale_blocks, overwrite=True)
         q[index[j]] = part.weight
         scales[j] = part.scales
 
-    workers = max(1, min(4, os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         pending: list[concurrent.futures.Future[None]] = []
         for j in range(len(index)):
-            if len(pending) >= workers:  # at most `workers` matrices in memory
+            if len(pending) >= workers:  # at most `workers` matrices in flight
                 pending.pop(0).result()
-            pending.append(pool.submit(quantize, j, rng.standard_normal((k, n), dtype=np.float32)))
+            w = rng.standard_normal((k, n), dtype=np.float32, out=buffers[j % len(buffers)])
+            pending.append(pool.submit(quantize, j, w))
         for f in pending:
             f.result()
     return ReleaseQuantWeight(q, np.stack(scales).reshape(*lead, *scales[0].shape))
