@@ -29,11 +29,14 @@ def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Cap the kernel's ISA (read per call); skip what this CPU lacks."""
     order = {name: i for i, name in enumerate(ISAS)}
     monkeypatch.delenv("GROKCTL_CPU_ISA", raising=False)
+    monkeypatch.delenv("GROKCTL_CPU_LOGITS", raising=False)
     best = kernels.info()["isa"]
     if order[request.param] > order[best]:
         pytest.skip(f"CPU has {best} only")
     if request.param != ISAS[-1]:
         monkeypatch.setenv("GROKCTL_CPU_ISA", request.param)
+    else:  # every VNNI path, also where batch 1's logits default to f32 (AMD Zen 5)
+        monkeypatch.setenv("GROKCTL_CPU_LOGITS", "vnni")
     assert kernels.info()["isa"] == request.param
     return str(request.param)
 
@@ -662,6 +665,33 @@ def test_concurrent_calls_on_two_devices_agree() -> None:
     assert len(results[0]) == len(results[1]) == 40
     for got in results[0] + results[1]:
         np.testing.assert_array_equal(got, want)
+
+
+def test_batch_one_int8_logits_take_the_chosen_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GROKCTL_CPU_LOGITS picks batch 1's int8-table logits on a VNNI CPU: "f32" gives the f32
+    path's bits (those of the AVX-512 BF16 cap), "vnni" the correctly rounded ones; unset, the
+    CPU's default (f32 on AMD Zen 5 only); info() says which."""
+    monkeypatch.delenv("GROKCTL_CPU_ISA", raising=False)
+    if kernels.info()["isa"] != "avx512_vnni":
+        pytest.skip("no VNNI: batch 1's int8 logits are f32 here")
+    rng = np.random.default_rng(5)
+    table = jnp.asarray(rng.integers(-128, 128, (700, 300), dtype=np.int8))
+    x = jnp.asarray(rng.standard_normal((1, 300)), jnp.bfloat16)
+    nt = jax.jit(kernels.matmul_nt_int8)
+    got = {}
+    for choice in ("f32", "vnni"):
+        monkeypatch.setenv("GROKCTL_CPU_LOGITS", choice)
+        assert kernels.info()["int8_logits"] == choice
+        got[choice] = np.asarray(nt(x, table))
+    exact = (np.asarray(x, np.float64) @ np.asarray(table, np.float64).T).astype(np.float32)
+    np.testing.assert_array_equal(got["vnni"], exact)
+    monkeypatch.setenv("GROKCTL_CPU_ISA", "avx512_bf16")
+    np.testing.assert_array_equal(got["f32"], np.asarray(nt(x, table)))
+    assert not np.array_equal(got["f32"], exact)  # f32 sums, rounded at every addition
+    monkeypatch.delenv("GROKCTL_CPU_ISA")
+    monkeypatch.delenv("GROKCTL_CPU_LOGITS")
+    default = kernels.info()["int8_logits"]
+    np.testing.assert_array_equal(np.asarray(nt(x, table)), got[default])
 
 
 def test_int8_table_logits_on_vnni_are_correctly_rounded(isa: str) -> None:

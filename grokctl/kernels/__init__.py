@@ -178,7 +178,8 @@ def available() -> bool:
 
 
 def info() -> dict[str, Any]:
-    """What the kernels would run with here: enabled, ISA and thread count."""
+    """What the kernels would run with here: enabled, ISA, thread count, and how batch 1's
+    int8-table logits are computed ("vnni": exact integer sums, or "f32"; GROKCTL_CPU_LOGITS)."""
     lib = _library() if enabled_by_env() else None
     if lib is None:
         return {"enabled": False}
@@ -186,6 +187,7 @@ def info() -> dict[str, Any]:
         "enabled": True,
         "isa": ISA_NAMES.get(lib.grokctl_cpu_isa(), "?"),
         "threads": int(lib.grokctl_cpu_threads()),
+        "int8_logits": "vnni" if lib.grokctl_cpu_vnni_logits() else "f32",
     }
 
 

@@ -35,6 +35,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define GROKCTL_X86 1
 #endif
@@ -1005,6 +1006,30 @@ int isa() {
   return detected;
 }
 
+// Batch 1's int8-table logits in integer arithmetic (VNNI) or in f32, on a CPU that has both:
+// GROKCTL_CPU_LOGITS ("vnni" | "f32", read per call) chooses; by default VNNI, except on AMD's
+// family 26 (Zen 5). There the VNNI loop computes twice as fast from L2 but streams the table
+// from DRAM slower than the f32 one, and a bench-l2 decode step took 11.6-13.3 ms against
+// 10.0-11.9 with the f32 logits; on the Xeon of stop 10 the VNNI path was the faster
+// (docs/PERFORMANCE.md, "Decode, fifth round" and "eighth round").
+bool vnni_logits() {
+  const char* choice = std::getenv("GROKCTL_CPU_LOGITS");
+  if (choice && std::strcmp(choice, "vnni") == 0) return true;
+  if (choice && std::strcmp(choice, "f32") == 0) return false;
+  static const bool zen5 = [] {
+#ifdef GROKCTL_X86
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_is("amd") || !__get_cpuid(1, &a, &b, &c, &d)) return false;
+    const unsigned family = ((a >> 8) & 0xf) == 0xf ? 0xf + ((a >> 20) & 0xff) : (a >> 8) & 0xf;
+    return family >= 26;
+#else
+    return false;
+#endif
+  }();
+  return !zen5;
+}
+
 // The CPUs this process may run on.
 int affinity_cpus() {
   static const int value = [] {
@@ -1752,7 +1777,9 @@ ffi::Error matmul_nt(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
   static thread_local XPlanes planes;
   const XPlanes* xp = nullptr;
   if constexpr (std::is_same_v<T, int8_t>) {
-    if (level >= kAvx512Vnni && p.xb && p.M < kNtBf16Rows && make_planes(p.xb, p.M, p.D, planes)) xp = &planes;
+    if (level >= kAvx512Vnni && p.xb && p.M < kNtBf16Rows && vnni_logits() &&
+        make_planes(p.xb, p.M, p.D, planes))
+      xp = &planes;
   }
   parallel_for(pool, units, [&](int64_t i) {
     const int64_t v0 = i * kTableRows, v1 = std::min(p.V, v0 + kTableRows);
@@ -1867,4 +1894,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokctlAttend, AttendImpl,
                                   .Attr<float>("softcap"));
 
 extern "C" __attribute__((visibility("default"))) int grokctl_cpu_isa() { return isa(); }
+extern "C" __attribute__((visibility("default"))) int grokctl_cpu_vnni_logits() {
+  return isa() >= kAvx512Vnni && vnni_logits();
+}
 extern "C" __attribute__((visibility("default"))) int grokctl_cpu_threads() { return max_threads(); }
