@@ -71,6 +71,27 @@ def test_records_carry_every_documented_field(run: tuple[list[dict], Path]) -> N
     assert tg["roofline_pct"] == pytest.approx(100 * tg["weight_gb_s"] / tg["mem_bw_gb_s"], 0.01)
 
 
+def test_records_name_the_cpu_kernels_that_ran(
+    run: tuple[list[dict], Path], grok_tiny: Path
+) -> None:
+    """`kernels`: null on a mesh (XLA's paths); on one CPU device the kernels' info (ISA,
+    threads, how batch 1's int8 logits are summed), also on the md build line."""
+    import jax
+
+    from grokctl import kernels
+    from grokctl.model.sharding import make_mesh
+
+    assert all(r["kernels"] is None for r in run[0])
+    one = make_mesh("1x1", jax.devices()[:1])
+    spec = bench.BenchSpec(prompts=(4,), gens=(2,), reps=1)
+    pp, tg = bench.run_bench(grok_tiny, spec, mesh=one).records
+    want = kernels.info() if kernels.available() else None
+    assert pp["kernels"] == tg["kernels"] == want
+    md = bench.render([tg], "md")
+    note = f"cpu kernels {want['isa']}, {want['threads']} threads" if want else "cpu kernels"
+    assert (note in md) == (want is not None)
+
+
 def test_weight_bytes_are_the_cost_models_count_from_the_index(
     run: tuple[list[dict], Path], grok_tiny: Path
 ) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from grokctl import costmodel, hw, routing
+from grokctl import costmodel, hw, kernels, routing
 from grokctl.bench.cases import (
     BenchSpec,
     Case,
@@ -39,6 +39,7 @@ from grokctl.bench.report import (
     render,
     write_atomic,
 )
+from grokctl.model.quant import cpu_kernels_enabled
 
 OnCase = Callable[[int, int, Case, int, int], None]  # (case no., of, case, rep done, of reps)
 
@@ -65,16 +66,19 @@ def routing_dirs(out_dir: str | os.PathLike[str], moes: tuple[str, ...]) -> dict
 def prepare(
     checkpoint: str | os.PathLike[str],
     spec: BenchSpec,
-    mesh: str | None = None,
+    mesh: Any = None,
     preset: str | None = None,
 ) -> tuple[Any, list[Case], dict[str, Any]]:
     """Index the checkpoint (headers only) and check every case before any weight is loaded:
-    (index, cases, model summary)."""
+    (index, cases, model summary). `mesh`: "DxM", a jax Mesh, or None (all devices on 'model')."""
     from grokctl.checkpoint.index import CheckpointIndex
-    from grokctl.model.sharding import parse_mesh_shape
+    from grokctl.model.sharding import DATA, mesh_shape, parse_mesh_shape
 
     index = CheckpointIndex.open(checkpoint, preset=preset)
-    data = parse_mesh_shape(mesh)[0] if mesh else 1
+    if mesh is None or isinstance(mesh, str):
+        data = parse_mesh_shape(mesh)[0] if mesh else 1
+    else:
+        data = mesh_shape(mesh)[DATA]
     cases = plan_cases(spec, index.config, data)
     precision = costmodel.index_precision(index)
     stored = sum(int(e.ref.nbytes) for e in index)
@@ -85,7 +89,7 @@ def prepare(
 def run_bench(
     checkpoint: str | os.PathLike[str],
     spec: BenchSpec,
-    mesh: str | None = None,
+    mesh: Any = None,
     preset: str | None = None,
     layout: str = "tensor",
     seed: int = 0,
@@ -116,6 +120,7 @@ def run_bench(
         "versions": hw.package_versions(),
         **hw.devices(engine.mesh),
         "hardware": hw.hardware(),
+        "kernels": kernels.info() if cpu_kernels_enabled(engine.chunked_qmatmul) else None,
         "model": model_info,
         "precision": costmodel.index_precision(index).to_json(),
         "checkpoint": str(index.root),

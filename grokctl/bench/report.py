@@ -114,6 +114,7 @@ def record(
         "model": env["model"],
         "precision": env["precision"],
         "hardware": env["hardware"],
+        "kernels": env["kernels"],
         "checkpoint": env["checkpoint"],
         "routing": _routing_field(result, routing_json),
     }
@@ -214,7 +215,8 @@ def to_markdown(records: Sequence[dict[str, Any]]) -> str:
             "",
             f"build: {r['commit']} · jax {r['versions']['jax']} · {r['device_kind']} "
             f"x{r['device_count']} · {r['hardware']['cpu_model']} "
-            f"({r['hardware']['cores_usable']} cores, {'/'.join(r['hardware']['cpu_flags'][:4])}...)",
+            f"({r['hardware']['cores_usable']} cores, {'/'.join(r['hardware']['cpu_flags'][:4])}...)"
+            + _kernels_text(r.get("kernels")),
             f"load {r['load_s']:.2f} s ({r['load_gb_s']:.2f} GB/s) · compile {compile_s:.1f} s "
             f"(apart) · memory bandwidth {r['mem_bw_gb_s']:.1f} GB/s "
             f"({best_of if len(probes) == 2 else ''}{r['mem_bw_method']}) · "
@@ -222,6 +224,13 @@ def to_markdown(records: Sequence[dict[str, Any]]) -> str:
             + (f" · device peak {max(dev) / 2**30:.2f} GiB" if dev else ""),
         ]
     return "\n".join(out) + "\n"
+
+
+def _kernels_text(k: dict[str, Any] | None) -> str:
+    """The build line's note on the native CPU kernels ('' where they did not run)."""
+    if not k:
+        return ""
+    return f" · cpu kernels {k['isa']}, {k['threads']} threads, int8 logits {k['int8_logits']}"
 
 
 def _devices(mesh: str) -> int:
