@@ -298,6 +298,14 @@ constexpr auto kPrefetch = GROKCTL_PREFETCH_HINT;
 // How far ahead the logits kernels prefetch, in table rows (16 KB-32 KB on a 1024-wide table).
 constexpr int64_t kTablePrefetchRows = 16;
 
+// A GEMV pass's prefetch at column c of its rows wr[0..U): at every 64th column, the same column
+// of the next pass's rows (`ahead` bytes on), one line each, into L2.
+template <int U, class T>
+inline void prefetch_next_pass(const T* const (&wr)[U], int64_t ahead, int64_t c) {
+  if (c % 64 == 0)
+    for (int u = 0; u < U; ++u) _mm_prefetch(reinterpret_cast<const char*>(wr[u] + ahead + c), kPrefetch);
+}
+
 // ---------------------------------------------------------------- AVX-512
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
 
@@ -343,9 +351,7 @@ AVX512 void q8_rows_512(const QProblem& p, float* ag, int64_t stride, int64_t m0
   auto step = [&](int v, auto masked) AVX512 {
     constexpr bool M_ = decltype(masked)::value;
     const __mmask16 mask = M_ ? last : __mmask16(0xffff);
-    if ((v & 3) == 0)  // the next pass's rows, one line each per 64 columns
-      for (int u = 0; u < U; ++u)
-        _mm_prefetch(reinterpret_cast<const char*>(wr[u] + U * rs * p.N + v * 16), kPrefetch);
+    prefetch_next_pass(wr, U * rs * p.N, v * 16);
     // Two chains per row (the pass's first and second half of rows, added at the end): half the
     // FMA latency chain per step, so more steps' loads are in flight ("Decode, sixth round").
     constexpr int H = U > 1 ? U / 2 : U;
@@ -509,9 +515,7 @@ AVX512BF16 void q4_rows_512(const QProblem& p, const uint16_t* srow, float* acc,
                             : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(srow + v * 16));
       sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(sh), 16));
     }
-    if ((v & 3) == 0)
-      for (int q = 0; q < P; ++q)
-        _mm_prefetch(reinterpret_cast<const char*>(wr[q] + P * rs * p.N + v * 16), kPrefetch);
+    prefetch_next_pass(wr, P * rs * p.N, v * 16);
     __m512 a[MB];
     for (int m = 0; m < MB; ++m) a[m] = _mm512_load_ps(acc + m * acc_stride + v * 16);
     for (int q = 0; q < P; ++q) {
@@ -790,9 +794,7 @@ AVX2 void q8_rows_256(const QProblem& p, float* ag, int64_t stride, int64_t m0, 
   }
   constexpr int H = U > 1 ? U / 2 : U;
   for (int v = 0; v < nv; ++v) {
-    if ((v & 7) == 0)
-      for (int u = 0; u < U; ++u)
-        _mm_prefetch(reinterpret_cast<const char*>(wr[u] + U * rs * p.N + v * 8), kPrefetch);
+    prefetch_next_pass(wr, U * rs * p.N, v * 8);
     __m256 a[MB], b[MB];
     for (int m = 0; m < MB; ++m) a[m] = _mm256_load_ps(ag + m * stride + v * 8), b[m] = _mm256_setzero_ps();
     for (int u = 0; u < U; ++u) {
@@ -910,9 +912,7 @@ AVX2 void q4_rows_256(const QProblem& p, const uint16_t* srow, float* acc, int64
   for (int v = 0; v < nv; ++v) {
     __m256 sv = _mm256_setzero_ps();
     if constexpr (!EXACT) sv = load_bf16x8_256(srow + v * 8);
-    if ((v & 7) == 0)
-      for (int q = 0; q < P; ++q)
-        _mm_prefetch(reinterpret_cast<const char*>(wr[q] + P * rs * p.N + v * 8), kPrefetch);
+    prefetch_next_pass(wr, P * rs * p.N, v * 8);
     __m256 a[MB], b[MB];
     for (int m = 0; m < MB; ++m) a[m] = _mm256_load_ps(acc + m * stride + v * 8), b[m] = _mm256_setzero_ps();
     for (int q = 0; q < P; ++q) {
