@@ -92,6 +92,14 @@ def test_records_name_the_cpu_kernels_that_ran(
     assert (note in md) == (want is not None)
 
 
+def test_md_renders_records_saved_before_the_two_probes(run: tuple[list[dict], Path]) -> None:
+    """A record without `mem_bw_probes_gb_s` (saved by an earlier grokctl) renders, with its one
+    probe; with both, the build line names them."""
+    old = [{k: v for k, v in r.items() if k != "mem_bw_probes_gb_s"} for r in run[0]]
+    assert "best of" not in bench.render(old, "md")
+    assert "before /" in bench.render(run[0], "md")
+
+
 def test_weight_bytes_are_the_cost_models_count_from_the_index(
     run: tuple[list[dict], Path], grok_tiny: Path
 ) -> None:

@@ -209,8 +209,12 @@ def to_markdown(records: Sequence[dict[str, Any]]) -> str:
         compile_s = sum(x["compile_s"] for x in records)
         rss = max(x["host_rss_peak_bytes"] for x in records)
         dev = [x["device_mem_peak_bytes"] for x in records if x["device_mem_peak_bytes"]]
-        probes = r.get("mem_bw_probes_gb_s") or []
-        best_of = "best of {} before / {} after the cases; ".format(*(f"{x:.1f}" for x in probes))
+        probes = r.get("mem_bw_probes_gb_s") or []  # (records saved before the two probes: none)
+        best_of = (
+            f"best of {probes[0]:.1f} before / {probes[1]:.1f} after the cases; "
+            if len(probes) == 2
+            else ""
+        )
         out += [
             "",
             f"build: {r['commit']} · jax {r['versions']['jax']} · {r['device_kind']} "
@@ -219,7 +223,7 @@ def to_markdown(records: Sequence[dict[str, Any]]) -> str:
             + _kernels_text(r.get("kernels")),
             f"load {r['load_s']:.2f} s ({r['load_gb_s']:.2f} GB/s) · compile {compile_s:.1f} s "
             f"(apart) · memory bandwidth {r['mem_bw_gb_s']:.1f} GB/s "
-            f"({best_of if len(probes) == 2 else ''}{r['mem_bw_method']}) · "
+            f"({best_of}{r['mem_bw_method']}) · "
             f"matmul peak {peaks} · peak RSS {rss / 2**30:.2f} GiB"
             + (f" · device peak {max(dev) / 2**30:.2f} GiB" if dev else ""),
         ]
