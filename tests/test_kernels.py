@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
     not kernels.available(), reason="CPU kernels unavailable (no compiler?)"
 )
 
-ISAS = ["scalar", "avx2", "avx512", "avx512_bf16", "avx512_vnni"]
+ISAS = ["scalar", "avx2", "avx512", "avx512_bf16", "avx512_vnni", "amx"]
 
 
 @pytest.fixture(params=ISAS)
@@ -35,7 +35,8 @@ def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
         pytest.skip(f"CPU has {best} only")
     if request.param != ISAS[-1]:
         monkeypatch.setenv("GROKCTL_CPU_ISA", request.param)
-    else:  # every VNNI path, also where batch 1's logits default to f32 (AMD Zen 5)
+    if order[request.param] >= order["avx512_vnni"]:
+        # every VNNI path, also where batch 1's logits default to f32 (AMD Zen 5)
         monkeypatch.setenv("GROKCTL_CPU_LOGITS", "vnni")
     assert kernels.info()["isa"] == request.param
     return str(request.param)
@@ -74,6 +75,11 @@ def _check(got: jax.Array, x: jax.Array, wd: jax.Array) -> None:
         (64, 96, 70, 2),  # batch 64, KERNEL_MAX_M
         (1, 256, 1024, 2),  # rows of 1 KB: passes over rows a page apart (page_rows), 4 a block
         (3, 320, 640, 1),  # 7 rows a page: 5 blocks of 56 rows, then 40 rows 8 at a time
+        # AMX (bf16 x from 8 rows, f32 from 16): slabs of 256 rows across groups of 320, a
+        # partial column tile; three row tiles (the last partial); five (4 + 1)
+        (8, 640, 70, 2),
+        (40, 1024, 96, 4),
+        (72, 256, 50, 1),
     ],
 )
 @pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
@@ -672,7 +678,7 @@ def test_batch_one_int8_logits_take_the_chosen_path(monkeypatch: pytest.MonkeyPa
     path's bits (those of the AVX-512 BF16 cap), "vnni" the correctly rounded ones; unset, the
     CPU's default (f32 on AMD Zen 5 only); info() says which."""
     monkeypatch.delenv("GROKCTL_CPU_ISA", raising=False)
-    if kernels.info()["isa"] != "avx512_vnni":
+    if kernels.info()["isa"] not in ("avx512_vnni", "amx"):
         pytest.skip("no VNNI: batch 1's int8 logits are f32 here")
     rng = np.random.default_rng(5)
     table = jnp.asarray(rng.integers(-128, 128, (700, 300), dtype=np.int8))
@@ -694,12 +700,46 @@ def test_batch_one_int8_logits_take_the_chosen_path(monkeypatch: pytest.MonkeyPa
     np.testing.assert_array_equal(np.asarray(nt(x, table)), got[default])
 
 
+@pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
+def test_amx_takes_several_rows_and_keeps_non_finite_values(
+    monkeypatch: pytest.MonkeyPatch, xdtype
+) -> None:  # type: ignore[no-untyped-def]
+    """On an AMX CPU, 16 rows of x go through the tiles (f32 x as three exact bf16 planes): f32
+    sums in another order than the AVX-512 kernel's, within the same bound; an inf or NaN in x
+    gives what the AVX-512 kernel gives (inf, -inf or NaN in the same places); and a MoE step's
+    rows on one expert take the same path as one call on that expert."""
+    monkeypatch.delenv("GROKCTL_CPU_ISA", raising=False)
+    if kernels.info()["isa"] != "amx":
+        pytest.skip("no AMX here")
+    rng = np.random.default_rng(8)
+    w = _quantized(rng, 640, 200, 2, e=3)
+    x = np.asarray(rng.standard_normal((16, 640)), np.float32)
+    x[3, 7], x[5, 100], x[9, 639] = np.inf, -np.inf, np.nan
+    xj = jnp.asarray(x, xdtype)
+    mm = jax.jit(kernels.qmatmul)
+    amx = np.asarray(mm(xj, w.weight, w.scales, 1))
+    monkeypatch.setenv("GROKCTL_CPU_ISA", "avx512_vnni")
+    fma = np.asarray(mm(xj, w.weight, w.scales, 1))
+    monkeypatch.delenv("GROKCTL_CPU_ISA")
+    finite = [r for r in range(16) if r not in (3, 5, 9)]
+    np.testing.assert_array_equal(np.isnan(amx), np.isnan(fma))
+    np.testing.assert_array_equal(amx[~np.isfinite(fma)], fma[~np.isfinite(fma)])
+    assert not np.array_equal(amx[finite], fma[finite])  # another path, not the same one
+    _check(jnp.asarray(amx[finite]), xj[jnp.asarray(finite)], dequantize(_slice(w, 1)))
+    rows = jax.jit(kernels.qmatmul_rows)(xj, w.weight, w.scales, jnp.full((16,), 1, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(rows), amx)
+
+
+def _slice(w: QuantizedWeight8bit, e: int) -> QuantizedWeight8bit:
+    return QuantizedWeight8bit(w.weight[e], w.scales[e])
+
+
 def test_int8_table_logits_on_vnni_are_correctly_rounded(isa: str) -> None:
     """The VNNI path (one row of bf16 x, int8 table: batch 1 decode) computes the dot products
     exactly in integers: each logit is the float64 product rounded once to f32, remainders of
     tiny activations included; a non-finite activation falls back to the f32 path (NaN, as XLA
     gives), and so does the batched (bf16) path."""
-    if isa != "avx512_vnni":
+    if isa not in ("avx512_vnni", "amx"):
         pytest.skip("the VNNI path only")
     rng = np.random.default_rng(21)
     table = jnp.asarray(rng.integers(-128, 128, (520, 1100), dtype=np.int8))

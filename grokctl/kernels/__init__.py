@@ -72,7 +72,7 @@ HANDLERS = {
     MATMUL_NT_INT8_TARGET: "GrokctlMatmulNTQ8",
     ATTEND_TARGET: "GrokctlAttend",
 }
-ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512_bf16", 4: "avx512_vnni"}
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512_bf16", 4: "avx512_vnni", 5: "amx"}
 
 
 def enabled_by_env() -> bool:

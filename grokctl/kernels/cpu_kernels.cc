@@ -13,10 +13,12 @@
 //
 // ISA: AVX-512 (F/BW/VL) and AVX2+FMA variants compiled with target attributes and chosen at run
 // time with __builtin_cpu_supports, plus a portable scalar path; a library never executes an
-// instruction the CPU lacks. Threads: the XLA intra-op thread pool (FFI ThreadPool context), at
+// instruction the CPU lacks. Where the CPU has AMX-BF16 (and Linux grants the tile state), int8
+// products of 8 or more rows of x run on the tiles (q8_block_amx). Threads: the XLA intra-op thread pool (FFI ThreadPool context), at
 // most GROKCTL_CPU_THREADS (default: the CPUs this process may run on).
 
 #include <sched.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -70,6 +72,8 @@ struct QProblem {
   float* y;           // [M, N]
   int64_t M, K, N, G;
   int bits = 8;       // 8: int8 [K, N]; 4: packed int4 [K/2, N] (rows 2i, 2i+1 in a byte)
+  const uint16_t* xt = nullptr;  // x as AMX tiles (amx_x_tiles), when the AMX path takes it
+  int xplanes = 0;
 };
 
 // y[M, V] = x[M, D] @ t[V, D]^T over a table of bf16 bits (T = uint16_t) or of int8 rows
@@ -412,6 +416,213 @@ AVX512 void q8_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, 
   row_blocks(p.M, [&](auto mb, int64_t m0) AVX512 {
     q8_unit_512<decltype(mb)::value>(p, m0, k0, k1, n0, n1 - n0, out);
   });
+}
+
+// ---------------------------------------------------------------- AMX (bf16 tiles)
+// The int8 GEMM for several rows of x (batched decode, a MoE step's experts with several rows)
+// on the AMX tile unit: each weight, an int8, is exactly a bf16; x is bf16 (as given) or, for f32
+// x, three bf16 planes whose sum is x exactly (x = hi + mid + lo, each the truncation of what is
+// left). TDPBF16PS multiplies bf16 pairs exactly and sums in f32, so a scale group's sums are
+// x . int8 over the group's rows, as the AVX-512 kernel's (exact products, f32 sums; another
+// order), scaled once per group. The weights are converted into tiles once per unit (one pass
+// over its slab, two rows at a time: the VNNI pair layout) and every row of x reuses them:
+// ~10 vector instructions per 32 weights whatever M, where the FMA kernel spends M / 16 FMAs
+// per weight. Tiles are 16 rows x 64 bytes: C tiles 0-3, A (x) tile 4, B (weights) tile 5.
+#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")))
+
+constexpr int64_t kTile = 512;  // bf16 elements of a 16 x 32 tile (1 KB)
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// x [M, K] as A tiles: [planes][ceil(M / 16)][K / 32][16 rows][32] bf16 bits, rows past M zero;
+// planes = 1 (bf16 x, its bits) or 3 (f32 x: hi + mid + lo; a non-finite x is hi alone, quiet).
+inline int amx_planes(const uint16_t* xb) { return xb ? 1 : 3; }
+inline int64_t amx_x_size(int64_t M, int64_t K, const uint16_t* xb) {
+  return amx_planes(xb) * (M + 15) / 16 * (K / 32) * kTile;
+}
+inline void amx_x_tiles(const float* x, const uint16_t* xb, int64_t M, int64_t K, uint16_t* dst) {
+  const int64_t nrb = (M + 15) / 16, ks = K / 32;
+  std::memset(dst, 0, sizeof(uint16_t) * size_t(amx_x_size(M, K, xb)));
+  auto at = [&](int pl, int64_t m, int64_t k) -> uint16_t& {
+    return dst[(((pl * nrb + m / 16) * ks + k / 32) * 16 + m % 16) * 32 + k % 32];
+  };
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      if (xb) {
+        at(0, m, k) = xb[m * K + k];
+        continue;
+      }
+      float r = x[m * K + k];
+      uint32_t u;
+      std::memcpy(&u, &r, 4);
+      if (!std::isfinite(r)) {
+        at(0, m, k) = uint16_t((u >> 16) | (std::isnan(r) ? 0x40u : 0u));
+        continue;
+      }
+      for (int pl = 0; pl < 3; ++pl) {  // truncations: r - piece is exact, and never overflows
+        std::memcpy(&u, &r, 4);
+        u &= 0xffff0000u;
+        at(pl, m, k) = uint16_t(u >> 16);
+        float piece;
+        std::memcpy(&piece, &u, 4);
+        r -= piece;
+      }
+    }
+}
+
+// Rows k and k+1 of a unit's w columns as one VNNI-paired row of each of its column blocks' B
+// tiles: for columns c, bf16(w[k][c]), bf16(w[k+1][c]) side by side. b: the first block's row;
+// blocks bstride elements apart.
+AMX inline void amx_b_pair(const int8_t* r0, const int8_t* r1, int64_t w, uint16_t* b, int64_t bstride) {
+  for (int64_t c = 0; c * 16 < w; ++c) {
+    __m128i a, d;
+    if ((c + 1) * 16 <= w) {
+      a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + c * 16));
+      d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + c * 16));
+    } else {
+      const __mmask16 m = __mmask16((1u << (w - c * 16)) - 1);
+      a = _mm_maskz_loadu_epi8(m, r0 + c * 16);
+      d = _mm_maskz_loadu_epi8(m, r1 + c * 16);
+    }
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpacklo_epi8(a, d)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_unpackhi_epi8(a, d)));
+    _mm512_storeu_si512(b + c * bstride, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+  }
+}
+
+// GCC's tile intrinsics paste their register numbers into the instruction's text: they take
+// literals only, so a template picks its instruction among the literal forms.
+#define GROKCTL_TDP(t, a, b) \
+  if constexpr (T == t && A == a && B == b) _tile_dpbf16ps(t, a, b);
+template <int T, int A, int B>
+AMX inline void amx_tdp() {
+  GROKCTL_TDP(0, 4, 5) GROKCTL_TDP(1, 4, 5) GROKCTL_TDP(2, 4, 5) GROKCTL_TDP(3, 4, 5)
+  GROKCTL_TDP(0, 7, 5) GROKCTL_TDP(1, 7, 5) GROKCTL_TDP(2, 7, 5) GROKCTL_TDP(3, 7, 5)
+  GROKCTL_TDP(0, 4, 6) GROKCTL_TDP(1, 4, 6) GROKCTL_TDP(2, 4, 6) GROKCTL_TDP(3, 4, 6)
+  GROKCTL_TDP(0, 7, 6) GROKCTL_TDP(1, 7, 6) GROKCTL_TDP(2, 7, 6) GROKCTL_TDP(3, 7, 6)
+}
+#undef GROKCTL_TDP
+
+// C tile T += A . B over every plane of x: A tiles 4 and 7 in turn (rows of x), B in tile BT.
+template <int T, int BT>
+AMX inline void amx_planes_dot(const uint16_t* a, int64_t a_plane, int planes) {
+  for (int pl = 0; pl < planes; ++pl) {
+    if (pl % 2 == 0) {
+      _tile_loadd(4, a + pl * a_plane, 64);
+      amx_tdp<T, 4, BT>();
+    } else {
+      _tile_loadd(7, a + pl * a_plane, 64);
+      amx_tdp<T, 7, BT>();
+    }
+  }
+}
+
+// k-step s into phase QI's C tiles (rb * Q + QI for each of the NB row blocks); B in tile 5 or 6.
+template <int NB, int Q, int QI>
+AMX inline void amx_step(const uint16_t* bt, const uint16_t* at, int64_t a_plane, int64_t a_rb, int planes,
+                         int64_t s) {
+  constexpr int BT = QI % 2 ? 6 : 5;
+  if constexpr (BT == 5) _tile_loadd(5, bt + s * kTile, 64);
+  else _tile_loadd(6, bt + s * kTile, 64);
+  const uint16_t* a = at + s * kTile;
+  amx_planes_dot<0 * Q + QI, BT>(a, a_plane, planes);
+  if constexpr (NB > 1) amx_planes_dot<1 * Q + QI, BT>(a + a_rb, a_plane, planes);
+  if constexpr (NB > 2) amx_planes_dot<2 * Q + QI, BT>(a + 2 * a_rb, a_plane, planes);
+  if constexpr (NB > 3) amx_planes_dot<3 * Q + QI, BT>(a + 3 * a_rb, a_plane, planes);
+}
+
+// NB row blocks x one column block over `steps` k-steps of 32. The four C tiles are NB row blocks
+// x Q = 4 / NB phases (k-step s adds into phase s % Q): independent sums, so consecutive
+// TDPBF16PS do not wait for each other's results. The tiles are stored to c (tile t at c + 256 t,
+// 16 x 16 f32); the caller adds a row block's phases.
+template <int NB>
+AMX void amx_cblock(const uint16_t* bt, const uint16_t* at, int64_t a_plane, int64_t a_rb, int planes,
+                    int64_t steps, float* c) {
+  constexpr int Q = 4 / NB;
+  _tile_zero(0);
+  if constexpr (NB * Q > 1) _tile_zero(1);
+  if constexpr (NB * Q > 2) _tile_zero(2);
+  if constexpr (NB * Q > 3) _tile_zero(3);
+  int64_t s = 0;
+  for (; s + Q <= steps; s += Q) {
+    amx_step<NB, Q, 0>(bt, at, a_plane, a_rb, planes, s);
+    if constexpr (Q > 1) amx_step<NB, Q, 1>(bt, at, a_plane, a_rb, planes, s + 1);
+    if constexpr (Q > 2) amx_step<NB, Q, 2>(bt, at, a_plane, a_rb, planes, s + 2);
+    if constexpr (Q > 3) amx_step<NB, Q, 3>(bt, at, a_plane, a_rb, planes, s + 3);
+  }
+  for (; s < steps; ++s) amx_step<NB, Q, 0>(bt, at, a_plane, a_rb, planes, s);
+  _tile_stored(0, c, 64);
+  if constexpr (NB * Q > 1) _tile_stored(1, c + 256, 64);
+  if constexpr (NB * Q > 2) _tile_stored(2, c + 512, 64);
+  if constexpr (NB * Q > 3) _tile_stored(3, c + 768, 64);
+}
+
+// Rows [0, M) x weight rows [k0, k1) x columns [n0, n1): partial sums into out (row stride N),
+// as q8_block_512. Needs p.xt (amx_x_tiles) and k0, k1 and the groups' bounds multiples of 32.
+AMX void q8_block_amx(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
+  static thread_local std::vector<float> accv, cv;
+  static thread_local std::vector<uint16_t> bv;
+  const int64_t w = n1 - n0, ncb = (w + 15) / 16, stride = ncb * 16;
+  const int64_t nrb = (p.M + 15) / 16, ksteps = p.K / 32, kb = p.K / p.G;
+  const int64_t a_rb = ksteps * kTile, a_plane = nrb * a_rb;
+  if (accv.size() < size_t(p.M * stride)) accv.resize(size_t(p.M * stride));
+  if (cv.size() < 1024) cv.resize(1024);
+  float* const acc = accv.data();
+  float* const cbuf = cv.data();
+  std::memset(acc, 0, sizeof(float) * size_t(p.M * stride));
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+  _tile_loadconfig(&cfg);
+  for (int64_t k = k0; k < k1;) {
+    const int64_t gend = std::min(k1, (k / kb + 1) * kb), steps = (gend - k) / 32;
+    // One column block's tiles, then a line of padding: the blocks' rows, written side by side,
+    // would otherwise lie a multiple of 4 KB apart, in one L1 set.
+    const int64_t bstride = steps * kTile + 32;
+    if (bv.size() < size_t(ncb * bstride + 32)) bv.resize(size_t(ncb * bstride + 32));
+    uint16_t* const bt = bv.data() + (-reinterpret_cast<uintptr_t>(bv.data()) / 2 & 31);  // 64-byte aligned
+    for (int64_t kk = k; kk < gend; kk += 2) {
+      const int64_t ahead = kk + 16;
+      if (ahead + 1 < k1)
+        for (int64_t c = 0; c < w; c += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + ahead * p.N + n0 + c), kPrefetch);
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + (ahead + 1) * p.N + n0 + c), kPrefetch);
+        }
+      const int64_t s = (kk - k) / 32, r = ((kk - k) % 32) / 2;
+      amx_b_pair(p.w + kk * p.N + n0, p.w + (kk + 1) * p.N + n0, w, bt + (s * 16 + r) * 32, bstride);
+    }
+    const uint16_t* srow = p.s + (k / kb) * p.N + n0;
+    for (int64_t c = 0; c < ncb; ++c) {
+      const int valid = int(std::min<int64_t>(16, w - c * 16));
+      const __m512 sv = load_bf16x16_512(srow + c * 16, __mmask16((1u << valid) - 1));
+      for (int64_t rb0 = 0; rb0 < nrb; rb0 += 4) {
+        const uint16_t* at = p.xt + rb0 * a_rb + (k / 32) * kTile;
+        const int64_t nb = std::min<int64_t>(4, nrb - rb0);
+        switch (nb) {
+          case 4: amx_cblock<4>(bt + c * bstride, at, a_plane, a_rb, p.xplanes, steps, cbuf); break;
+          case 3: amx_cblock<3>(bt + c * bstride, at, a_plane, a_rb, p.xplanes, steps, cbuf); break;
+          case 2: amx_cblock<2>(bt + c * bstride, at, a_plane, a_rb, p.xplanes, steps, cbuf); break;
+          default: amx_cblock<1>(bt + c * bstride, at, a_plane, a_rb, p.xplanes, steps, cbuf); break;
+        }
+        const int64_t q = nb == 3 ? 1 : 4 / nb, m1 = std::min(p.M, (rb0 + nb) * 16);
+        for (int64_t m = rb0 * 16; m < m1; ++m) {
+          const float* t = cbuf + (m - rb0 * 16) / 16 * q * 256 + m % 16 * 16;
+          __m512 sum = _mm512_loadu_ps(t);
+          for (int64_t ph = 1; ph < q; ++ph) sum = _mm512_add_ps(sum, _mm512_loadu_ps(t + ph * 256));
+          float* a = acc + m * stride + c * 16;
+          _mm512_storeu_ps(a, _mm512_fmadd_ps(sv, sum, _mm512_loadu_ps(a)));
+        }
+      }
+    }
+    k = gend;
+  }
+  _tile_release();
+  for (int64_t m = 0; m < p.M; ++m) std::memcpy(out + m * p.N + n0, acc + m * stride, sizeof(float) * size_t(w));
 }
 
 // 16 table elements as f32: bf16 bits, or int8 (exact).
@@ -979,23 +1190,36 @@ AVX2 void q4_block_256(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, in
 
 // ---------------------------------------------------------------- dispatch
 // Levels in order; each has what the one before has. kAvx512Vnni: BF16 and VNNI both.
-enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAvx512Vnni = 4 };
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAvx512Vnni = 4, kAmx = 5 };
+
+// AMX-BF16 tiles, where the CPU has them and Linux lets this process use their state (it must
+// ask once: arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA).
+bool amx_usable() {
+#if defined(GROKCTL_X86) && defined(__linux__)
+  if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 int detect_isa() {
 #ifdef GROKCTL_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
-    return !__builtin_cpu_supports("avx512bf16")    ? kAvx512
-           : __builtin_cpu_supports("avx512vnni") ? kAvx512Vnni
-                                                   : kAvx512Bf16;
+    return !__builtin_cpu_supports("avx512bf16")   ? kAvx512
+           : !__builtin_cpu_supports("avx512vnni") ? kAvx512Bf16
+           : amx_usable()                           ? kAmx
+                                                    : kAvx512Vnni;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
 #endif
   return kScalar;
 }
 
 // The best ISA this CPU has, capped by GROKCTL_CPU_ISA ("scalar" | "avx2" | "avx512" |
-// "avx512_bf16"; read per call so tests can exercise every path on one machine).
+// "avx512_bf16" | "avx512_vnni"; read per call so tests can exercise every path on one machine).
 int isa() {
   static const int detected = detect_isa();
   const char* cap = std::getenv("GROKCTL_CPU_ISA");
@@ -1003,6 +1227,7 @@ int isa() {
   if (cap && std::strcmp(cap, "avx2") == 0) return std::min<int>(detected, kAvx2);
   if (cap && std::strcmp(cap, "avx512") == 0) return std::min<int>(detected, kAvx512);
   if (cap && std::strcmp(cap, "avx512_bf16") == 0) return std::min<int>(detected, kAvx512Bf16);
+  if (cap && std::strcmp(cap, "avx512_vnni") == 0) return std::min<int>(detected, kAvx512Vnni);
   return detected;
 }
 
@@ -1322,6 +1547,7 @@ void slab_gemv_many(ffi::ThreadPool& pool, const std::vector<QProblem>& ps, Bloc
 void gemv_unit(int level, int bits, const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1,
                float* out) {
 #ifdef GROKCTL_X86
+  if (bits == 8 && level >= kAmx && p.xt) return q8_block_amx(p, k0, k1, n0, n1, out);
   if (bits == 8 && level >= kAvx512) return q8_block_512(p, k0, k1, n0, n1, out);
   if (bits == 4 && level >= kAvx512Bf16)
     return p.xb ? q4_block_512<true>(p, k0, k1, n0, n1, out) : q4_block_512<false>(p, k0, k1, n0, n1, out);
@@ -1331,6 +1557,42 @@ void gemv_unit(int level, int bits, const QProblem& p, int64_t k0, int64_t k1, i
   (void)level;
   if (bits == 8) return q8_block_scalar(p, k0, k1, n0, n1, out);
   q4_block_scalar(p, k0, k1, n0, n1, out);
+}
+
+// Rows of x from which an int8 product takes the AMX path — bf16 x from 8, f32 x (three planes,
+// three times the tile work) from 16; below, the AVX-512 kernel is the faster (docs/
+// PERFORMANCE.md, "AMX for several rows") — and the shapes it takes: whole k-steps of 32 in every
+// unit and scale group.
+inline bool amx_takes(int level, const QProblem& q) {
+  return level >= kAmx && q.bits == 8 && q.M >= (q.xb ? 8 : 16) && q.K % 32 == 0 && (q.K / q.G) % 32 == 0 &&
+         slab_rows(q.K) % 32 == 0;
+}
+
+// The products ps on the best path this CPU has, in one parallel loop (slab_gemv_many). Problems
+// for the AMX path get x as tiles first, once per x (a MoE layer's gate and up share theirs).
+void gemv_many(ffi::ThreadPool& pool, int level, std::vector<QProblem>& ps) {
+#ifdef GROKCTL_X86
+  static thread_local std::vector<uint16_t> tiles;
+  size_t total = 0;
+  for (const QProblem& q : ps)
+    if (amx_takes(level, q)) total += size_t(amx_x_size(q.M, q.K, q.xb));
+  if (total > tiles.size()) tiles.resize(total);
+  size_t used = 0;
+  for (size_t j = 0; j < ps.size(); ++j) {
+    QProblem& q = ps[j];
+    if (!amx_takes(level, q)) continue;
+    for (size_t i = 0; i < j && !q.xt; ++i)
+      if (ps[i].xt && ps[i].x == q.x && ps[i].M == q.M && ps[i].K == q.K) q.xt = ps[i].xt, q.xplanes = ps[i].xplanes;
+    if (q.xt) continue;
+    amx_x_tiles(q.x, q.xb, q.M, q.K, tiles.data() + used);
+    q.xt = tiles.data() + used;
+    q.xplanes = amx_planes(q.xb);
+    used += size_t(amx_x_size(q.M, q.K, q.xb));
+  }
+#endif
+  slab_gemv_many(pool, ps, [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
+    gemv_unit(level, q.bits, q, k0, k1, n0, n1, out);
+  });
 }
 
 // y[M, N] = x [M, K] @ dequant(w [(E,) K, N] int8, or [(E,) K/2, N] packed int4, expert `expert`).
@@ -1371,10 +1633,9 @@ ffi::Error qmatmul_impl(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer 
              N,
              G};
   p.bits = bits;
-  const int level = isa();
-  slab_gemv_many(pool, {p}, [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
-    gemv_unit(level, bits, q, k0, k1, n0, n1, out);
-  });
+  static thread_local std::vector<QProblem> ps;
+  ps.assign(1, p);
+  gemv_many(pool, isa(), ps);
   return ffi::Error::Success();
 }
 
@@ -1455,11 +1716,7 @@ ffi::Error rows_impl(ffi::ThreadPool& pool, const char* name, ffi::AnyBuffer x, 
       r = r1;
     }
   }
-  slab_gemv_many(
-      pool, ps,
-      [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
-        gemv_unit(level, q.bits, q, k0, k1, n0, n1, out);
-      });
+  gemv_many(pool, level, ps);
   for (int j = 0; j < nmat; ++j) {
     const float* yj = yg.data() + A * (j ? N[0] : 0);
     for (int64_t r = 0; r < A; ++r)
@@ -1587,11 +1844,7 @@ ffi::Error QMatmul3Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
     q.bits = bits;
     ps.push_back(q);
   }
-  slab_gemv_many(
-      pool, ps,
-      [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
-        gemv_unit(level, q.bits, q, k0, k1, n0, n1, out);
-      });
+  gemv_many(pool, level, ps);
   return ffi::Error::Success();
 }
 
