@@ -609,7 +609,7 @@ AMX void q8_block_amx(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int
           case 2: amx_cblock<2>(bt + c * bstride, at, a_plane, a_rb, p.xplanes, steps, cbuf); break;
           default: amx_cblock<1>(bt + c * bstride, at, a_plane, a_rb, p.xplanes, steps, cbuf); break;
         }
-        const int64_t q = nb == 3 ? 1 : 4 / nb, m1 = std::min(p.M, (rb0 + nb) * 16);
+        const int64_t q = 4 / nb, m1 = std::min(p.M, (rb0 + nb) * 16);
         for (int64_t m = rb0 * 16; m < m1; ++m) {
           const float* t = cbuf + (m - rb0 * 16) / 16 * q * 256 + m % 16 * 16;
           __m512 sum = _mm512_loadu_ps(t);
