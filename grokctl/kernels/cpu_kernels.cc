@@ -14,8 +14,9 @@
 // ISA: AVX-512 (F/BW/VL) and AVX2+FMA variants compiled with target attributes and chosen at run
 // time with __builtin_cpu_supports, plus a portable scalar path; a library never executes an
 // instruction the CPU lacks. Where the CPU has AMX-BF16 (and Linux grants the tile state), int8
-// products of 8 or more rows of x run on the tiles (q8_block_amx). Threads: the XLA intra-op thread pool (FFI ThreadPool context), at
-// most GROKCTL_CPU_THREADS (default: the CPUs this process may run on).
+// products of 8 or more rows of x run on the tiles (q8_block_amx). Threads: the XLA intra-op
+// thread pool (FFI ThreadPool context), at most GROKCTL_CPU_THREADS (default: the CPUs this
+// process may run on).
 
 #include <sched.h>
 #include <sys/syscall.h>
@@ -427,7 +428,7 @@ AVX512 void q8_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, 
 // order), scaled once per group. The weights are converted into tiles once per unit (one pass
 // over its slab, two rows at a time: the VNNI pair layout) and every row of x reuses them:
 // ~10 vector instructions per 32 weights whatever M, where the FMA kernel spends M / 16 FMAs
-// per weight. Tiles are 16 rows x 64 bytes: C tiles 0-3, A (x) tile 4, B (weights) tile 5.
+// per weight. Tiles are 16 rows x 64 bytes: C (sums) 0-3, A (x) 4 and 7, B (weights) 5 and 6.
 #define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")))
 
 constexpr int64_t kTile = 512;  // bf16 elements of a 16 x 32 tile (1 KB)
