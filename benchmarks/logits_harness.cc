@@ -69,5 +69,46 @@ int main() {
       std::printf("%-12s %d thread(s): %.2f ms per table, %.1f GB/s\n", names[kind], threads,
                   med * 1e3, double(bytes) / med / 1e9);
     }
+  // Batched decode: M rows of x over the table, 2 threads. The bf16 path (each block of table
+  // rows widened once, then vdpbf16ps per row of x) against, on a CPU with AMX, the integer path
+  // on AMX-INT8 tiles (digit planes as B tiles; the planes and tiles made once per call, timed).
+  if (level >= kAvx512Bf16)
+    for (int64_t M : {1, 2, 4, 8, 16, 32, 64}) {
+      std::vector<uint16_t> xm(size_t(M * D));
+      for (int64_t i = 0; i < M * D; ++i) xm[size_t(i)] = xb[size_t(i % D)] ^ uint16_t((i / D) * 7 % 64);
+      std::vector<float> xf(size_t(M * D)), ym(size_t(M * V));
+      for (int64_t i = 0; i < M * D; ++i) xf[size_t(i)] = bf16_to_f32(xm[size_t(i)]);
+      for (int kind = 0; kind < 2; ++kind) {
+        if (kind == 1 && level < kAmx) continue;
+        std::vector<double> secs;
+        std::vector<int8_t> xt;
+        DigitScale ds;
+        for (int rep = 0; rep < 12; ++rep) {
+          const int8_t* t = ts[size_t(rep % tables)];
+          const NTP<int8_t> p{xf.data(), xm.data(), t, ym.data(), M, D, V};
+          const auto t0 = std::chrono::steady_clock::now();
+          if (kind == 1) {
+            make_planes(xm.data(), M, D, planes);
+            xt.resize(size_t(amx_digit_size(M, D)));
+            amx_digit_tiles(planes, M, D, xt.data());
+            digit_scale(planes, M, ds);
+          }
+          std::vector<std::thread> th;
+          for (int k = 0; k < 2; ++k)
+            th.emplace_back([&, k] {
+              for (int64_t u = V / 2 * k; u < V / 2 * (k + 1); u += kTableRows) {
+                if (kind == 0) ntq_rows_bf16(p, u, u + kTableRows);
+                else ntq_rows_amx(p, planes, ds, xt.data(), 0, u, u + kTableRows);
+              }
+            });
+          for (auto& h : th) h.join();
+          secs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+        std::sort(secs.begin(), secs.end());
+        const double med = secs[secs.size() / 2];
+        std::printf("%-12s M %2ld, 2 threads: %.2f ms per table, %.1f GB/s\n", kind ? "amx int8" : "bf16 widen",
+                    long(M), med * 1e3, double(bytes) / med / 1e9);
+      }
+    }
   for (int8_t* t : ts) std::free(t);
 }

@@ -185,7 +185,11 @@ def test_matmul_nt_bf16_matches(isa: str, m: int, d: int, v: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("m", "d", "v"), [(1, 1024, 1000), (6, 40, 13), (2, 7, 5), (3, 70, 9), (70, 72, 300)]
+    ("m", "d", "v"),
+    # (5, 128, 300), (17, 1024, 272), (70, 192, 531): bf16 x on AMX tiles (a page_rows group's
+    # tiles and contiguous ones, x's second block of 16 rows, a unit's last rows past 16)
+    [(1, 1024, 1000), (6, 40, 13), (2, 7, 5), (3, 70, 9), (70, 72, 300), (5, 128, 300)]
+    + [(17, 1024, 272), (70, 192, 531)],
 )
 @pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
 def test_matmul_nt_int8_matches(isa: str, m: int, d: int, v: int, xdtype) -> None:  # type: ignore[no-untyped-def]
@@ -728,6 +732,40 @@ def test_amx_takes_several_rows_and_keeps_non_finite_values(
     _check(jnp.asarray(amx[finite]), xj[jnp.asarray(finite)], dequantize(_slice(w, 1)))
     rows = jax.jit(kernels.qmatmul_rows)(xj, w.weight, w.scales, jnp.full((16,), 1, jnp.int32))
     np.testing.assert_array_equal(np.asarray(rows), amx)
+
+
+def test_int8_table_logits_on_amx_are_those_of_one_row_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On an AMX CPU, several rows of bf16 x over an int8 table (a batched decode step's logits)
+    go through the int8 tiles in the VNNI path's exact arithmetic: each row's logits are, bit for
+    bit, those of that row alone (batch 1's VNNI path) and the float64 product rounded once to
+    f32 (remainders of tiny activations within an ulp); a non-finite activation falls back to the
+    bf16 path (NaN in its row)."""
+    monkeypatch.delenv("GROKCTL_CPU_ISA", raising=False)
+    monkeypatch.setenv("GROKCTL_CPU_LOGITS", "vnni")
+    if kernels.info()["isa"] != "amx":
+        pytest.skip("no AMX here")
+    rng = np.random.default_rng(22)
+    table = jnp.asarray(rng.integers(-128, 128, (600, 1024), dtype=np.int8))
+    x = rng.standard_normal((19, 1024)).astype(np.float32)
+    x[1] *= 2.0**-22  # below the four digit planes of its largest entry: remainder terms
+    x[1, 0] = 1.0
+    x[2, :] = 0.0
+    xb = jnp.asarray(x, jnp.bfloat16)
+    nt = jax.jit(kernels.matmul_nt_int8)
+    got = np.asarray(nt(xb, table))
+    one = np.concatenate([np.asarray(nt(xb[i : i + 1], table)) for i in range(19)])
+    np.testing.assert_array_equal(got, one)
+    exact = np.asarray(xb, np.float64) @ np.asarray(table, np.float64).T
+    rest = np.arange(19) != 1
+    np.testing.assert_array_equal(got[rest], exact[rest].astype(np.float32))
+    assert np.all(np.abs(got[1] - exact[1]) <= np.spacing(np.abs(exact[1]).astype(np.float32)))
+    monkeypatch.setenv("GROKCTL_CPU_ISA", "avx512_vnni")
+    assert not np.array_equal(np.asarray(nt(xb, table)), got)  # the bf16 path: f32 sums
+    monkeypatch.delenv("GROKCTL_CPU_ISA")
+    bad = np.asarray(nt(xb.at[4, 9].set(jnp.nan), table))
+    assert np.isnan(bad[4]).all() and np.isfinite(np.delete(bad, 4, 0)).all()
 
 
 def _slice(w: QuantizedWeight8bit, e: int) -> QuantizedWeight8bit:

@@ -626,6 +626,150 @@ AMX void q8_block_amx(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int
   for (int64_t m = 0; m < p.M; ++m) std::memcpy(out + m * p.N + n0, acc + m * stride, sizeof(float) * size_t(w));
 }
 
+// ---------------------------------------------------------------- AMX (int8 tiles): logits
+// Logits over an int8 table for several rows of x, in the VNNI path's exact integer arithmetic
+// (ntq_block_vnni: each row of x as four signed 7-bit digit planes) on the AMX-INT8 unit: A tiles
+// are the table itself, 16 rows x 64 bytes loaded in place (no conversion), B tiles a plane's
+// digits of 16 rows of x in the VNNI layout, and TDPBSSD sums the exact products in int32 (|sum| <=
+// 64 * 128 * D: exact for D < 2^18). The planes' sums are combined in double (integers below 2^53:
+// exact), the bias taken off, the remainders added and the result rounded once to f32, as the
+// VNNI path does: the same numbers, bit for bit, for every batch size. Tiles: C 0-3 (one per
+// plane), A 4, B 5 and 6.
+#define AMXI8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,amx-tile,amx-int8")))
+
+constexpr int64_t kQTile = 1024;  // int8 elements of a 16 x 64 tile
+
+// x's digit planes as B tiles: [ceil(M / 16)][D / 64][kPlanes][16][16 rows of x][4 digits],
+// rows past M zero (D a multiple of 64).
+inline int64_t amx_digit_size(int64_t M, int64_t D) { return (M + 15) / 16 * (D / 64) * kPlanes * kQTile; }
+inline void amx_digit_tiles(const XPlanes& xp, int64_t M, int64_t D, int8_t* dst) {
+  const int64_t ks = D / 64;
+  std::memset(dst, 0, size_t(amx_digit_size(M, D)));
+  for (int64_t m = 0; m < M; ++m)
+    for (int k = 0; k < kPlanes; ++k) {
+      const int8_t* src = xp.digits.data() + (m * kPlanes + k) * xp.Dp;
+      for (int64_t s = 0; s < ks; ++s) {
+        int8_t* tile = dst + ((m / 16 * ks + s) * kPlanes + k) * kQTile + m % 16 * 4;
+        for (int64_t kk = 0; kk < 16; ++kk) std::memcpy(tile + kk * 64, src + s * 64 + kk * 4, 4);
+      }
+    }
+}
+
+// The 16 table rows of a tile at a, stride bytes apart (0: a holds them restaged, tile after
+// tile): x's digit tiles b over ks steps into C tiles 0-3, one per plane. stage: where to store
+// each step's A tile (tile after tile, for x's next blocks), or null; next: the table block after
+// this one (rows next_stride bytes apart), whose line at each step is prefetched, or null.
+AMXI8 inline void amx_digit_block(const int8_t* a, int64_t stride, const int8_t* b, int64_t ks, int8_t* stage,
+                                  const int8_t* next, int64_t next_stride) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t astep = stride ? 64 : kQTile;
+  if (!stride) stride = 64;
+  for (int64_t s = 0; s < ks; ++s, b += kPlanes * kQTile) {
+    if (next)
+      for (int r = 0; r < 16; ++r) _mm_prefetch(reinterpret_cast<const char*>(next + r * next_stride + s * 64), kPrefetch);
+    _tile_loadd(4, a + s * astep, stride);
+    _tile_loadd(5, b, 64);
+    _tile_dpbssd(0, 4, 5);
+    _tile_loadd(6, b + kQTile, 64);
+    _tile_dpbssd(1, 4, 6);
+    _tile_loadd(5, b + 2 * kQTile, 64);
+    _tile_dpbssd(2, 4, 5);
+    _tile_loadd(6, b + 3 * kQTile, 64);
+    _tile_dpbssd(3, 4, 6);
+    if (stage) _tile_stored(4, stage + s * kQTile, 64);
+  }
+}
+
+// Per row of x, what turns its planes' sums into a logit: the unit 2^(e-6) 128^-3. (TDPBSSD
+// multiplies signed bytes: the table is not flipped, and there is no bias to take off.)
+struct DigitScale {
+  std::vector<double> unit;
+  bool rest = false;
+};
+inline void digit_scale(const XPlanes& xp, int64_t M, DigitScale& ds) {
+  ds.unit.assign(size_t((M + 15) / 16 * 16), 0.0);
+  ds.rest = false;
+  for (int64_t m = 0; m < M; ++m) {
+    ds.unit[size_t(m)] = std::ldexp(1.0, xp.exps[size_t(m)] - 6 - 7 * (kPlanes - 1));
+    ds.rest = ds.rest || !xp.rest[size_t(m)].empty();
+  }
+}
+
+// Table rows [v0, v1) (a multiple of 16 of them) for p's rows of x, which are rows [m0, m0 + p.M)
+// of those xp was made from; xt: their digit tiles (amx_digit_tiles; m0 a multiple of 16). A
+// tile's 16 rows lie page_rows apart, as the VNNI path's blocks (one stream per page), then 16 at
+// a time; the first block of x restages them contiguously for the others (16 rows a page apart
+// share one L1 set).
+AMXI8 void ntq_rows_amx(const NTP<int8_t>& p, const XPlanes& xp, const DigitScale& ds, const int8_t* xt, int64_t m0,
+                        int64_t v0, int64_t v1) {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+  _tile_loadconfig(&cfg);
+  const int64_t ks = p.D / 64, nxb = (p.M + 15) / 16;
+  static thread_local std::vector<int8_t> stage_tls;
+  std::vector<int8_t>& stage_v = *opaque(&stage_tls);
+  if (nxb > 1 && stage_v.size() < size_t(ks * kQTile + 64)) stage_v.resize(size_t(ks * kQTile + 64));
+  int8_t* const stage = nxb > 1 ? stage_v.data() + (-reinterpret_cast<uintptr_t>(stage_v.data()) & 63) : nullptr;
+  alignas(64) int32_t c[kPlanes][256];
+  alignas(64) double t[16];
+  alignas(64) float out[16][16];  // [table row][row of x]
+  auto block = [&](int64_t v, int64_t rs, int64_t vnext, int64_t rsnext) AMXI8 {
+    for (int64_t xb = 0; xb < nxb; ++xb) {
+      const int8_t* next = xb == 0 && vnext + 15 * rsnext < p.V ? p.t + vnext * p.D : nullptr;
+      if (xb == 0)
+        amx_digit_block(p.t + v * p.D, rs * p.D, xt, ks, stage, next, rsnext * p.D);
+      else
+        amx_digit_block(stage, 0, xt + xb * ks * kPlanes * kQTile, ks, nullptr, nullptr, 0);
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      _tile_stored(2, c[2], 64);
+      _tile_stored(3, c[3], 64);
+      // sum_k 128^(3-k) S_k in double (every value an integer below 2^53: exact), the
+      // remainders added, times the unit, rounded once to f32
+      const int64_t mx = m0 + xb * 16, valid = std::min<int64_t>(16, p.M - xb * 16);
+      const __m512d k128 = _mm512_set1_pd(128.0);
+      const __m512d ulo = _mm512_loadu_pd(ds.unit.data() + mx), uhi = _mm512_loadu_pd(ds.unit.data() + mx + 8);
+      for (int r = 0; r < 16; ++r) {
+        __m512d lo = _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(c[0] + r * 16)));
+        __m512d hi = _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(c[0] + r * 16 + 8)));
+        for (int k = 1; k < kPlanes; ++k) {
+          lo = _mm512_fmadd_pd(lo, k128, _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(c[k] + r * 16))));
+          hi = _mm512_fmadd_pd(hi, k128, _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(c[k] + r * 16 + 8))));
+        }
+        if (ds.rest) {  // the remainders, in the VNNI path's order
+          _mm512_store_pd(t, lo);
+          _mm512_store_pd(t + 8, hi);
+          const int8_t* row = p.t + (v + r * rs) * p.D;
+          for (int64_t m = 0; m < valid; ++m)
+            for (const auto& [i, rem] : xp.rest[size_t(mx + m)]) t[m] += double(rem) * double(row[i]) / 128.0;
+          lo = _mm512_load_pd(t);
+          hi = _mm512_load_pd(t + 8);
+        }
+        const __m256 flo = _mm512_cvtpd_ps(_mm512_mul_pd(lo, ulo));
+        const __m256 fhi = _mm512_cvtpd_ps(_mm512_mul_pd(hi, uhi));
+        _mm512_store_ps(out[r], _mm512_insertf32x8(_mm512_castps256_ps512(flo), fhi, 1));
+      }
+      for (int64_t m = 0; m < valid; ++m) {  // (row by row: a scatter's 16 rows are 16 pages)
+        float* yr = p.y + (xb * 16 + m) * p.V + v;
+        for (int r = 0; r < 16; ++r) yr[r * rs] = out[r][m];
+      }
+    }
+  };
+  const int64_t prs = page_rows(p.D);
+  int64_t v = v0;
+  for (; v + 16 * prs <= v1; v += 16 * prs)
+    for (int64_t j = 0; j < prs; ++j) {
+      const bool last = j + 1 == prs;
+      const int64_t vn = last ? v + 16 * prs : v + j + 1;
+      block(v + j, prs, vn, last && vn + 16 * prs > v1 ? 1 : prs);
+    }
+  for (; v < v1; v += 16) block(v, 1, v + 16, 1);
+  _tile_release();
+}
+
 // 16 table elements as f32: bf16 bits, or int8 (exact).
 AVX512 inline __m512 table16_512(const uint16_t* ptr, __mmask16 mask) { return load_bf16x16_512(ptr, mask); }
 AVX512 inline __m512 table16_512(const int8_t* ptr, __mmask16 mask) {
@@ -869,6 +1013,9 @@ AVX512BF16 void ntb_rows_512(const NTProblem& p, int64_t v0, int64_t v1) {
 // x takes it with one vdpbf16ps per 32 elements, as over a bf16 table. The widening (5 uops per
 // 32 elements) is shared by all rows, where the f32 and VNNI paths convert or multiply per row.
 constexpr int64_t kNtBf16Rows = 2;
+// Rows of x from which, on a CPU with AMX, the int8-table logits take the tiles (ntq_rows_amx)
+// instead: from 2 rows on (benchmarks/logits_harness.cc, docs/PERFORMANCE.md "AMX logits").
+constexpr int64_t kNtAmxRows = 2;
 
 AVX512BF16 void ntq_rows_bf16(const NTP<int8_t>& p, int64_t v0, int64_t v1) {
   static thread_local std::vector<uint16_t> buf_tls;
@@ -1193,11 +1340,14 @@ AVX2 void q4_block_256(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, in
 // Levels in order; each has what the one before has. kAvx512Vnni: BF16 and VNNI both.
 enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAvx512Vnni = 4, kAmx = 5 };
 
-// AMX-BF16 tiles, where the CPU has them and Linux lets this process use their state (it must
-// ask once: arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA).
+// AMX tiles with BF16 and INT8 products (every CPU with AMX so far has both), where the CPU has
+// them and Linux lets this process use their state (it must ask once: arch_prctl
+// ARCH_REQ_XCOMP_PERM for XTILEDATA).
 bool amx_usable() {
 #if defined(GROKCTL_X86) && defined(__linux__)
-  if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+  if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16") ||
+      !__builtin_cpu_supports("amx-int8"))
+    return false;
   constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
 #else
@@ -1254,6 +1404,13 @@ bool vnni_logits() {
 #endif
   }();
   return !zen5;
+}
+
+// Whether the logits over an int8 table take the AMX path (ntq_rows_amx): several rows of bf16 x
+// (one row streams the table as fast on the VNNI path) and a width of whole 64-byte tiles.
+template <class T>
+bool amx_logits(int level, const NTP<T>& p) {
+  return std::is_same_v<T, int8_t> && level >= kAmx && p.xb && p.M >= kNtAmxRows && p.D % 64 == 0;
 }
 
 // The CPUs this process may run on.
@@ -2031,9 +2188,33 @@ ffi::Error matmul_nt(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
   static thread_local XPlanes planes;
   const XPlanes* xp = nullptr;
   if constexpr (std::is_same_v<T, int8_t>) {
-    if (level >= kAvx512Vnni && p.xb && p.M < kNtBf16Rows && vnni_logits() &&
+    const bool amx = amx_logits(level, p);
+    if (level >= kAvx512Vnni && p.xb && (amx || (p.M < kNtBf16Rows && vnni_logits())) &&
         make_planes(p.xb, p.M, p.D, planes))
       xp = &planes;
+#ifdef GROKCTL_X86
+    if (amx && xp) {
+      // (the workers see their own thread_locals: they get these by address)
+      static thread_local std::vector<int8_t> tiles_tls;
+      static thread_local DigitScale ds_tls;
+      int8_t* const tiles = (tiles_tls.resize(size_t(amx_digit_size(p.M, p.D))), tiles_tls.data());
+      const DigitScale& ds = ds_tls;
+      amx_digit_tiles(*xp, p.M, p.D, tiles);
+      digit_scale(*xp, p.M, ds_tls);
+      parallel_for(pool, units, [&](int64_t i) {
+        const int64_t v0 = i * kTableRows, v1 = std::min(p.V, v0 + kTableRows), v16 = v0 + (v1 - v0) / 16 * 16;
+        for (int64_t m0 = 0; m0 < p.M; m0 += kNtRowChunk) {
+          NTP<T> q = p;
+          q.y += m0 * p.V;
+          q.M = std::min(kNtRowChunk, p.M - m0);
+          ntq_rows_amx(q, *xp, ds, tiles + m0 / 16 * amx_digit_size(16, p.D), m0, v0, v16);
+        }
+        for (int64_t m = 0; m < p.M; ++m)  // a last unit's rows past a multiple of 16: the same sums
+          for (int64_t v = v16; v < v1; ++v) ntq_block_vnni<1>(p, *xp, m, v, 1);
+      });
+      return ffi::Error::Success();
+    }
+#endif
   }
   parallel_for(pool, units, [&](int64_t i) {
     const int64_t v0 = i * kTableRows, v1 = std::min(p.V, v0 + kTableRows);
