@@ -2,7 +2,9 @@
 // [131072, 1024] (134 MB), 1 and 2 threads (each thread a contiguous range of rows, as the
 // kernel's workers run), against a plain streaming read of the same bytes: the f32 path (widen,
 // convert, FMA; AVX-512 and AVX2) and, on a CPU with AVX-512 VNNI, the integer path (digit
-// planes + vpdpbusd).
+// planes + vpdpbusd). Then a batch: 1-64 rows of x, 2 threads, the bf16 path (each block of
+// table rows widened once) and, on a CPU with AMX, the int8 tiles (docs/PERFORMANCE.md, "AMX
+// logits").
 // Four tables are read in rotation (536 MB: past the caches of the machines seen so far, one of
 // which had a 480 MB L3), median of 12 passes. docs/PERFORMANCE.md, "Decode, fourth round" and
 // "Decode, fifth round". The kernels' prefetch hint is a compile flag: add

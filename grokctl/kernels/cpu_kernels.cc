@@ -13,8 +13,9 @@
 //
 // ISA: AVX-512 (F/BW/VL) and AVX2+FMA variants compiled with target attributes and chosen at run
 // time with __builtin_cpu_supports, plus a portable scalar path; a library never executes an
-// instruction the CPU lacks. Where the CPU has AMX-BF16 (and Linux grants the tile state), int8
-// products of 8 or more rows of x run on the tiles (q8_block_amx). Threads: the XLA intra-op
+// instruction the CPU lacks. Where the CPU has AMX (and Linux grants the tile state), int8
+// products of 8 or more rows of x run on the bf16 tiles (q8_block_amx) and the logits of 2 or
+// more rows over an int8 table on the int8 tiles (ntq_rows_amx). Threads: the XLA intra-op
 // thread pool (FFI ThreadPool context), at most GROKCTL_CPU_THREADS (default: the CPUs this
 // process may run on).
 
@@ -966,7 +967,8 @@ AVX512BF16 void q4_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t 
 
 // Logits over a bf16 table with bf16 activations: one vdpbf16ps per 32 table elements. (An int8
 // table at batch 1 takes the VNNI or f32 path: widening it to bf16 for one row cost more than the
-// FMAs it saved; a batch widens each block once for all its rows, ntq_rows_bf16 below.)
+// FMAs it saved; a batch widens each block once for all its rows, ntq_rows_bf16 below, or on a
+// CPU with AMX takes the int8 tiles, ntq_rows_amx.)
 template <int MB, int R, bool PF = true>
 AVX512BF16 void ntb_block_512(const NTProblem& p, int64_t m0, int64_t v, int64_t rs = 1) {  // rows v + r rs
   __m512 acc[R][MB];
@@ -1407,10 +1409,12 @@ bool vnni_logits() {
 }
 
 // Whether the logits over an int8 table take the AMX path (ntq_rows_amx): several rows of bf16 x
-// (one row streams the table as fast on the VNNI path) and a width of whole 64-byte tiles.
+// (one row streams the table as fast on the VNNI path), a width of whole 64-byte tiles, and
+// int32 sums that cannot overflow (|digit x int8| <= 2^13 per element).
 template <class T>
 bool amx_logits(int level, const NTP<T>& p) {
-  return std::is_same_v<T, int8_t> && level >= kAmx && p.xb && p.M >= kNtAmxRows && p.D % 64 == 0;
+  return std::is_same_v<T, int8_t> && level >= kAmx && p.xb && p.M >= kNtAmxRows && p.D % 64 == 0 &&
+         p.D < (int64_t(1) << 18);
 }
 
 // The CPUs this process may run on.
