@@ -734,6 +734,28 @@ def test_amx_takes_several_rows_and_keeps_non_finite_values(
     np.testing.assert_array_equal(np.asarray(rows), amx)
 
 
+def _exact_logits_case(
+    seed: int, m: int, d: int, v: int
+) -> tuple[jax.Array, jax.Array, np.ndarray]:
+    """An int8 table [v, d], m rows of bf16 x — row 1 tiny but for one entry (below the four digit
+    planes of its largest: remainder terms), row 2 zero — and their float64 product."""
+    rng = np.random.default_rng(seed)
+    table = jnp.asarray(rng.integers(-128, 128, (v, d), dtype=np.int8))
+    x = rng.standard_normal((m, d)).astype(np.float32)
+    x[1] *= 2.0**-22
+    x[1, 0] = 1.0
+    x[2, :] = 0.0
+    xb = jnp.asarray(x, jnp.bfloat16)
+    return table, xb, np.asarray(xb, np.float64) @ np.asarray(table, np.float64).T
+
+
+def _assert_correctly_rounded(got: np.ndarray, exact: np.ndarray) -> None:
+    """Each row the float64 product rounded once to f32; row 1's remainders within an ulp."""
+    others = np.arange(len(got)) != 1
+    np.testing.assert_array_equal(got[others], exact[others].astype(np.float32))
+    assert np.all(np.abs(got[1] - exact[1]) <= np.spacing(np.abs(exact[1]).astype(np.float32)))
+
+
 def test_int8_table_logits_on_amx_are_those_of_one_row_at_a_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -746,21 +768,12 @@ def test_int8_table_logits_on_amx_are_those_of_one_row_at_a_time(
     monkeypatch.setenv("GROKCTL_CPU_LOGITS", "vnni")
     if kernels.info()["isa"] != "amx":
         pytest.skip("no AMX here")
-    rng = np.random.default_rng(22)
-    table = jnp.asarray(rng.integers(-128, 128, (600, 1024), dtype=np.int8))
-    x = rng.standard_normal((19, 1024)).astype(np.float32)
-    x[1] *= 2.0**-22  # below the four digit planes of its largest entry: remainder terms
-    x[1, 0] = 1.0
-    x[2, :] = 0.0
-    xb = jnp.asarray(x, jnp.bfloat16)
+    table, xb, exact = _exact_logits_case(22, 19, 1024, 600)
     nt = jax.jit(kernels.matmul_nt_int8)
     got = np.asarray(nt(xb, table))
     one = np.concatenate([np.asarray(nt(xb[i : i + 1], table)) for i in range(19)])
     np.testing.assert_array_equal(got, one)
-    exact = np.asarray(xb, np.float64) @ np.asarray(table, np.float64).T
-    rest = np.arange(19) != 1
-    np.testing.assert_array_equal(got[rest], exact[rest].astype(np.float32))
-    assert np.all(np.abs(got[1] - exact[1]) <= np.spacing(np.abs(exact[1]).astype(np.float32)))
+    _assert_correctly_rounded(got, exact)
     monkeypatch.setenv("GROKCTL_CPU_ISA", "avx512_vnni")
     assert not np.array_equal(np.asarray(nt(xb, table)), got)  # the bf16 path: f32 sums
     monkeypatch.delenv("GROKCTL_CPU_ISA")
@@ -779,19 +792,10 @@ def test_int8_table_logits_on_vnni_are_correctly_rounded(isa: str) -> None:
     gives), and so does the batched (bf16) path."""
     if isa not in ("avx512_vnni", "amx"):
         pytest.skip("the VNNI path only")
-    rng = np.random.default_rng(21)
-    table = jnp.asarray(rng.integers(-128, 128, (520, 1100), dtype=np.int8))
-    x = rng.standard_normal((3, 1100)).astype(np.float32)
-    x[1] *= 2.0**-22  # below the four digit planes of its largest entry: remainder terms
-    x[1, 0] = 1.0
-    x[2, :] = 0.0
-    xb = jnp.asarray(x, jnp.bfloat16)
+    table, xb, exact = _exact_logits_case(21, 3, 1100, 520)
     nt = jax.jit(kernels.matmul_nt_int8)
     got = np.concatenate([np.asarray(nt(xb[i : i + 1], table)) for i in range(3)])
-    exact = np.asarray(xb, np.float64) @ np.asarray(table, np.float64).T
-    np.testing.assert_array_equal(got[[0, 2]], exact[[0, 2]].astype(np.float32))
-    ulp = np.spacing(np.abs(exact[1]).astype(np.float32))
-    assert np.all(np.abs(got[1] - exact[1]) <= ulp)
+    _assert_correctly_rounded(got, exact)
     assert np.mean(got[1] == exact[1].astype(np.float32)) > 0.99
     bad = xb.at[0, 5].set(jnp.inf).at[1, 9].set(jnp.nan)
     assert np.isnan(np.asarray(nt(bad, table))[1]).all()
