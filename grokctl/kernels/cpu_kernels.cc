@@ -656,22 +656,19 @@ inline void amx_digit_tiles(const XPlanes& xp, int64_t M, int64_t D, int8_t* dst
     }
 }
 
-// The 16 table rows of a tile at a, stride bytes apart (0: a holds them restaged, tile after
-// tile): x's digit tiles b over ks steps into C tiles 0-3, one per plane. stage: where to store
-// each step's A tile (tile after tile, for x's next blocks), or null; next: the table block after
-// this one (rows next_stride bytes apart), whose line at each step is prefetched, or null.
-AMXI8 inline void amx_digit_block(const int8_t* a, int64_t stride, const int8_t* b, int64_t ks, int8_t* stage,
+// The 16 table rows of a tile at a, stride bytes apart: x's digit tiles b over ks steps into C
+// tiles 0-3, one per plane; next: the table block after this one (rows next_stride bytes apart),
+// whose line at each step is prefetched, or null.
+AMXI8 inline void amx_digit_block(const int8_t* a, int64_t stride, const int8_t* b, int64_t ks,
                                   const int8_t* next, int64_t next_stride) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  const int64_t astep = stride ? 64 : kQTile;
-  if (!stride) stride = 64;
   for (int64_t s = 0; s < ks; ++s, b += kPlanes * kQTile) {
     if (next)
       for (int r = 0; r < 16; ++r) _mm_prefetch(reinterpret_cast<const char*>(next + r * next_stride + s * 64), kPrefetch);
-    _tile_loadd(4, a + s * astep, stride);
+    _tile_loadd(4, a + s * 64, stride);
     _tile_loadd(5, b, 64);
     _tile_dpbssd(0, 4, 5);
     _tile_loadd(6, b + kQTile, 64);
@@ -680,7 +677,6 @@ AMXI8 inline void amx_digit_block(const int8_t* a, int64_t stride, const int8_t*
     _tile_dpbssd(2, 4, 5);
     _tile_loadd(6, b + 3 * kQTile, 64);
     _tile_dpbssd(3, 4, 6);
-    if (stage) _tile_stored(4, stage + s * kQTile, 64);
   }
 }
 
@@ -702,28 +698,21 @@ inline void digit_scale(const XPlanes& xp, int64_t M, DigitScale& ds) {
 // Table rows [v0, v1) (a multiple of 16 of them) for p's rows of x, which are rows [m0, m0 + p.M)
 // of those xp was made from; xt: their digit tiles (amx_digit_tiles; m0 a multiple of 16). A
 // tile's 16 rows lie page_rows apart, as the VNNI path's blocks (one stream per page), then 16 at
-// a time; the first block of x restages them contiguously for the others (16 rows a page apart
-// share one L1 set).
+// a time; x's later blocks of 16 rows load the table tile again, from cache. (Restaging it
+// contiguously on the first pass, since rows a page apart share one L1 set, was no faster.)
 AMXI8 void ntq_rows_amx(const NTP<int8_t>& p, const XPlanes& xp, const DigitScale& ds, const int8_t* xt, int64_t m0,
                         int64_t v0, int64_t v1) {
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
   _tile_loadconfig(&cfg);
   const int64_t ks = p.D / 64, nxb = (p.M + 15) / 16;
-  static thread_local std::vector<int8_t> stage_tls;
-  std::vector<int8_t>& stage_v = *opaque(&stage_tls);
-  if (nxb > 1 && stage_v.size() < size_t(ks * kQTile + 64)) stage_v.resize(size_t(ks * kQTile + 64));
-  int8_t* const stage = nxb > 1 ? stage_v.data() + (-reinterpret_cast<uintptr_t>(stage_v.data()) & 63) : nullptr;
   alignas(64) int32_t c[kPlanes][256];
   alignas(64) double t[16];
   alignas(64) float out[16][16];  // [table row][row of x]
   auto block = [&](int64_t v, int64_t rs, int64_t vnext, int64_t rsnext) AMXI8 {
     for (int64_t xb = 0; xb < nxb; ++xb) {
       const int8_t* next = xb == 0 && vnext + 15 * rsnext < p.V ? p.t + vnext * p.D : nullptr;
-      if (xb == 0)
-        amx_digit_block(p.t + v * p.D, rs * p.D, xt, ks, stage, next, rsnext * p.D);
-      else
-        amx_digit_block(stage, 0, xt + xb * ks * kPlanes * kQTile, ks, nullptr, nullptr, 0);
+      amx_digit_block(p.t + v * p.D, rs * p.D, xt + xb * ks * kPlanes * kQTile, ks, next, rsnext * p.D);
       _tile_stored(0, c[0], 64);
       _tile_stored(1, c[1], 64);
       _tile_stored(2, c[2], 64);
