@@ -632,10 +632,10 @@ AMX void q8_block_amx(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int
 // (ntq_block_vnni: each row of x as four signed 7-bit digit planes) on the AMX-INT8 unit: A tiles
 // are the table itself, 16 rows x 64 bytes loaded in place (no conversion), B tiles a plane's
 // digits of 16 rows of x in the VNNI layout, and TDPBSSD sums the exact products in int32 (|sum| <=
-// 64 * 128 * D: exact for D < 2^18). The planes' sums are combined in double (integers below 2^53:
-// exact), the bias taken off, the remainders added and the result rounded once to f32, as the
-// VNNI path does: the same numbers, bit for bit, for every batch size. Tiles: C 0-3 (one per
-// plane), A 4, B 5 and 6.
+// 64 * 128 * D: exact for D < 2^18; signed bytes, so no flip and no bias as vpdpbusd needs). The
+// planes' sums are combined in double (integers below 2^53: exact), the remainders added and the
+// result rounded once to f32, as the VNNI path does: the same numbers, bit for bit, for every
+// batch size. Tiles: C 0-3 (one per plane), A 4, B 5 and 6.
 #define AMXI8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,amx-tile,amx-int8")))
 
 constexpr int64_t kQTile = 1024;  // int8 elements of a 16 x 64 tile
