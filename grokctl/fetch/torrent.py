@@ -231,9 +231,9 @@ def _payload_fetched(run: _Run, done_at_start: int) -> int:
     wait up to three seconds for it to cover what the run completed — and take the completed
     bytes where it does not: a peer that disconnects as the torrent finishes can take its last
     block's count with it (CI saw 16 KiB of 1.5 MB missing after 10 s)."""
-    completed = int(run.handle.status().total_wanted_done) - done_at_start
-    deadline = time.monotonic() + 3.0
     st = run.handle.status()
+    completed = int(st.total_wanted_done) - done_at_start
+    deadline = time.monotonic() + 3.0
     while st.total_payload_download < completed and time.monotonic() < deadline:
         time.sleep(0.05)
         st = run.handle.status()

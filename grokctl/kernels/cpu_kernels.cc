@@ -292,6 +292,18 @@ inline bool make_planes(const uint16_t* xb, int64_t M, int64_t D, XPlanes& xp) {
   return true;
 }
 
+// What one unit of row m's combined digit sums is worth: 2^(e-6) 128^-(kPlanes-1), a power of two.
+inline double plane_unit(const XPlanes& xp, int64_t m) {
+  return std::ldexp(1.0, xp.exps[size_t(m)] - 6 - 7 * (kPlanes - 1));
+}
+
+// t (row m's exact digit sum against table row `row`, in units) plus its remainders' products,
+// added in one order by every path (the logits of a row are the same bits on each).
+inline double add_remainders(const XPlanes& xp, int64_t m, const int8_t* row, double t) {
+  for (const auto& [i, rem] : xp.rest[size_t(m)]) t += double(rem) * double(row[i]) / 128.0;
+  return t;
+}
+
 #ifdef GROKCTL_X86
 // Software prefetches of the weight stream go to L2 (T1), not L1: an L1 prefetch holds one of
 // the core's few L1 miss buffers until its line arrives, so with the dequantize/FMA work in
@@ -690,7 +702,7 @@ inline void digit_scale(const XPlanes& xp, int64_t M, DigitScale& ds) {
   ds.unit.assign(size_t((M + 15) / 16 * 16), 0.0);
   ds.rest = false;
   for (int64_t m = 0; m < M; ++m) {
-    ds.unit[size_t(m)] = std::ldexp(1.0, xp.exps[size_t(m)] - 6 - 7 * (kPlanes - 1));
+    ds.unit[size_t(m)] = plane_unit(xp, m);
     ds.rest = ds.rest || !xp.rest[size_t(m)].empty();
   }
 }
@@ -733,8 +745,7 @@ AMXI8 void ntq_rows_amx(const NTP<int8_t>& p, const XPlanes& xp, const DigitScal
           _mm512_store_pd(t, lo);
           _mm512_store_pd(t + 8, hi);
           const int8_t* row = p.t + (v + r * rs) * p.D;
-          for (int64_t m = 0; m < valid; ++m)
-            for (const auto& [i, rem] : xp.rest[size_t(mx + m)]) t[m] += double(rem) * double(row[i]) / 128.0;
+          for (int64_t m = 0; m < valid; ++m) t[m] = add_remainders(xp, mx + m, row, t[m]);
           lo = _mm512_load_pd(t);
           hi = _mm512_load_pd(t + 8);
         }
@@ -1077,7 +1088,7 @@ AVX512VNNI void ntq_block_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t 
   const int64_t* bias = xp.bias.data() + m;
   const auto& rest = xp.rest[size_t(m)];
   // a power of two: the product is ldexp's value, exactly (t < 2^53, a normal double)
-  const double unit = std::ldexp(1.0, xp.exps[size_t(m)] - 6 - 7 * (kPlanes - 1));
+  const double unit = plane_unit(xp, m);
   for (int r = 0; r < R; ++r) {
     __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
     for (int k = 0; k < kPlanes; ++k) {
@@ -1089,7 +1100,7 @@ AVX512VNNI void ntq_block_vnni(const NTP<int8_t>& p, const XPlanes& xp, int64_t 
     double t = double(total);  // units of 2^(e-6) 128^-3; exact (< 2^53)
     if (!rest.empty()) {
       const int8_t* row = p.t + (v + r * rs) * p.D;
-      for (const auto& [i, rem] : rest) t += double(rem) * double(row[i]) / 128.0;
+      t = add_remainders(xp, m, row, t);
     }
     p.y[m * p.V + v + r * rs] = float(t * unit);
   }
@@ -2190,10 +2201,11 @@ ffi::Error matmul_nt(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer t,
       // (the workers see their own thread_locals: they get these by address)
       static thread_local std::vector<int8_t> tiles_tls;
       static thread_local DigitScale ds_tls;
-      int8_t* const tiles = (tiles_tls.resize(size_t(amx_digit_size(p.M, p.D))), tiles_tls.data());
-      const DigitScale& ds = ds_tls;
-      amx_digit_tiles(*xp, p.M, p.D, tiles);
+      tiles_tls.resize(size_t(amx_digit_size(p.M, p.D)));
+      amx_digit_tiles(*xp, p.M, p.D, tiles_tls.data());
       digit_scale(*xp, p.M, ds_tls);
+      const int8_t* const tiles = tiles_tls.data();
+      const DigitScale& ds = ds_tls;
       parallel_for(pool, units, [&](int64_t i) {
         const int64_t v0 = i * kTableRows, v1 = std::min(p.V, v0 + kTableRows), v16 = v0 + (v1 - v0) / 16 * 16;
         for (int64_t m0 = 0; m0 < p.M; m0 += kNtRowChunk) {
