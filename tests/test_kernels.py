@@ -80,6 +80,9 @@ def _check(got: jax.Array, x: jax.Array, wd: jax.Array) -> None:
         (8, 640, 70, 2),
         (40, 1024, 96, 4),
         (72, 256, 50, 1),
+        # a prompt's expert block (from 32 rows the AMX units take every weight row): nine row
+        # tiles, the last of two rows, five scale groups, four column chunks
+        (130, 640, 200, 5),
     ],
 )
 @pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])
@@ -239,10 +242,11 @@ def test_qmatmul_uses_the_kernel_in_cpu_mode_and_agrees_with_the_fallback(
     np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-5, atol=1e-4)
 
 
-def test_decode_batches_up_to_kernel_max_m_take_the_kernels() -> None:
-    """A decode step of up to KERNEL_MAX_M rows (batch 64) runs its projections and MoE rows on
-    the native kernels; more rows (prefill) take XLA's dot. The logits take the kernel at any
-    number of rows."""
+def test_decode_batches_up_to_kernel_max_m_take_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without AMX, a decode step of up to KERNEL_MAX_M rows (batch 64) runs its projections and
+    MoE rows on the native kernels; more rows (prefill) take XLA's dot. The logits take the kernel
+    at any number of rows."""
+    monkeypatch.setenv("GROKCTL_CPU_ISA", "avx512_vnni")  # AMX moves the MoE limits: next test
     rng = np.random.default_rng(5)
     w = _quantized(rng, 64, 48, 4)
     wide = _quantized(rng, 64, 48, 4, e=4)
@@ -275,6 +279,33 @@ def test_decode_batches_up_to_kernel_max_m_take_the_kernels() -> None:
             x = jnp.asarray(rng.standard_normal((m, 64)), jnp.bfloat16)
             with chunked_qmatmul(True):
                 assert (target in _program(f, x, ww)) is kernel
+
+
+def test_prompts_moe_layers_take_the_amx_kernel() -> None:
+    """On an AMX CPU, a prompt's int8 MoE layer runs on the kernels: as rows calls up to
+    AMX_ROWS_KERNEL_MAX assignments, beyond that as sorted blocks of any size; int4 keeps its
+    limits (its kernel has no tiles), and so do the 2-D projections (KERNEL_MAX_M)."""
+    if kernels.info().get("isa") != "amx":
+        pytest.skip("no AMX here")
+    rng = np.random.default_rng(5)
+    wide = _quantized(rng, 64, 48, 4, e=4)
+    wide4 = _quantized4(rng, 64, 48, 4, e=4, scales="exact")
+    top = quant.AMX_ROWS_KERNEL_MAX
+    assert top >= 4 * quant.ROWS_KERNEL_MAX
+    with chunked_qmatmul(True):
+        assert quant.rows_kernel_ok(top, wide) and not quant.rows_kernel_ok(top + 1, wide)
+        assert not quant.rows_kernel_ok(quant.ROWS_KERNEL_MAX + 1, wide4)
+
+    def f(x_, w_):  # type: ignore[no-untyped-def]
+        return quant.qmatmul(x_, quant.take_expert(w_, jnp.int32(2)))
+
+    x = jnp.asarray(rng.standard_normal((quant.AMX_BLOCK_KERNEL_MAX_M, 64)), jnp.bfloat16)
+    x4 = x[: quant.BLOCK_KERNEL_MAX_M4 + 1]
+    x2 = x[: quant.KERNEL_MAX_M + 1]
+    with chunked_qmatmul(True):
+        assert kernels.QMATMUL_TARGET in _program(f, x, wide)
+        assert kernels.QMATMUL4_TARGET not in _program(f, x4, wide4)
+        assert kernels.QMATMUL_TARGET not in _program(quant.qmatmul, x2, _quantized(rng, 64, 48, 4))
 
 
 def test_bf16_table_and_unembed_are_exact() -> None:

@@ -443,6 +443,7 @@ AVX512 void q8_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, 
 // ~10 vector instructions per 32 weights whatever M, where the FMA kernel spends M / 16 FMAs
 // per weight. Tiles are 16 rows x 64 bytes: C (sums) 0-3, A (x) 4 and 7, B (weights) 5 and 6.
 #define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")))
+#define AMX_TILES __attribute__((target("avx512f,avx512bw,avx512vl")))  // laying out x for the tiles
 
 constexpr int64_t kTile = 512;  // bf16 elements of a 16 x 32 tile (1 KB)
 
@@ -460,32 +461,42 @@ inline int amx_planes(const uint16_t* xb) { return xb ? 1 : 3; }
 inline int64_t amx_x_size(int64_t M, int64_t K, const uint16_t* xb) {
   return amx_planes(xb) * (M + 15) / 16 * (K / 32) * kTile;
 }
-inline void amx_x_tiles(const float* x, const uint16_t* xb, int64_t M, int64_t K, uint16_t* dst) {
-  const int64_t nrb = (M + 15) / 16, ks = K / 32;
-  std::memset(dst, 0, sizeof(uint16_t) * size_t(amx_x_size(M, K, xb)));
-  auto at = [&](int pl, int64_t m, int64_t k) -> uint16_t& {
-    return dst[(((pl * nrb + m / 16) * ks + k / 32) * 16 + m % 16) * 32 + k % 32];
-  };
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) {
-      if (xb) {
-        at(0, m, k) = xb[m * K + k];
-        continue;
-      }
-      float r = x[m * K + k];
-      uint32_t u;
-      std::memcpy(&u, &r, 4);
-      if (!std::isfinite(r)) {
-        at(0, m, k) = uint16_t((u >> 16) | (std::isnan(r) ? 0x40u : 0u));
-        continue;
-      }
-      for (int pl = 0; pl < 3; ++pl) {  // truncations: r - piece is exact, and never overflows
-        std::memcpy(&u, &r, 4);
-        u &= 0xffff0000u;
-        at(pl, m, k) = uint16_t(u >> 16);
-        float piece;
-        std::memcpy(&piece, &u, 4);
-        r -= piece;
+// 16 bits (the top half of each of 16 f32 lanes), as 16 uint16.
+AMX_TILES inline __m256i high_halves(__m512i v) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)); }
+// A row's 32 elements of one k-step, x as given (bf16 bits, or f32 in three planes), into the
+// planes' tile rows (plane_stride elements apart). f32: each plane the truncation to bf16 of what
+// is left (r - piece is exact and never overflows); a non-finite lane is hi alone (a NaN quiet),
+// its other planes zero — the three sum to x exactly for every finite x.
+AMX_TILES inline void amx_x_row(const float* x, const uint16_t* xb, uint16_t* dst, int64_t plane_stride) {
+  if (xb) {
+    std::memcpy(dst, xb, 64);
+    return;
+  }
+  const __m512i top = _mm512_set1_epi32(int(0xffff0000u));
+  for (int h = 0; h < 2; ++h) {
+    __m512 r = _mm512_loadu_ps(x + 16 * h);
+    const __m512i u = _mm512_castps_si512(r);
+    const __mmask16 finite =
+        _mm512_cmpneq_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7f800000)), _mm512_set1_epi32(0x7f800000));
+    const __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
+    for (int pl = 0; pl < 3; ++pl) {
+      const __m512i piece = _mm512_and_si512(_mm512_castps_si512(r), top);
+      __m512i bits = pl == 0 ? _mm512_mask_or_epi32(piece, nan, piece, _mm512_set1_epi32(0x400000))
+                             : _mm512_maskz_mov_epi32(finite, piece);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + pl * plane_stride + 16 * h), high_halves(bits));
+      r = _mm512_sub_ps(r, _mm512_castsi512_ps(piece));
+    }
+  }
+}
+AMX_TILES inline void amx_x_tiles(const float* x, const uint16_t* xb, int64_t M, int64_t K, uint16_t* dst) {
+  const int64_t nrb = (M + 15) / 16, ks = K / 32, planes = amx_planes(xb), plane = nrb * ks * kTile;
+  for (int64_t m = 0; m < nrb * 16; ++m)
+    for (int64_t s = 0; s < ks; ++s) {
+      uint16_t* row = dst + ((m / 16 * ks + s) * 16 + m % 16) * 32;
+      if (m < M) {
+        amx_x_row(x + m * K + s * 32, xb ? xb + m * K + s * 32 : nullptr, row, plane);
+      } else {
+        for (int64_t pl = 0; pl < planes; ++pl) std::memset(row + pl * plane, 0, 64);
       }
     }
 }
@@ -1640,6 +1651,13 @@ const float* as_f32(ffi::AnyBuffer x, std::vector<float>& tmp) {
   return f;
 }
 
+// Rows of x from which an AMX product's units take every weight row (one slab: column chunks
+// only). Many rows make the tile work, not the weight stream, the cost: slabs would only add
+// partial sums (a prompt's 128-row expert blocks over 16 slabs of W1: 8 MB to write and add per
+// call), and the kernel alone ran 1.7x faster on 128 rows (docs/PERFORMANCE.md, "AMX prefill
+// (stop 18)"); batched decode's 32-64-row projections gained a little.
+constexpr int64_t kAmxWholeK = 32;
+
 // Slabs of weight rows x column chunks over the thread pool, for one or several problems (a MoE
 // step's chosen experts) in one parallel loop; with several slabs each writes its partial sums,
 // added into the problem's y in slab order (so results do not depend on the threads) by
@@ -1660,7 +1678,7 @@ void slab_gemv_many(ffi::ThreadPool& pool, const std::vector<QProblem>& ps, Bloc
   int64_t units = 0, part = 0;
   for (const QProblem& p : ps) {
     Plan pl;
-    pl.rows = slab_rows(p.K);
+    pl.rows = p.xt && p.M >= kAmxWholeK ? p.K : slab_rows(p.K);
     pl.slabs = (p.K + pl.rows - 1) / pl.rows;
     const int64_t max_cols = slab_cols(p.M);
     pl.chunks = (p.N + max_cols - 1) / max_cols;

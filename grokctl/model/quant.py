@@ -181,6 +181,13 @@ BLOCK_KERNEL_MAX_M = 16
 # lost at pp256; old int4 checkpoints: neutral) — docs/PERFORMANCE.md, "int4 at the memory
 # bandwidth".
 BLOCK_KERNEL_MAX_M4 = 32
+# On a CPU with AMX tiles, int8 products of many rows run on them (q8_block_amx) faster than XLA's
+# dot at every prompt length measured: a prompt's MoE layer is one rows call per matrix up to
+# AMX_ROWS_KERNEL_MAX assignments (1,024 tokens with top-2; its gathered rows and outputs are the
+# kernel's working space), and longer prompts' sorted blocks (`block_size` caps them at 512 rows)
+# all take the kernel (docs/PERFORMANCE.md, "AMX prefill (stop 18)").
+AMX_ROWS_KERNEL_MAX = 2048
+AMX_BLOCK_KERNEL_MAX_M = 512
 CHUNK_ROWS = 128
 _chunked = contextvars.ContextVar("grokctl_chunked_qmatmul", default=False)
 
@@ -205,6 +212,15 @@ def kernels_active() -> bool:
     from grokctl import kernels
 
     return kernels.available()
+
+
+def _amx_int8(*weights: Any) -> bool:
+    """At trace time: every weight is int8 and the kernels run on AMX tiles here (kernels_active
+    is the caller's to check)."""
+    from grokctl import kernels
+
+    bits = [w.full.bits if isinstance(w, ExpertSlice) else getattr(w, "bits", 0) for w in weights]
+    return all(b == 8 for b in bits) and kernels.info().get("isa") == "amx"
 
 
 def _kernel_x(x: jax.Array) -> jax.Array:
@@ -248,11 +264,10 @@ ROWS_KERNEL_MAX = 2 * KERNEL_MAX_M
 
 def rows_kernel_ok(rows: int, *weights: Any) -> bool:
     """Whether `rows` assignments over these [E, K, N] quantized weights take `qmatmul_rows`."""
-    return (
-        rows <= ROWS_KERNEL_MAX
-        and all(isinstance(w, QuantizedWeight) and _kernel_operand(w) for w in weights)
-        and kernels_active()
-    )
+    ok = all(isinstance(w, QuantizedWeight) and _kernel_operand(w) for w in weights)
+    if not (ok and kernels_active()):
+        return False
+    return rows <= (AMX_ROWS_KERNEL_MAX if _amx_int8(*weights) else ROWS_KERNEL_MAX)
 
 
 def qmatmul_rows(x: jax.Array, w: QuantizedWeight, experts: jax.Array) -> jax.Array:
@@ -375,7 +390,7 @@ def qmatmul(x: jax.Array, w: Any) -> jax.Array:
     top = KERNEL_MAX_M
     if isinstance(w, ExpertSlice):
         top = BLOCK_KERNEL_MAX_M4 if w.full.bits == 4 else BLOCK_KERNEL_MAX_M
-    if _kernel_operand(w) and m <= top and kernels_active():
+    if _kernel_operand(w) and kernels_active() and (m <= top or isinstance(w, ExpertSlice) and _amx_int8(w)):
         from grokctl import kernels
 
         full, e = (w.full, w.expert) if isinstance(w, ExpertSlice) else (w, 0)
