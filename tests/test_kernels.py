@@ -242,7 +242,9 @@ def test_qmatmul_uses_the_kernel_in_cpu_mode_and_agrees_with_the_fallback(
     np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-5, atol=1e-4)
 
 
-def test_decode_batches_up_to_kernel_max_m_take_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_batches_up_to_kernel_max_m_take_the_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Without AMX, a decode step of up to KERNEL_MAX_M rows (batch 64) runs its projections and
     MoE rows on the native kernels; more rows (prefill) take XLA's dot. The logits take the kernel
     at any number of rows."""
