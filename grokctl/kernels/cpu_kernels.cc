@@ -588,6 +588,48 @@ AMX void amx_cblock(const uint16_t* bt, const uint16_t* at, int64_t a_plane, int
   if constexpr (NB * Q > 3) _tile_stored(3, c + 768, 64);
 }
 
+// Two row blocks x NC (1 or 2) column blocks over `steps` k-steps: C tile 2i + j for row block i,
+// column block j; A (x) in tiles 4 and 5, B (weights) in 6 and 7, so each loaded tile feeds two
+// products and a load never waits on the product before it in the same tile (the 4 x 1 form
+// reloads one A tile per product: its TDPBF16PS ran ~7x slower than the unit's peak on 128
+// rows). Stored as amx_cblock's: tile t at c + 256 t.
+#define GROKCTL_TDP2(t, a, b) \
+  if constexpr (T == t && A == a && B == b) _tile_dpbf16ps(t, a, b);
+template <int T, int A, int B>
+AMX inline void amx_tdp2() {
+  GROKCTL_TDP2(0, 4, 6) GROKCTL_TDP2(1, 4, 7) GROKCTL_TDP2(2, 5, 6) GROKCTL_TDP2(3, 5, 7)
+}
+#undef GROKCTL_TDP2
+template <int NC>
+AMX void amx_cblock22(const uint16_t* bt, int64_t bstride, const uint16_t* at, int64_t a_plane, int64_t a_rb,
+                      int planes, int64_t steps, float* c) {
+  _tile_zero(0);
+  _tile_zero(2);
+  if constexpr (NC > 1) {
+    _tile_zero(1);
+    _tile_zero(3);
+  }
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(6, bt + s * kTile, 64);
+    if constexpr (NC > 1) _tile_loadd(7, bt + bstride + s * kTile, 64);
+    for (int pl = 0; pl < planes; ++pl) {
+      const uint16_t* a = at + pl * a_plane + s * kTile;
+      _tile_loadd(4, a, 64);
+      _tile_loadd(5, a + a_rb, 64);
+      amx_tdp2<0, 4, 6>();
+      if constexpr (NC > 1) amx_tdp2<1, 4, 7>();
+      amx_tdp2<2, 5, 6>();
+      if constexpr (NC > 1) amx_tdp2<3, 5, 7>();
+    }
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(2, c + 512, 64);
+  if constexpr (NC > 1) {
+    _tile_stored(1, c + 256, 64);
+    _tile_stored(3, c + 768, 64);
+  }
+}
+
 // Rows [0, M) x weight rows [k0, k1) x columns [n0, n1): partial sums into out (row stride N),
 // as q8_block_512. Needs p.xt (amx_x_tiles) and k0, k1 and the groups' bounds multiples of 32.
 AMX void q8_block_amx(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
@@ -622,27 +664,37 @@ AMX void q8_block_amx(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int
       amx_b_pair(p.w + kk * p.N + n0, p.w + (kk + 1) * p.N + n0, w, bt + (s * 16 + r) * 32, bstride);
     }
     const uint16_t* srow = p.s + (k / kb) * p.N + n0;
-    for (int64_t c = 0; c < ncb; ++c) {
-      const int valid = int(std::min<int64_t>(16, w - c * 16));
-      const __m512 sv = load_bf16x16_512(srow + c * 16, __mmask16((1u << valid) - 1));
-      for (int64_t rb0 = 0; rb0 < nrb; rb0 += 4) {
-        const uint16_t* at = p.xt + rb0 * a_rb + (k / 32) * kTile;
-        const int64_t nb = std::min<int64_t>(4, nrb - rb0);
-        switch (nb) {
-          case 4: amx_cblock<4>(bt + c * bstride, at, a_plane, a_rb, p.xplanes, steps, cbuf); break;
-          case 3: amx_cblock<3>(bt + c * bstride, at, a_plane, a_rb, p.xplanes, steps, cbuf); break;
-          case 2: amx_cblock<2>(bt + c * bstride, at, a_plane, a_rb, p.xplanes, steps, cbuf); break;
-          default: amx_cblock<1>(bt + c * bstride, at, a_plane, a_rb, p.xplanes, steps, cbuf); break;
-        }
-        const int64_t q = 4 / nb, m1 = std::min(p.M, (rb0 + nb) * 16);
-        for (int64_t m = rb0 * 16; m < m1; ++m) {
-          const float* t = cbuf + (m - rb0 * 16) / 16 * q * 256 + m % 16 * 16;
-          __m512 sum = _mm512_loadu_ps(t);
-          for (int64_t ph = 1; ph < q; ++ph) sum = _mm512_add_ps(sum, _mm512_loadu_ps(t + ph * 256));
-          float* a = acc + m * stride + c * 16;
-          _mm512_storeu_ps(a, _mm512_fmadd_ps(sv, sum, _mm512_loadu_ps(a)));
-        }
+    // acc rows [m0, m1) of column block c += sv * (the sum of q tiles at t, 256 floats apart)
+    auto add_tile = [&](const float* t, int64_t q, int64_t m0, int64_t m1, int64_t c, __m512 sv) AMX {
+      for (int64_t m = m0; m < m1; ++m, t += 16) {
+        __m512 sum = _mm512_loadu_ps(t);
+        for (int64_t ph = 1; ph < q; ++ph) sum = _mm512_add_ps(sum, _mm512_loadu_ps(t + ph * 256));
+        float* a = acc + m * stride + c * 16;
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(sv, sum, _mm512_loadu_ps(a)));
       }
+    };
+    for (int64_t c = 0; c < ncb; c += 2) {
+      const int64_t nc = std::min<int64_t>(2, ncb - c);
+      __m512 sv[2];
+      for (int64_t j = 0; j < nc; ++j) {
+        const int valid = int(std::min<int64_t>(16, w - (c + j) * 16));
+        sv[j] = load_bf16x16_512(srow + (c + j) * 16, __mmask16((1u << valid) - 1));
+      }
+      int64_t rb0 = 0;
+      for (; rb0 + 2 <= nrb; rb0 += 2) {  // pairs of row blocks x this pair of column blocks
+        const uint16_t* at = p.xt + rb0 * a_rb + (k / 32) * kTile;
+        if (nc == 2) amx_cblock22<2>(bt + c * bstride, bstride, at, a_plane, a_rb, p.xplanes, steps, cbuf);
+        else amx_cblock22<1>(bt + c * bstride, bstride, at, a_plane, a_rb, p.xplanes, steps, cbuf);
+        for (int64_t i = 0; i < 2; ++i)
+          for (int64_t j = 0; j < nc; ++j)
+            add_tile(cbuf + (2 * i + j) * 256, 1, (rb0 + i) * 16, std::min(p.M, (rb0 + i + 1) * 16), c + j, sv[j]);
+      }
+      if (rb0 < nrb)  // the last, odd row block: four phases of one column block at a time
+        for (int64_t j = 0; j < nc; ++j) {
+          amx_cblock<1>(bt + (c + j) * bstride, p.xt + rb0 * a_rb + (k / 32) * kTile, a_plane, a_rb, p.xplanes,
+                        steps, cbuf);
+          add_tile(cbuf, 4, rb0 * 16, p.M, c + j, sv[j]);
+        }
     }
     k = gend;
   }
