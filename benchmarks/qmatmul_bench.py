@@ -2,6 +2,7 @@
 scan, and the native kernel (grokctl.kernels), plus the bf16 logits product.
 
     python benchmarks/qmatmul_bench.py [--k 1024] [--n 5120] [--groups 8] [--m 1 8 128 512]
+        [--x bf16|f32]   (f32: an expert's output projection, whose x is f32)
 
 Reports the median wall and CPU time over `--reps` calls and the int8 bytes read per second
 (from the wall time). Run from the
@@ -70,14 +71,15 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--m", type=int, nargs="+", default=[1, 8, 128, 512])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--x", choices=["bf16", "f32"], default="bf16")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     q = quantize_int8(rng.standard_normal((a.k, a.n)).astype(np.float32), a.groups)
     w = QuantizedWeight8bit(jnp.asarray(q.weight), jnp.asarray(q.scales))
     modes = ["dequant", "chunked"] + (["engine", "kernel"] if kernels.available() else [])
     for m in a.m:
-        x = jnp.asarray(rng.standard_normal((m, a.k)), jnp.bfloat16)
-        row: dict[str, object] = {"m": m, "k": a.k, "n": a.n, "kernels": kernels.info()}
+        x = jnp.asarray(rng.standard_normal((m, a.k)), jnp.bfloat16 if a.x == "bf16" else jnp.float32)
+        row: dict[str, object] = {"m": m, "k": a.k, "n": a.n, "x": a.x, "kernels": kernels.info()}
         for mode in modes:
             ms, cpu_ms = median_ms(compiled(mode, x, w), x, w, reps=a.reps)
             row[f"{mode}_ms"] = round(ms, 3)

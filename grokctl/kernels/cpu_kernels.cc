@@ -441,7 +441,8 @@ AVX512 void q8_block_512(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, 
 // order), scaled once per group. The weights are converted into tiles once per unit (one pass
 // over its slab, two rows at a time: the VNNI pair layout) and every row of x reuses them:
 // ~10 vector instructions per 32 weights whatever M, where the FMA kernel spends M / 16 FMAs
-// per weight. Tiles are 16 rows x 64 bytes: C (sums) 0-3, A (x) 4 and 7, B (weights) 5 and 6.
+// per weight. Tiles are 16 rows x 64 bytes: C (sums) 0-3; pairs of row blocks take A (x) 4 and 5,
+// B (weights) 6 and 7 (amx_cblock22), a last odd row block A 4 and 7, B 5 and 6 (amx_cblock).
 #define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,amx-tile,amx-bf16")))
 #define AMX_TILES __attribute__((target("avx512f,avx512bw,avx512vl")))  // laying out x for the tiles
 
