@@ -78,7 +78,9 @@ def main() -> None:
     w = QuantizedWeight8bit(jnp.asarray(q.weight), jnp.asarray(q.scales))
     modes = ["dequant", "chunked"] + (["engine", "kernel"] if kernels.available() else [])
     for m in a.m:
-        x = jnp.asarray(rng.standard_normal((m, a.k)), jnp.bfloat16 if a.x == "bf16" else jnp.float32)
+        x = jnp.asarray(
+            rng.standard_normal((m, a.k)), jnp.bfloat16 if a.x == "bf16" else jnp.float32
+        )
         row: dict[str, object] = {"m": m, "k": a.k, "n": a.n, "x": a.x, "kernels": kernels.info()}
         for mode in modes:
             ms, cpu_ms = median_ms(compiled(mode, x, w), x, w, reps=a.reps)
