@@ -674,6 +674,7 @@ AMX void q8_block_amx(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int
         _mm512_storeu_ps(a, _mm512_fmadd_ps(sv, sum, _mm512_loadu_ps(a)));
       }
     };
+    auto x_at = [&](int64_t rb) { return p.xt + rb * a_rb + (k / 32) * kTile; };  // row block rb's tiles
     for (int64_t c = 0; c < ncb; c += 2) {
       const int64_t nc = std::min<int64_t>(2, ncb - c);
       __m512 sv[2];
@@ -683,17 +684,15 @@ AMX void q8_block_amx(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int
       }
       int64_t rb0 = 0;
       for (; rb0 + 2 <= nrb; rb0 += 2) {  // pairs of row blocks x this pair of column blocks
-        const uint16_t* at = p.xt + rb0 * a_rb + (k / 32) * kTile;
-        if (nc == 2) amx_cblock22<2>(bt + c * bstride, bstride, at, a_plane, a_rb, p.xplanes, steps, cbuf);
-        else amx_cblock22<1>(bt + c * bstride, bstride, at, a_plane, a_rb, p.xplanes, steps, cbuf);
+        if (nc == 2) amx_cblock22<2>(bt + c * bstride, bstride, x_at(rb0), a_plane, a_rb, p.xplanes, steps, cbuf);
+        else amx_cblock22<1>(bt + c * bstride, bstride, x_at(rb0), a_plane, a_rb, p.xplanes, steps, cbuf);
         for (int64_t i = 0; i < 2; ++i)
           for (int64_t j = 0; j < nc; ++j)
             add_tile(cbuf + (2 * i + j) * 256, 1, (rb0 + i) * 16, std::min(p.M, (rb0 + i + 1) * 16), c + j, sv[j]);
       }
       if (rb0 < nrb)  // the last, odd row block: four phases of one column block at a time
         for (int64_t j = 0; j < nc; ++j) {
-          amx_cblock<1>(bt + (c + j) * bstride, p.xt + rb0 * a_rb + (k / 32) * kTile, a_plane, a_rb, p.xplanes,
-                        steps, cbuf);
+          amx_cblock<1>(bt + (c + j) * bstride, x_at(rb0), a_plane, a_rb, p.xplanes, steps, cbuf);
           add_tile(cbuf, 4, rb0 * 16, p.M, c + j, sv[j]);
         }
     }

@@ -390,11 +390,8 @@ def qmatmul(x: jax.Array, w: Any) -> jax.Array:
     top = KERNEL_MAX_M
     if isinstance(w, ExpertSlice):
         top = BLOCK_KERNEL_MAX_M4 if w.full.bits == 4 else BLOCK_KERNEL_MAX_M
-    if (
-        _kernel_operand(w)
-        and kernels_active()
-        and (m <= top or isinstance(w, ExpertSlice) and _amx_int8(w))
-    ):
+        top = AMX_BLOCK_KERNEL_MAX_M if _amx_int8(w) else top
+    if _kernel_operand(w) and m <= top and kernels_active():
         from grokctl import kernels
 
         full, e = (w.full, w.expert) if isinstance(w, ExpertSlice) else (w, 0)
