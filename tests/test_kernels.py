@@ -83,6 +83,9 @@ def _check(got: jax.Array, x: jax.Array, wd: jax.Array) -> None:
         # a prompt's expert block (from 32 rows the AMX units take every weight row): nine row
         # tiles, the last of two rows, five scale groups, four column chunks
         (130, 640, 200, 5),
+        # one scale group, written straight to y (a partial last column tile); x's tiles laid out
+        # by the threads together (f32 x: 688K elements)
+        (100, 2048, 40, 1),
     ],
 )
 @pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16])

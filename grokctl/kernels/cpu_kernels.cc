@@ -489,9 +489,11 @@ AMX_TILES inline void amx_x_row(const float* x, const uint16_t* xb, uint16_t* ds
     }
   }
 }
-AMX_TILES inline void amx_x_tiles(const float* x, const uint16_t* xb, int64_t M, int64_t K, uint16_t* dst) {
+// Row blocks [rb0, rb1) of x's tiles (all of them by default).
+AMX_TILES inline void amx_x_tiles(const float* x, const uint16_t* xb, int64_t M, int64_t K, uint16_t* dst,
+                                  int64_t rb0 = 0, int64_t rb1 = -1) {
   const int64_t nrb = (M + 15) / 16, ks = K / 32, planes = amx_planes(xb), plane = nrb * ks * kTile;
-  for (int64_t m = 0; m < nrb * 16; ++m)
+  for (int64_t m = rb0 * 16; m < (rb1 < 0 ? nrb : rb1) * 16; ++m)
     for (int64_t s = 0; s < ks; ++s) {
       uint16_t* row = dst + ((m / 16 * ks + s) * 16 + m % 16) * 32;
       if (m < M) {
@@ -639,11 +641,14 @@ AMX void q8_block_amx(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int
   const int64_t w = n1 - n0, ncb = (w + 15) / 16, stride = ncb * 16;
   const int64_t nrb = (p.M + 15) / 16, ksteps = p.K / 32, kb = p.K / p.G;
   const int64_t a_rb = ksteps * kTile, a_plane = nrb * a_rb;
-  if (accv.size() < size_t(p.M * stride)) accv.resize(size_t(p.M * stride));
+  // One scale group (every int8 unit of whole weight rows): its scaled sums go straight to out;
+  // several are added up in acc first.
+  const bool direct = k0 / kb == (k1 - 1) / kb;
+  if (!direct && accv.size() < size_t(p.M * stride)) accv.resize(size_t(p.M * stride));
   if (cv.size() < 1024) cv.resize(1024);
   float* const acc = accv.data();
   float* const cbuf = cv.data();
-  std::memset(acc, 0, sizeof(float) * size_t(p.M * stride));
+  if (!direct) std::memset(acc, 0, sizeof(float) * size_t(p.M * stride));
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
   _tile_loadconfig(&cfg);
@@ -665,22 +670,29 @@ AMX void q8_block_amx(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int
       amx_b_pair(p.w + kk * p.N + n0, p.w + (kk + 1) * p.N + n0, w, bt + (s * 16 + r) * 32, bstride);
     }
     const uint16_t* srow = p.s + (k / kb) * p.N + n0;
-    // acc rows [m0, m1) of column block c += sv * (the sum of q tiles at t, 256 floats apart)
-    auto add_tile = [&](const float* t, int64_t q, int64_t m0, int64_t m1, int64_t c, __m512 sv) AMX {
+    // rows [m0, m1) of column block c (its lanes `valid`) += sv * (the sum of q tiles at t, 256
+    // floats apart), in acc or (direct) out
+    auto add_tile = [&](const float* t, int64_t q, int64_t m0, int64_t m1, int64_t c, __m512 sv,
+                        __mmask16 valid) AMX {
       for (int64_t m = m0; m < m1; ++m, t += 16) {
         __m512 sum = _mm512_loadu_ps(t);
         for (int64_t ph = 1; ph < q; ++ph) sum = _mm512_add_ps(sum, _mm512_loadu_ps(t + ph * 256));
-        float* a = acc + m * stride + c * 16;
-        _mm512_storeu_ps(a, _mm512_fmadd_ps(sv, sum, _mm512_loadu_ps(a)));
+        if (direct) {
+          _mm512_mask_storeu_ps(out + m * p.N + n0 + c * 16, valid, _mm512_fmadd_ps(sv, sum, _mm512_setzero_ps()));
+        } else {
+          float* a = acc + m * stride + c * 16;
+          _mm512_storeu_ps(a, _mm512_fmadd_ps(sv, sum, _mm512_loadu_ps(a)));
+        }
       }
     };
     auto x_at = [&](int64_t rb) { return p.xt + rb * a_rb + (k / 32) * kTile; };  // row block rb's tiles
     for (int64_t c = 0; c < ncb; c += 2) {
       const int64_t nc = std::min<int64_t>(2, ncb - c);
       __m512 sv[2];
+      __mmask16 valid[2];
       for (int64_t j = 0; j < nc; ++j) {
-        const int valid = int(std::min<int64_t>(16, w - (c + j) * 16));
-        sv[j] = load_bf16x16_512(srow + (c + j) * 16, __mmask16((1u << valid) - 1));
+        valid[j] = __mmask16((1u << std::min<int64_t>(16, w - (c + j) * 16)) - 1);
+        sv[j] = load_bf16x16_512(srow + (c + j) * 16, valid[j]);
       }
       int64_t rb0 = 0;
       for (; rb0 + 2 <= nrb; rb0 += 2) {  // pairs of row blocks x this pair of column blocks
@@ -688,18 +700,20 @@ AMX void q8_block_amx(const QProblem& p, int64_t k0, int64_t k1, int64_t n0, int
         else amx_cblock22<1>(bt + c * bstride, bstride, x_at(rb0), a_plane, a_rb, p.xplanes, steps, cbuf);
         for (int64_t i = 0; i < 2; ++i)
           for (int64_t j = 0; j < nc; ++j)
-            add_tile(cbuf + (2 * i + j) * 256, 1, (rb0 + i) * 16, std::min(p.M, (rb0 + i + 1) * 16), c + j, sv[j]);
+            add_tile(cbuf + (2 * i + j) * 256, 1, (rb0 + i) * 16, std::min(p.M, (rb0 + i + 1) * 16), c + j, sv[j],
+                     valid[j]);
       }
       if (rb0 < nrb)  // the last, odd row block: four phases of one column block at a time
         for (int64_t j = 0; j < nc; ++j) {
           amx_cblock<1>(bt + (c + j) * bstride, x_at(rb0), a_plane, a_rb, p.xplanes, steps, cbuf);
-          add_tile(cbuf, 4, rb0 * 16, p.M, c + j, sv[j]);
+          add_tile(cbuf, 4, rb0 * 16, p.M, c + j, sv[j], valid[j]);
         }
     }
     k = gend;
   }
   _tile_release();
-  for (int64_t m = 0; m < p.M; ++m) std::memcpy(out + m * p.N + n0, acc + m * stride, sizeof(float) * size_t(w));
+  if (!direct)
+    for (int64_t m = 0; m < p.M; ++m) std::memcpy(out + m * p.N + n0, acc + m * stride, sizeof(float) * size_t(w));
 }
 
 // ---------------------------------------------------------------- AMX (int8 tiles): logits
@@ -1709,6 +1723,10 @@ const float* as_f32(ffi::AnyBuffer x, std::vector<float>& tmp) {
 // call), and the kernel alone ran 1.7x faster on 128 rows (docs/PERFORMANCE.md, "AMX prefill
 // (stop 18)"); batched decode's 32-64-row projections gained a little.
 constexpr int64_t kAmxWholeK = 32;
+// Columns of such a unit at most. Each unit reads all of x's tiles (a prompt expert's f32 x: 3.75
+// MB at 128 rows x 5120), so wider units read them fewer times; 256 (not slab_cols' 64 at these
+// rows) made pp512 ~4 % faster (docs/PERFORMANCE.md, "AMX prefill, second round").
+constexpr int64_t kAmxCols = 256;
 
 // Slabs of weight rows x column chunks over the thread pool, for one or several problems (a MoE
 // step's chosen experts) in one parallel loop; with several slabs each writes its partial sums,
@@ -1732,7 +1750,7 @@ void slab_gemv_many(ffi::ThreadPool& pool, const std::vector<QProblem>& ps, Bloc
     Plan pl;
     pl.rows = p.xt && p.M >= kAmxWholeK ? p.K : slab_rows(p.K);
     pl.slabs = (p.K + pl.rows - 1) / pl.rows;
-    const int64_t max_cols = slab_cols(p.M);
+    const int64_t max_cols = p.xt && p.M >= kAmxWholeK ? kAmxCols : slab_cols(p.M);
     pl.chunks = (p.N + max_cols - 1) / max_cols;
     const int64_t per = (want + int64_t(ps.size()) - 1) / int64_t(ps.size());
     if (pl.slabs * pl.chunks < per) pl.chunks = std::min((per + pl.slabs - 1) / pl.slabs, (p.N + 63) / 64);
@@ -1800,6 +1818,9 @@ inline bool amx_takes(int level, const QProblem& q) {
          slab_rows(q.K) % 32 == 0;
 }
 
+// Elements of x's AMX tiles from which the threads lay them out together (512 KB).
+constexpr size_t kAmxParallelTiles = size_t(1) << 18;
+
 // The products ps on the best path this CPU has, in one parallel loop (slab_gemv_many). Problems
 // for the AMX path get x as tiles first, once per x (a MoE layer's gate and up share theirs).
 void gemv_many(ffi::ThreadPool& pool, int level, std::vector<QProblem>& ps) {
@@ -1810,17 +1831,35 @@ void gemv_many(ffi::ThreadPool& pool, int level, std::vector<QProblem>& ps) {
     if (amx_takes(level, q)) total += size_t(amx_x_size(q.M, q.K, q.xb));
   if (total > tiles.size()) tiles.resize(total);
   size_t used = 0;
+  struct Job {
+    const QProblem* q;
+    uint16_t* dst;  // its tiles
+    int64_t rb;     // the row block to lay out
+  };
+  static thread_local std::vector<Job> jobs;
+  jobs.clear();
   for (size_t j = 0; j < ps.size(); ++j) {
     QProblem& q = ps[j];
     if (!amx_takes(level, q)) continue;
     for (size_t i = 0; i < j && !q.xt; ++i)
       if (ps[i].xt && ps[i].x == q.x && ps[i].M == q.M && ps[i].K == q.K) q.xt = ps[i].xt, q.xplanes = ps[i].xplanes;
     if (q.xt) continue;
-    amx_x_tiles(q.x, q.xb, q.M, q.K, tiles.data() + used);
-    q.xt = tiles.data() + used;
+    uint16_t* const dst = tiles.data() + used;
+    q.xt = dst;
     q.xplanes = amx_planes(q.xb);
     used += size_t(amx_x_size(q.M, q.K, q.xb));
+    for (int64_t rb = 0; rb < (q.M + 15) / 16; ++rb) jobs.push_back({&q, dst, rb});
   }
+  // A prompt's x (megabytes of tiles) is laid out by every thread; a decode step's few rows by
+  // the caller alone, in less time than waking the helpers takes.
+  const Job* const todo = jobs.data();  // (a thread_local's name means each thread's own)
+  auto lay_out = [todo](int64_t i) {
+    const Job& jb = todo[i];
+    amx_x_tiles(jb.q->x, jb.q->xb, jb.q->M, jb.q->K, jb.dst, jb.rb, jb.rb + 1);
+  };
+  if (used >= kAmxParallelTiles) parallel_for(pool, int64_t(jobs.size()), lay_out);
+  else
+    for (size_t i = 0; i < jobs.size(); ++i) lay_out(int64_t(i));
 #endif
   slab_gemv_many(pool, ps, [&](const QProblem& q, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out) {
     gemv_unit(level, q.bits, q, k0, k1, n0, n1, out);
