@@ -158,8 +158,11 @@ class Engine:
         apply = self._applies.get(opts)
         if apply is None:
             apply = self._applies[opts] = transformed(self.cfg, opts).apply
+        # A prompt's positions past its row's length (the bucket's padding) are computed by
+        # attention only: no expert runs for them (their outputs are never read).
+        live = None if all_logits else jnp.arange(tokens.shape[1])[None, :] < advance[:, None]
         with chunked_qmatmul(self.chunked_qmatmul):  # read at trace time
-            out = apply(params, tokens, cache, None if all_logits else last_index, count)
+            out = apply(params, tokens, cache, None if all_logits else last_index, count, live)
         out.cache.pos = start + advance
         logits = out.logits[:, 0, :] if first else out.logits  # sliced in the program: no extra
         out = out._replace(logits=logits.astype(jnp.float32))  # dispatch per step on the host

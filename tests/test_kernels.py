@@ -478,6 +478,24 @@ def test_qmatmul_rows_each_row_its_expert(
     np.testing.assert_array_equal(clamped[0], np.asarray(single(x[:1], w.weight, w.scales, 3))[0])
 
 
+def test_qmatmul_rows_skips_negative_ids(isa: str) -> None:
+    """A row whose id is negative (a prompt's padding) gets zeros and the others exactly what
+    they get without it, through the AMX tiles (12 rows of one expert) and the FMA kernel."""
+    rng = np.random.default_rng(9)
+    w = _quantized(rng, 256, 96, 2, e=4)
+    x = jnp.asarray(rng.standard_normal((20, 256)), jnp.bfloat16)
+    ids = np.array([2] * 12 + [0, 3, 3, 1, 2, 0, 1, 3], np.int32)
+    skip = np.zeros(20, bool)
+    skip[[3, 12, 19]] = True
+    rows = jax.jit(kernels.qmatmul_rows)
+    got = np.asarray(rows(x, w.weight, w.scales, jnp.asarray(np.where(skip, -1, ids))))
+    assert (got[skip] == 0).all()
+    live = np.flatnonzero(~skip)
+    want = np.asarray(rows(x[live], w.weight, w.scales, jnp.asarray(ids[live])))
+    np.testing.assert_array_equal(got[live], want)
+    assert np.abs(want).mean() > 0.1
+
+
 @pytest.mark.parametrize("bits", [(8, 8), (4, 4), (8, 4)])
 def test_qmatmul_rows2_is_two_rows_calls_in_one(isa: str, bits: tuple[int, int]) -> None:
     """Two weights of the same experts (different widths, int8 and/or int4) in one call give

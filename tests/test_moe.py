@@ -41,6 +41,29 @@ def test_sparse_equals_dense(weights, n: int) -> None:  # type: ignore[no-untype
     assert np.abs(np.asarray(dense, np.float32)).mean() > 0.05  # not trivially zero
 
 
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("n, block", [(16, None), (300, None), (300, 32)])
+def test_padding_runs_no_expert(weights, n: int, block: int | None, kernels: bool) -> None:  # type: ignore[no-untyped-def]
+    """Tokens marked not live (a prompt's padding) get zeros from both dispatch forms (the
+    native rows kernel, sorted blocks) — no expert ran for them — and the live tokens what
+    they get with every token live."""
+    from grokctl.model.quant import chunked_qmatmul
+
+    w, v, w1, router = weights
+    rng = np.random.default_rng(n)
+    x = jnp.asarray(rng.standard_normal((n, D)), jnp.bfloat16)
+    _, gates, experts = route(x, router, K)
+    live = rng.random(n) < 0.6
+    run = jax.jit(lambda live: moe_sparse(x, gates, experts, w, v, w1, block, live))
+    with chunked_qmatmul(kernels):
+        got = np.asarray(run(jnp.asarray(live)), np.float32)
+        full = np.asarray(run(jnp.ones(n, bool)), np.float32)
+    assert (got[~live] == 0).all()
+    np.testing.assert_allclose(got[live], full[live], rtol=1e-2, atol=1e-2)  # bf16 outputs
+    assert np.mean(got[live] == full[live]) > 0.95
+    assert np.abs(full).mean() > 0.05
+
+
 def test_block_sizes() -> None:
     assert block_size(1, 2, 8) == 1  # decode, batch 1: one block per chosen expert
     assert block_size(8, 2, 8) == 8

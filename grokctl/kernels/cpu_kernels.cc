@@ -1924,7 +1924,8 @@ ffi::Error QMatmul4Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
 // or packed int4 as uint8) for one or two weights sharing the experts (a MoE layer's gate and
 // up projections): a MoE step's assignments in one call. Rows choosing the same expert share
 // one pass over its weights; every chosen expert's units of every weight run in one parallel
-// loop (one thread-pool wake-up, not one per matrix).
+// loop (one thread-pool wake-up, not one per matrix). A negative id marks a row to skip (a
+// prompt's padding past its length): nothing is computed for it and its outputs are zeros.
 ffi::Error rows_impl(ffi::ThreadPool& pool, const char* name, ffi::AnyBuffer x, int nmat,
                      const ffi::AnyBuffer* const* ws, const ffi::AnyBuffer* const* ss,
                      ffi::Buffer<ffi::S32>& idx, float* const* ys) {
@@ -1961,12 +1962,14 @@ ffi::Error rows_impl(ffi::ThreadPool& pool, const char* name, ffi::AnyBuffer x, 
   const int32_t* ids = idx.typed_data();
   order.resize(size_t(A));
   for (int64_t a = 0; a < A; ++a) order[a] = a;
-  auto expert_of = [&](int64_t a) { return std::min<int64_t>(std::max<int64_t>(ids[a], 0), E - 1); };
+  auto expert_of = [&](int64_t a) { return ids[a] < 0 ? -1 : std::min<int64_t>(ids[a], E - 1); };
   std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return expert_of(i) < expert_of(j); });
+  int64_t skipped = 0;  // rows to skip, sorted first
+  while (skipped < A && expert_of(order[skipped]) < 0) ++skipped;
   scratch(xg, size_t(A * K));
   scratch(yg, size_t(A * (N[0] + N[1])));
   if (xb) scratch(xbg, size_t(A * K));
-  for (int64_t r = 0; r < A; ++r) {
+  for (int64_t r = skipped; r < A; ++r) {
     std::memcpy(xg.data() + r * K, xf + order[r] * K, sizeof(float) * K);
     if (xb) std::memcpy(xbg.data() + r * K, xb + order[r] * K, sizeof(uint16_t) * K);
   }
@@ -1976,7 +1979,7 @@ ffi::Error rows_impl(ffi::ThreadPool& pool, const char* name, ffi::AnyBuffer x, 
     const int8_t* wbase = reinterpret_cast<const int8_t*>(ws[j]->untyped_data());
     const uint16_t* sbase = reinterpret_cast<const uint16_t*>(ss[j]->untyped_data());
     float* yj = yg.data() + A * (j ? N[0] : 0);
-    for (int64_t r = 0; r < A;) {
+    for (int64_t r = skipped; r < A;) {
       const int64_t e = expert_of(order[r]);
       int64_t r1 = r;
       while (r1 < A && expert_of(order[r1]) == e) ++r1;
@@ -1991,7 +1994,8 @@ ffi::Error rows_impl(ffi::ThreadPool& pool, const char* name, ffi::AnyBuffer x, 
   for (int j = 0; j < nmat; ++j) {
     const float* yj = yg.data() + A * (j ? N[0] : 0);
     for (int64_t r = 0; r < A; ++r)
-      std::memcpy(ys[j] + order[r] * N[j], yj + r * N[j], sizeof(float) * N[j]);
+      if (r < skipped) std::memset(ys[j] + order[r] * N[j], 0, sizeof(float) * N[j]);
+      else std::memcpy(ys[j] + order[r] * N[j], yj + r * N[j], sizeof(float) * N[j]);
   }
   return ffi::Error::Success();
 }

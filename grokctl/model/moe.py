@@ -159,14 +159,15 @@ def block_size(n_tokens: int, k: int, n_experts: int) -> int:
     return min(512, 1 << math.ceil(math.log2(max(1, n_tokens * k // n_experts))))
 
 
-def moe_rows(x, gates, experts, w, v, w1) -> jax.Array:  # type: ignore[no-untyped-def]
+def moe_rows(x, gates, experts, w, v, w1, live=None) -> jax.Array:  # type: ignore[no-untyped-def]
     """Few assignments (decode, native CPU kernels): every (token, expert) pair is one row of a
     single kernel call per matrix (the gate and up projections share one), which reads each
     chosen expert once. The same rounding points and per-row sums as `_expert_ffn` on each
-    expert."""
+    expert. `live` [N] bool: tokens to compute (the kernel skips the others' rows, id -1, and
+    gives them zeros)."""
     n, d = x.shape
     k = experts.shape[1]
-    idx = experts.reshape(n * k)
+    idx = (experts if live is None else jnp.where(live[:, None], experts, -1)).reshape(n * k)
     rows = jnp.repeat(x.astype(BF16), k, axis=0)  # [N*k, D], token-major like experts
     hw, hv = (round_bf16(h) for h in qmatmul_rows2(rows, w, v, idx))
     hidden = jax.nn.gelu(hw) * hv
@@ -174,28 +175,36 @@ def moe_rows(x, gates, experts, w, v, w1) -> jax.Array:  # type: ignore[no-untyp
     return _combine(out.reshape(n, k, d), gates)
 
 
-def moe_sparse(x, gates, experts, w, v, w1, block: int | None = None) -> jax.Array:  # type: ignore[no-untyped-def]
+def moe_sparse(x, gates, experts, w, v, w1, block: int | None = None, live=None) -> jax.Array:  # type: ignore[no-untyped-def]
     """Sorted block dispatch: only chosen experts' weights are read and multiplied (few
-    assignments with the native CPU kernels: `moe_rows`)."""
+    assignments with the native CPU kernels: `moe_rows`). `live` [N] bool: tokens to compute
+    (a prompt's padding past its length is not: its assignments sort after every expert's,
+    into no block, and its outputs are zeros)."""
     n, d = x.shape
     k = experts.shape[1]
     if block is None and rows_kernel_ok(n * k, w, v, w1):
-        return moe_rows(x, gates, experts, w, v, w1)
+        return moe_rows(x, gates, experts, w, v, w1, live)
     e_count = w.shape[0]
     b = block or block_size(n, k, e_count)
     a = n * k  # assignments
     flat_e = experts.reshape(a)
+    if live is not None:  # skipped assignments: expert e_count, past every run
+        flat_e = jnp.where(jnp.repeat(live, k), flat_e, e_count)
     order = jnp.argsort(flat_e, stable=True)  # assignment ids sorted by expert
     sorted_e = flat_e[order]
-    counts = jnp.bincount(flat_e, length=e_count)  # [E]
+    counts = jnp.bincount(flat_e, length=e_count)  # [E] (the skipped not counted)
     padded = (counts + b - 1) // b * b
     pad_end = jnp.cumsum(padded)
     pad_start = pad_end - padded
     run_start = jnp.cumsum(counts) - counts
-    slot = pad_start[sorted_e] + (jnp.arange(a) - run_start[sorted_e])  # [A] slot of each
     n_blocks = min(e_count * math.ceil(n / b), math.ceil((a + e_count * (b - 1)) / b))
     p = n_blocks * b
-    slot_token = jnp.full((p,), n, jnp.int32).at[slot].set((order // k).astype(jnp.int32))
+    se = jnp.minimum(sorted_e, e_count - 1)
+    slot = pad_start[se] + (jnp.arange(a) - run_start[se])  # [A] slot of each
+    slot = jnp.where(sorted_e < e_count, slot, p)  # the skipped: no slot
+    slot_token = (
+        jnp.full((p,), n, jnp.int32).at[slot].set((order // k).astype(jnp.int32), mode="drop")
+    )
     block_expert = jnp.minimum(
         jnp.searchsorted(pad_end, jnp.arange(n_blocks) * b, side="right"), e_count - 1
     )
@@ -214,18 +223,20 @@ def moe_sparse(x, gates, experts, w, v, w1, block: int | None = None) -> jax.Arr
         return None, out
 
     _, outs = jax.lax.scan(step, None, jnp.arange(n_blocks))  # [n_blocks, b, D]
-    outs = outs.reshape(p, d)[slot]  # [A, D] in sorted order
+    outs = jnp.take(outs.reshape(p, d), slot, axis=0, mode="fill", fill_value=0)  # [A, D] sorted
     per_assignment = jnp.zeros((a, d), F32).at[order].set(outs)
     return _combine(per_assignment.reshape(n, k, d), gates)
 
 
 def moe_layer(
-    x: jax.Array, cfg: ModelConfig, kernel: str
+    x: jax.Array, cfg: ModelConfig, kernel: str, live: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """`router/w` [D, E] f32 and `moe/{linear, linear_v, linear_1}/w` int8 [E, D, F] / [E, F, D].
 
     x [B, T, D] -> (out [B, T, D] bf16, router probs [B, T, E] f32, gates [B, T, k] f32,
-    experts [B, T, k] int32).
+    experts [B, T, k] int32). `live` [B, T] bool: the positions whose output is used (the sparse
+    kernel computes no expert for the others, a prompt's padding, and gives them zeros; every
+    token is routed all the same).
     """
     if kernel not in MOE_KERNELS:
         raise ValueError(f"unknown MoE kernel {kernel!r}")
@@ -238,8 +249,12 @@ def moe_layer(
         v = scoped_param("linear_v", "w", (e, d, f))
     xs = x.reshape(bsz * t, d)
     probs, gates, experts = route(xs, router_w, k)
-    fn = moe_sparse if kernel == "sparse" else moe_dense
-    out = fn(xs, gates, experts, w, v, w1)
+    if kernel == "sparse":
+        out = moe_sparse(
+            xs, gates, experts, w, v, w1, live=None if live is None else live.reshape(-1)
+        )
+    else:
+        out = moe_dense(xs, gates, experts, w, v, w1)
     return (
         out.reshape(bsz, t, d),
         probs.reshape(bsz, t, e),

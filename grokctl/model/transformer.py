@@ -52,6 +52,7 @@ def forward(
     cfg: ModelConfig,
     opts: ForwardOptions,
     count: jax.Array | None = None,  # [B, T] bool: tokens routing statistics count
+    live: jax.Array | None = None,  # [B, T] bool: positions whose outputs are used (else all)
 ) -> ForwardOut:
     b, t = tokens.shape
     start = cache.pos  # [B]
@@ -84,7 +85,9 @@ def forward(
                     cfg,
                 )
                 h = h + rms_norm(a, "rms_norm_1", eps)
-                m, p_i, g_i, e_i = moe_layer(rms_norm(h, "rms_norm_2", eps), cfg, opts.moe_kernel)
+                m, p_i, g_i, e_i = moe_layer(
+                    rms_norm(h, "rms_norm_2", eps), cfg, opts.moe_kernel, live
+                )
                 h = h + rms_norm(m, "rms_norm_3", eps)
             new_k.append(k_i)
             new_v.append(v_i)
@@ -128,9 +131,10 @@ def unembed(h: jax.Array, embeddings: Any) -> jax.Array:
 
 
 def transformed(cfg: ModelConfig, opts: ForwardOptions) -> Any:
-    """hk.Transformed whose apply(params, tokens, cache, last_index, count=None) -> ForwardOut."""
-    fn = lambda tokens, cache, last_index, count=None: forward(  # noqa: E731
-        tokens, cache, last_index, cfg, opts, count
+    """hk.Transformed whose apply(params, tokens, cache, last_index, count=None, live=None) ->
+    ForwardOut."""
+    fn = lambda tokens, cache, last_index, count=None, live=None: forward(  # noqa: E731
+        tokens, cache, last_index, cfg, opts, count, live
     )
     return hk.without_apply_rng(hk.transform(fn))
 
