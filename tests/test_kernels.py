@@ -456,7 +456,8 @@ def test_qmatmul_rows_each_row_its_expert(
     isa: str, bits: int | str, xdtype, k: int, n: int, g: int, experts: list[int]
 ) -> None:  # type: ignore[no-untyped-def]
     """Every row times its own expert's matrix, bit-identical to the single-expert kernel (the
-    same per-row sums), rows sharing an expert included; out-of-range ids clamp."""
+    same per-row sums), rows sharing an expert included; ids past the last expert clamp (a
+    negative one skips its row: test_qmatmul_rows_skips_negative_ids)."""
     rng = np.random.default_rng(k + n)
     if bits == 8:
         w = _quantized(rng, k, n, g, e=4)
